@@ -1,0 +1,1264 @@
+#!/usr/bin/env python3
+"""smtprelay: a reverse SMTP proxy in one file.
+
+smtprelay speaks SMTP to clients (RFC 5321, with PIPELINING RFC 2920, SIZE
+RFC 1870, 8BITMIME RFC 6152, ENHANCEDSTATUSCODES RFC 2034/3463 and SMTPUTF8
+RFC 6531), decides where each client's mail goes, and hands every message to
+that back-end mail server with smtplib, passing the real client on with
+Postfix's XCLIENT. It keeps no queue: a client hears 250 for a message only
+after the back-end said 250 for it.
+
+    smtprelay --listen 127.0.0.1:2525 --backend 127.0.0.1:25
+    smtprelay --backend maildir:/tmp/mail       # capture mail, no server needed
+
+Every option also reads from SMTPRELAY_<OPTION> and from the config file
+(-c FILE, default /etc/smtprelay.conf); see README.md.
+
+Not implemented yet: the auth_http lookup, SMTP AUTH, TLS, PROXY protocol,
+inetd and socket activation (issues 4 and 5 and the service work after).
+"""
+
+import argparse
+import collections
+import datetime
+import ipaddress
+import itertools
+import json
+import logging
+import mailbox
+import os
+import re
+import secrets
+import select
+import signal
+import smtplib
+import socket
+import socketserver
+import sys
+import threading
+import time
+
+import configargparse
+
+__version__ = "0.1.0"
+__all__ = ["ConfigError", "SMTPError", "load_config", "make_servers", "main"]
+
+log = logging.getLogger("smtprelay")
+
+
+# --- 1. Configuration: options, defaults, validation -------------------------
+# Options come from the command line, SMTPRELAY_* variables and the config
+# file, in that precedence (configargparse). argparse only collects strings;
+# validate() turns them into a Config, so that a bad value from any source
+# gives one line naming the option and exit status 1 (INTERFACE.md).
+
+DEFAULT_CONFIG_FILE = "/etc/smtprelay.conf"
+ENV_PREFIX = "SMTPRELAY_"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(Exception):
+    """A bad setting; str() is the one line for stderr, naming the option."""
+
+    def __init__(self, option, message):
+        super().__init__(f"{option}: {message}")
+        self.option = option
+
+
+def build_parser():
+    """The option parser; every option's default is part of the contract."""
+    p = configargparse.ArgParser(
+        prog="smtprelay",
+        description="A reverse SMTP proxy: accepts mail and hands it to a back-end.",
+        default_config_files=[DEFAULT_CONFIG_FILE],
+        args_for_setting_config_path=["-c", "--config"],
+        config_arg_help_message=f"config file (default {DEFAULT_CONFIG_FILE} if it exists)",
+        auto_env_var_prefix=ENV_PREFIX,
+    )
+    add = p.add_argument
+    add("--listen", action="append", metavar="ADDR",
+        help="plain SMTP listener, HOST:PORT, [V6]:PORT or PORT (default 127.0.0.1:2525)")
+    add("--server-name", metavar="NAME", help="name in the greeting and EHLO reply (default: the FQDN)")
+    add("--backend", action="append", metavar="BACKEND",
+        help="back-end HOST:PORT (port 25 if omitted) or maildir:PATH; repeat for failover, tried in order")
+    add("--xclient", action=argparse.BooleanOptionalAction, default=True,
+        help="pass the client's address and HELO name to back-ends that offer XCLIENT (default on)")
+    add("--timeout", default="60", metavar="SECONDS", help="client idle timeout (default 60)")
+    add("--proxy-timeout", default="60", metavar="SECONDS", help="back-end reply timeout (default 60)")
+    add("--greeting-delay", default="0", metavar="SECONDS",
+        help="hold the greeting back; a client that talks first is refused (default 0)")
+    add("--max-errors", default="5", metavar="N", help="protocol errors before the session is closed (default 5)")
+    add("--max-clients", default="1000", metavar="N", help="concurrent sessions (default 1000)")
+    add("--max-clients-per-ip", default="0", metavar="N",
+        help="concurrent sessions from one address, 0 for no limit (default 0)")
+    add("--max-message-size", default="0", metavar="BYTES", help="largest message, 0 for no limit (default 0)")
+    add("--max-recipients", default="100", metavar="N", help="recipients per message (default 100)")
+    add("--bare-newline", default="normalize", metavar="{normalize,reject}",
+        help="a bare CR or LF in message data is made CRLF, or the message refused (default normalize)")
+    add("--log-level", default="info", metavar="{debug,info,warning,error}",
+        help="debug logs the whole SMTP dialogue (default info)")
+    add("--log-format", default="text", metavar="{text,json}", help="one line per event on stderr (default text)")
+    add("--check-config", action="store_true", help="validate the configuration, print it and exit")
+    add("--version", action="version", version=f"smtprelay {__version__}")
+    return p
+
+
+# The options a config file or the environment may set, in parser order;
+# --check-config prints them, and the sample config must list them all.
+def setting_actions(parser):
+    return [a for a in parser._actions
+            if a.option_strings and a.dest not in ("help", "version", "config_file", "check_config")]
+
+
+class Config:
+    """The validated settings; attributes keep the option names (cfg.max_errors)."""
+
+    def __init__(self, **settings):
+        self.__dict__.update(settings)
+
+
+def parse_number(option, text, minimum=0, kind=int):
+    try:
+        value = kind(text)
+    except (TypeError, ValueError):
+        raise ConfigError(option, f"{text!r}: not a number") from None
+    if value < minimum or value != value or value == float("inf"):
+        raise ConfigError(option, f"{text!r}: must be at least {minimum}")
+    return value
+
+
+def parse_choice(option, text, choices):
+    if text not in choices:
+        raise ConfigError(option, f"{text!r}: must be one of {', '.join(choices)}")
+    return text
+
+
+def parse_address(option, text, default_port=None):
+    """HOST:PORT, [V6ADDR]:PORT, or PORT alone (host '' = all addresses) -> (host, port)."""
+    text = text.strip()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ConfigError(option, f"{text!r}: bad IPv6 address, use [ADDR]:PORT")
+        port = rest[1:]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigError(option, f"{text!r}: {host!r} is not an IPv6 address") from None
+    elif text.count(":") > 1:
+        raise ConfigError(option, f"{text!r}: write IPv6 addresses as [ADDR]:PORT")
+    elif ":" in text:
+        host, _, port = text.partition(":")
+    elif text.isdigit():
+        host, port = "", text
+    else:
+        host, port = text, ""
+    if not port:
+        if default_port is None:
+            raise ConfigError(option, f"{text!r}: no port")
+        port = str(default_port)
+    if not port.isdigit():
+        raise ConfigError(option, f"{text!r}: port is not a number")
+    if not 0 <= int(port) <= 65535:
+        raise ConfigError(option, f"{text!r}: port out of range")
+    if host and not re.fullmatch(r"[A-Za-z0-9.:_-]+", host):
+        raise ConfigError(option, f"{text!r}: bad host name")
+    return host, int(port)
+
+
+def format_address(host, port):
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_backend(text):
+    """A --backend value -> SMTPBackend or MaildirBackend (section 4)."""
+    if text.startswith("maildir:"):
+        path = text[len("maildir:"):]
+        if not path:
+            raise ConfigError("--backend", f"{text!r}: no path after maildir:")
+        path = os.path.abspath(path)
+        parent = path if os.path.isdir(path) else os.path.dirname(path)
+        while not os.path.isdir(parent):        # the Maildir and its parents are made at start
+            parent = os.path.dirname(parent)
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ConfigError("--backend", f"{text!r}: {parent} is not writable")
+        return MaildirBackend(path)
+    host, port = parse_address("--backend", text, default_port=25)
+    if not host:
+        raise ConfigError("--backend", f"{text!r}: no host")
+    if port == 0:
+        raise ConfigError("--backend", f"{text!r}: port 0")
+    return SMTPBackend(host, port)
+
+
+def validate(args):
+    """The parsed strings -> Config; raises ConfigError naming the first bad option."""
+    backends = [parse_backend(b.strip()) for b in args.backend or []]
+    if not backends:
+        raise ConfigError("--backend", "no back-end given (e.g. --backend 127.0.0.1:25 or --backend maildir:PATH)")
+    server_name = args.server_name or socket.getfqdn()
+    if not re.fullmatch(r"[\x21-\x7e]+", server_name):
+        raise ConfigError("--server-name", f"{server_name!r}: must be one word of printable ASCII")
+    return Config(
+        listen=[parse_address("--listen", a) for a in args.listen or ["127.0.0.1:2525"]],
+        server_name=server_name,
+        backend=backends,
+        xclient=args.xclient,
+        timeout=parse_number("--timeout", args.timeout, 0.001, float),
+        proxy_timeout=parse_number("--proxy-timeout", args.proxy_timeout, 0.001, float),
+        greeting_delay=parse_number("--greeting-delay", args.greeting_delay, 0, float),
+        max_errors=parse_number("--max-errors", args.max_errors),
+        max_clients=parse_number("--max-clients", args.max_clients, 1),
+        max_clients_per_ip=parse_number("--max-clients-per-ip", args.max_clients_per_ip),
+        max_message_size=parse_number("--max-message-size", args.max_message_size),
+        max_recipients=parse_number("--max-recipients", args.max_recipients, 1),
+        bare_newline=parse_choice("--bare-newline", args.bare_newline, ("normalize", "reject")),
+        log_level=parse_choice("--log-level", args.log_level, LOG_LEVELS),
+        log_format=parse_choice("--log-format", args.log_format, ("text", "json")),
+        check_config=args.check_config,
+    )
+
+
+def load_config(argv=None):
+    """Read the command line, environment and config file -> (Config, effective settings text).
+
+    Raises ConfigError for a bad value or an unknown key in the config file;
+    an unknown command-line option is argparse's usage error (exit 2).
+    """
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    for flag, path in zip(argv, argv[1:]):
+        if flag in ("-c", "--config"):
+            try:
+                open(path).close()
+            except OSError as e:
+                raise ConfigError(flag, f"{path}: {e.strerror}") from None
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        if any(u in argv for u in unknown):
+            parser.error("unrecognized arguments: " + " ".join(unknown))
+        raise ConfigError(args.config_file or DEFAULT_CONFIG_FILE,
+                          "unknown setting " + " ".join(u.split("=")[0].lstrip("-") for u in unknown if u.startswith("--")))
+    cfg = validate(args)
+    lines = []
+    for action in setting_actions(parser):
+        value = getattr(args, action.dest)
+        if action.dest == "listen" and value is None:
+            value = ["127.0.0.1:2525"]
+        if action.dest == "server_name" and value is None:
+            value = cfg.server_name
+        if isinstance(value, list):
+            value = "[" + ", ".join(value) + "]"
+        elif isinstance(value, bool):
+            value = "true" if value else "false"
+        elif value is None:
+            continue
+        lines.append(f"{action.option_strings[0][2:]} = {value}")
+    return cfg, "\n".join(lines)
+
+
+# --- 2. SMTP wire: replies, bounded line reads, message data -----------------
+# The client's bytes are read through one Channel: bounded command lines,
+# and message data moved in large chunks with bytes methods (find, count,
+# replace run in C). Replies are written from one place, format_reply.
+
+COMMAND_LINE_LIMIT = 2048   # RFC 5321 §4.5.3.1.4 says 512; parameters outgrow it
+RECV_SIZE = 65536           # one read; DATA moves at most this much at a time
+LONG_LINE_PART = 65536      # a data line without LF is passed on in parts this long
+ERROR_CODES = {500, 501, 502, 503, 504, 555}   # client mistakes, counted for --max-errors
+
+# Where the next byte of message data stands; decides what a leading dot means.
+LINE_START, BARE_BREAK, MID_LINE = "line start", "after bare newline", "mid line"
+BARE_NEWLINE = object()     # read_data's signal: a bare CR or LF, in reject mode
+NEWLINES = re.compile(rb"\r\n|\r|\n")
+CONTROL_ESCAPES = {c: f"\\x{c:02x}" for c in [*range(32), 127]}
+
+
+class SMTPError(Exception):
+    """A reply for the client: raised anywhere, sent once by the session loop."""
+
+    def __init__(self, code, text, close=False):
+        super().__init__(code, text)
+        self.code, self.text, self.close = code, text, close
+
+
+class ClientGone(Exception):
+    """The client closed the connection or it broke; nobody to reply to."""
+
+
+def format_reply(code, text):
+    """One reply as bytes; text lines become `250-` continuation lines."""
+    lines = text.replace("\r", "").split("\n")
+    out = "".join(f"{code}-{line}\r\n" for line in lines[:-1]) + f"{code} {lines[-1]}\r\n"
+    return out.encode("utf-8", "surrogateescape")
+
+
+def printable(text):
+    """Client text made safe for one log line: control bytes escaped (http.server)."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "backslashreplace")
+    return text.translate(CONTROL_ESCAPES)
+
+
+def restuff(text, at, bare_end):
+    """A piece of a data line, with its leading dot right once bare newlines are CRLF.
+
+    A line that starts after a bare CR/LF was not dot-stuffed by the client
+    (it was no line to SMTP), so a leading dot is doubled. A lone stuffed "."
+    ended by a bare newline would become CRLF.CRLF, the end of data; RFC 5321
+    §4.5.2 unstuffs it to an empty line, which is what we pass on.
+    """
+    if at is BARE_BREAK and text.startswith(b"."):
+        return b"." + text
+    if at is LINE_START and bare_end and text == b".":
+        return b""
+    return text
+
+
+def normalize_newlines(segment, at):
+    """segment with every bare CR or LF made CRLF and the dots kept right."""
+    out, pos = [], 0
+    for m in NEWLINES.finditer(segment):
+        bare = m.group() != b"\r\n"
+        out += (restuff(segment[pos:m.start()], at, bare), b"\r\n")
+        at, pos = (BARE_BREAK if bare else LINE_START), m.end()
+    out.append(restuff(segment[pos:], at, False))
+    return b"".join(out)
+
+
+def line_state_after(segment, at):
+    if segment.endswith(b"\r\n"):
+        return LINE_START
+    if segment.endswith((b"\n", b"\r")):    # a segment ends in CR only when its LF is known absent
+        return BARE_BREAK
+    return MID_LINE if segment else at
+
+
+class Channel:
+    """The client's end of the wire, over any socket-like object.
+
+    It needs only recv, sendall and settimeout, so a session runs the same
+    on an accepted socket, an inherited one, or a TLS-wrapped one. Replies
+    are queued and written when the session next waits for input, so a
+    pipelined burst gets its replies in one write (RFC 2920 §3.1).
+    """
+
+    def __init__(self, sock, timeout):
+        self.sock = sock
+        self.sock.settimeout(timeout)
+        self.inbuf, self.inpos = b"", 0
+        self.outbuf = []
+        self.debug_sid = None       # set to log each line at debug level
+
+    def reply(self, code, text):
+        data = format_reply(code, text)
+        if self.debug_sid:
+            for line in data.decode("utf-8", "replace").splitlines():
+                log.debug("%s S: %s", self.debug_sid, line)
+        self.outbuf.append(data)
+
+    def flush(self):
+        if self.outbuf:
+            data, self.outbuf = b"".join(self.outbuf), []
+            try:
+                self.sock.sendall(data)
+            except TimeoutError:
+                raise
+            except OSError as e:
+                raise ClientGone(f"write failed: {e}") from None
+
+    def receive(self):
+        """More bytes from the client; queued replies are written first."""
+        self.flush()
+        try:
+            data = self.sock.recv(RECV_SIZE)
+        except TimeoutError:
+            raise
+        except OSError as e:
+            raise ClientGone(f"read failed: {e}") from None
+        if not data:
+            raise ClientGone("client closed the connection")
+        return data
+
+    def fill(self):
+        data = self.receive()
+        self.inbuf = self.inbuf[self.inpos:] + data if self.inpos < len(self.inbuf) else data
+        self.inpos = 0
+
+    def read_line(self, limit=COMMAND_LINE_LIMIT):
+        """The next line without its CRLF (or bare LF, as most servers accept).
+
+        Raises SMTPError 500 for a line over limit bytes, after reading past
+        its end so the stream stays in step (aiosmtpd), and holding at most
+        limit plus one read meanwhile.
+        """
+        while True:
+            end = self.inbuf.find(b"\n", self.inpos)
+            if end >= 0:
+                line, self.inpos = self.inbuf[self.inpos:end], end + 1
+                if len(line) + 1 > limit:
+                    raise SMTPError(500, "5.5.6 Line too long")
+                return line[:-1] if line.endswith(b"\r") else line
+            if len(self.inbuf) - self.inpos >= limit:
+                self.skip_line()
+                raise SMTPError(500, "5.5.6 Line too long")
+            self.fill()
+
+    def skip_line(self):
+        while (end := self.inbuf.find(b"\n", self.inpos)) < 0:
+            self.inbuf, self.inpos = b"", 0
+            self.fill()
+        self.inpos = end + 1
+
+    def read_data(self, normalize):
+        """Yield message data as it arrives, up to the CRLF.CRLF that ends it.
+
+        RFC 5321 §4.1.1.4: the end is CRLF "." CRLF and nothing else. Data
+        passes on with the client's dot-stuffing intact (§4.5.2), so a
+        conformant message reaches the back-end byte for byte. A bare CR or
+        LF (SMTP smuggling's tool) is made CRLF with the dots kept right, so
+        no back-end can find another end; or, when not normalizing, the
+        BARE_NEWLINE marker is yielded once and the rest is read and dropped.
+        Bytes after the end stay buffered for the next command.
+        """
+        pending, self.inbuf, self.inpos = self.inbuf[self.inpos:], b"", 0
+        at, refused = LINE_START, False
+        while True:
+            if at is LINE_START and pending.startswith(b".\r\n"):
+                end = 0
+            else:
+                end = pending.find(b"\r\n.\r\n")
+                end = end + 2 if end >= 0 else -1
+            if end >= 0:
+                segment, self.inbuf = pending[:end], pending[end + 3:]
+            else:
+                # Pass on whole lines; hold back the partial last one (it may
+                # be the start of the end), unless it grows long. A held-back
+                # CR waits to learn whether an LF follows it.
+                cut = pending.rfind(b"\n") + 1
+                if not cut and len(pending) >= LONG_LINE_PART:
+                    cut = len(pending) - pending.endswith(b"\r")
+                segment, pending = pending[:cut], pending[cut:]
+            if segment and not refused:
+                crlf = segment.count(b"\r\n")
+                if (segment.count(b"\n") == crlf == segment.count(b"\r")
+                        and not (at is BARE_BREAK and segment.startswith(b"."))):
+                    yield segment
+                elif normalize:
+                    yield normalize_newlines(segment, at)
+                else:
+                    refused = True
+                    yield BARE_NEWLINE
+            at = line_state_after(segment, at)
+            if end >= 0:
+                return
+            pending += self.receive()
+
+
+# Parsing command arguments (RFC 5321 §4.1.2) ---------------------------------
+
+def parse_path(arg, keyword):
+    """'FROM:<addr> PARAM=V ...' -> (addr, {PARAM: value or None}).
+
+    Raises 501 for bad syntax. A space after the colon and a missing pair of
+    angle brackets are tolerated, as by Postfix; a source route is dropped
+    (§4.1.1.3 lets a server ignore it).
+    """
+    if arg[:len(keyword)].upper() != keyword:
+        raise SMTPError(501, f"5.5.4 Syntax: {'MAIL FROM' if keyword == 'FROM:' else 'RCPT TO'}:<address>")
+    rest = arg[len(keyword):].lstrip(" ")
+    if rest.startswith("<"):
+        end = rest.find(">")
+        if end < 0:
+            raise SMTPError(501, "5.1.7 Bad address syntax: missing >")
+        address, params = rest[1:end], rest[end + 1:]
+        if params and not params.startswith(" "):
+            raise SMTPError(501, "5.5.4 Bad syntax after the address")
+    else:
+        address, _, params = rest.partition(" ")
+        if not address:
+            raise SMTPError(501, "5.1.7 Bad address syntax: no address")
+    if address.startswith("@"):
+        if ":" not in address:
+            raise SMTPError(501, "5.1.7 Bad address syntax: bad source route")
+        address = address.split(":", 1)[1]
+    if re.search(r"[\x00-\x20\x7f<>]", address) and not address.startswith('"'):
+        raise SMTPError(501, "5.1.7 Bad address syntax")
+    if address and (address.count("@") == 0 and address.lower() != "postmaster"):
+        raise SMTPError(501, "5.1.3 Bad address syntax: no domain")
+    parsed = {}
+    for param in params.split():
+        name, eq, value = param.partition("=")
+        name = name.upper()
+        if not re.fullmatch(r"[A-Z0-9][A-Z0-9-]*", name) or name in parsed or (eq and not value):
+            raise SMTPError(501, f"5.5.4 Bad parameter {printable(param)!r}")
+        parsed[name] = value if eq else None
+    return address, parsed
+
+
+def xtext(value):
+    """RFC 3461 §4 xtext, as Postfix's XCLIENT wants its values."""
+    return "".join(c if "!" <= c <= "~" and c not in "+=" else
+                   "".join(f"+{b:02X}" for b in c.encode("utf-8")) for c in value)
+
+
+# --- 3. Client session: the state machine, one method per verb ---------------
+# A Session runs one client's SMTP dialogue on a Channel. Its state is a few
+# attributes set in reset(); each smtp_VERB method checks its guards (which
+# raise SMTPError), does its work, and queues exactly one reply. Back-end
+# replies to MAIL, RCPT and DATA pass to the client verbatim.
+
+HELP_TEXT = "2.0.0 Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP"
+
+
+class Session:
+    """One client's SMTP session: run() serves it until QUIT, EOF or an error."""
+
+    def __init__(self, relay, channel, peer):
+        self.relay, self.cfg, self.channel = relay, relay.cfg, channel
+        self.peer_ip, self.peer_port = peer[0], peer[1]
+        self.sid = secrets.token_hex(4)
+        self.helo = None            # the client's HELO/EHLO argument
+        self.esmtp = False          # the client said EHLO
+        self.backend = None         # open back-end connection, for the rest of the session
+        self.errors = 0
+        self.done = False
+        self.reset()
+        if log.isEnabledFor(logging.DEBUG):
+            channel.debug_sid = self.sid
+
+    def reset(self):
+        """Forget the mail transaction (RFC 5321 §4.1.1.5)."""
+        self.mail_from = None
+        self.mail_params = {}
+        self.rcpt_to = []
+        self.started = None
+
+    # The loop ----------------------------------------------------------------
+
+    def run(self):
+        log.info("%s connect from %s", self.sid, format_address(self.peer_ip, self.peer_port))
+        try:
+            if self.greet():
+                while not self.done:
+                    self.handle_command()
+            self.channel.flush()
+        except ClientGone as e:
+            log.info("%s client gone: %s", self.sid, e)
+        except TimeoutError:
+            log.info("%s client timed out after %gs", self.sid, self.cfg.timeout)
+            self.say_last(421, f"4.4.2 {self.cfg.server_name} Error: timeout exceeded")
+        finally:
+            self.close_backend(quit=True)
+            log.info("%s disconnect from %s", self.sid, self.peer_ip)
+
+    def greet(self):
+        """Send the greeting; False if the client spoke first during --greeting-delay."""
+        if self.cfg.greeting_delay and select.select([self.channel.sock], [], [], self.cfg.greeting_delay)[0]:
+            log.info("%s client was rejected before greeting", self.sid)
+            self.say_last(503, "5.5.0 Improper use of SMTP command pipelining")
+            return False
+        self.channel.reply(220, f"{self.cfg.server_name} ESMTP")
+        return True
+
+    def say_last(self, code, text):
+        """A closing reply to a client that may no longer listen."""
+        try:
+            self.channel.reply(code, text)
+            self.channel.flush()
+        except (ClientGone, OSError):
+            pass
+
+    def handle_command(self):
+        try:
+            line = self.channel.read_line()
+            if self.channel.debug_sid:
+                log.debug("%s C: %s", self.sid, printable(line))
+            self.dispatch(line)
+        except SMTPError as e:
+            self.channel.reply(e.code, e.text)
+            if e.code in ERROR_CODES:
+                self.errors += 1
+                log.info("%s error %d %s (%d of %d)", self.sid, e.code, e.text, self.errors, self.cfg.max_errors)
+                if self.cfg.max_errors and self.errors >= self.cfg.max_errors:
+                    self.channel.reply(421, "4.7.0 Too many errors, closing connection")
+                    self.done = True
+            if e.close:
+                self.done = True
+        except (ClientGone, TimeoutError):
+            raise
+        except Exception:
+            # A bug of ours: the stream may be out of step, so close rather
+            # than guess; 4xx tells the client to try again later.
+            log.exception("%s internal error", self.sid)
+            self.close_backend()
+            self.channel.reply(421, "4.3.0 Internal error, closing connection")
+            self.done = True
+
+    def dispatch(self, line):
+        if re.search(rb"[\x00-\x08\x0a-\x1f\x7f]", line):
+            raise SMTPError(500, "5.5.2 Syntax error: control character in command")
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            raise SMTPError(500, "5.5.2 Syntax error: not UTF-8") from None
+        verb, _, arg = text.partition(" ")
+        handler = getattr(self, "smtp_" + verb.upper(), None) if verb.isascii() and verb.isalpha() else None
+        if handler is None:
+            raise SMTPError(500, "5.5.2 Error: command not recognized")
+        handler(arg.strip(" "))
+
+    # Verbs --------------------------------------------------------------------
+
+    def smtp_HELO(self, arg, esmtp=False):
+        words = arg.split()
+        if len(words) != 1:
+            raise SMTPError(501, f"5.5.4 Syntax: {'EHLO' if esmtp else 'HELO'} hostname")
+        if not re.fullmatch(r"[\x21-\x7e]+", words[0]):
+            raise SMTPError(501, "5.5.2 Bad host name: printable ASCII only")
+        self.abort_transaction()        # RFC 5321 §4.1.4: like RSET
+        self.helo, self.esmtp = words[0], esmtp
+        if not esmtp:
+            self.channel.reply(250, self.cfg.server_name)
+            return
+        size = self.cfg.max_message_size
+        extensions = [self.cfg.server_name, "PIPELINING", f"SIZE {size}" if size else "SIZE",
+                      "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8"]
+        self.channel.reply(250, "\n".join(extensions))
+
+    def smtp_EHLO(self, arg):
+        self.smtp_HELO(arg, esmtp=True)
+
+    def smtp_MAIL(self, arg):
+        if self.mail_from is not None:
+            raise SMTPError(503, "5.5.1 Error: nested MAIL command")
+        address, params = parse_path(arg, "FROM:")
+        for name, value in params.items():
+            if name == "SIZE":
+                if value is None or not value.isdigit() or len(value) > 20:
+                    raise SMTPError(501, "5.5.4 Bad SIZE parameter")
+                if self.cfg.max_message_size and int(value) > self.cfg.max_message_size:
+                    raise SMTPError(552, "5.3.4 Message size exceeds fixed limit")
+            elif name == "BODY":
+                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                    raise SMTPError(501, "5.5.4 Bad BODY parameter, 7BIT or 8BITMIME")
+                params[name] = value.upper()
+            elif name == "SMTPUTF8":
+                if value is not None:
+                    raise SMTPError(501, "5.5.4 SMTPUTF8 takes no value")
+            else:
+                raise SMTPError(555, f"5.5.4 Unsupported option: {printable(name)}")
+        if not address.isascii() and "SMTPUTF8" not in params:
+            raise SMTPError(553, "5.6.7 Must declare SMTPUTF8 to send a UTF-8 address")
+        self.started = time.monotonic()
+        code, text = self.backend_call("mail", address, params)
+        if 200 <= code < 300:
+            self.mail_from, self.mail_params = address, params
+        self.channel.reply(code, text)
+
+    def smtp_RCPT(self, arg):
+        if self.mail_from is None:
+            raise SMTPError(503, "5.5.1 Error: need MAIL command")
+        address, params = parse_path(arg, "TO:")
+        if params:
+            raise SMTPError(555, f"5.5.4 Unsupported option: {printable(next(iter(params)))}")
+        if not address:
+            raise SMTPError(501, "5.1.3 Bad recipient address syntax")
+        if not address.isascii() and "SMTPUTF8" not in self.mail_params:
+            raise SMTPError(553, "5.6.7 Must declare SMTPUTF8 to send a UTF-8 address")
+        if len(self.rcpt_to) >= self.cfg.max_recipients:
+            raise SMTPError(452, "4.5.3 Error: too many recipients")
+        code, text = self.backend_call("rcpt", address)
+        if 200 <= code < 300:
+            self.rcpt_to.append(address)
+        self.channel.reply(code, text)
+
+    def smtp_DATA(self, arg):
+        if arg:
+            raise SMTPError(501, "5.5.4 Syntax: DATA")
+        if self.mail_from is None:
+            raise SMTPError(503, "5.5.1 Error: need MAIL command")
+        if not self.rcpt_to:
+            raise SMTPError(554, "5.5.1 Error: no valid recipients")
+        code, text = self.backend_call("data_start")
+        if code != 354:
+            self.channel.reply(code, text)
+            return
+        self.channel.reply(code, text)
+        sender, rcpts = self.mail_from, len(self.rcpt_to)
+        failure, size = None, 0
+        limit = self.cfg.max_message_size
+        try:
+            for segment in self.channel.read_data(self.cfg.bare_newline == "normalize"):
+                if failure:
+                    continue            # read the rest, so the client hears our reply
+                if segment is BARE_NEWLINE:
+                    failure = (554, "5.6.0 Message contains a bare CR or LF; refused")
+                    continue
+                size += len(segment)
+                if limit and size > limit:
+                    failure = (552, "5.3.4 Message size exceeds fixed limit")
+                    continue
+                try:
+                    self.backend.data_write(segment)
+                except BackendGone as e:
+                    log.warning("%s backend %s failed during DATA: %s", self.sid, self.backend.name, e)
+                    failure = (451, "4.4.2 Error: mail server connection lost; try again later")
+        except (ClientGone, TimeoutError):
+            # No terminator reaches the back-end: it keeps no message.
+            log.warning("%s client lost during DATA after %d bytes; message abandoned", self.sid, size)
+            self.drop_backend()
+            raise
+        if failure:
+            # The back-end holds part of a message and no way to end it short
+            # of the terminator: close the connection, so nothing is delivered.
+            self.drop_backend()
+            code, text = failure
+        else:
+            try:
+                code, text = self.backend_call("data_end")
+            except SMTPError as e:
+                code, text = e.code, e.text
+        self.log_message(sender, rcpts, size, code, text)
+        self.reset()
+        self.channel.reply(code, text)
+
+    def smtp_RSET(self, arg):
+        self.abort_transaction()
+        self.channel.reply(250, "2.0.0 Ok")
+
+    def smtp_NOOP(self, arg):
+        self.channel.reply(250, "2.0.0 Ok")
+
+    def smtp_QUIT(self, arg):
+        self.channel.reply(221, "2.0.0 Bye")
+        self.done = True
+
+    def smtp_VRFY(self, arg):
+        if not arg:
+            raise SMTPError(501, "5.5.4 Syntax: VRFY address")
+        self.channel.reply(252, "2.5.2 Cannot VRFY user, but will accept message and attempt delivery")
+
+    def smtp_EXPN(self, arg):
+        raise SMTPError(502, "5.5.1 EXPN not available")
+
+    def smtp_HELP(self, arg):
+        self.channel.reply(214, HELP_TEXT)
+
+    # The back-end, seen from the session ---------------------------------------
+
+    def backend_call(self, method, *args):
+        """Run a back-end method -> its (code, text); opens a back-end first if need be.
+
+        A back-end gone mid-transaction gives the client 451 4.4.2 and the
+        next MAIL opens a new one. At MAIL, a back-end that went away while
+        the session was idle is replaced once, since nothing is lost yet.
+        """
+        fresh = self.backend is None
+        if fresh:
+            self.backend = open_backend(self)
+        try:
+            return getattr(self.backend, method)(*args)
+        except BackendGone as e:
+            log.warning("%s backend %s failed at %s: %s", self.sid, self.backend.name, method, e)
+            self.drop_backend()
+            if method == "mail" and not fresh:
+                return self.backend_call(method, *args)
+            self.reset()
+            raise SMTPError(451, "4.4.2 Error: mail server connection lost; try again later") from None
+
+    def abort_transaction(self):
+        if self.mail_from is not None and self.backend:
+            try:
+                self.backend.rset()
+            except BackendGone as e:
+                log.warning("%s backend %s failed at RSET: %s", self.sid, self.backend.name, e)
+                self.drop_backend()
+        self.reset()
+
+    def drop_backend(self):
+        """Close the back-end at once, with no terminator and no QUIT."""
+        self.close_backend(quit=False)
+
+    def close_backend(self, quit=False):
+        if self.backend:
+            backend, self.backend = self.backend, None
+            backend.close(quit)
+
+    def log_message(self, sender, rcpts, size, code, text):
+        log.info("%s message from=<%s> rcpts=%d size=%d backend=%s reply=%r time=%.3fs",
+                 self.sid, printable(sender), rcpts, size,
+                 self.backend.name if self.backend else "-", printable(f"{code} {text}"),
+                 time.monotonic() - self.started)
+
+
+# --- 4. Back-ends: failover, the smtplib handshake, XCLIENT, Maildir ---------
+# A back-end spec (SMTPBackend, MaildirBackend) opens a connection for one
+# session. Connections share one small interface: mail, rcpt, data_start,
+# data_write, data_end, rset, close; each returns (code, text) or raises
+# BackendGone, so the session never sees smtplib's or the OS's exceptions.
+
+XCLIENT_ATTRIBUTES = ("ADDR", "PORT", "NAME", "HELO", "PROTO")
+
+
+class BackendDown(Exception):
+    """The back-end could not be used at all; the next one is tried."""
+
+
+class BackendGone(Exception):
+    """The back-end connection broke or timed out in the middle of things."""
+
+
+def open_backend(session):
+    """Try each --backend in order -> an open connection; all down: SMTPError 451."""
+    for backend in session.cfg.backend:
+        try:
+            connection = backend.open(session)
+            log.info("%s backend %s connected", session.sid, backend)
+            return connection
+        except BackendDown as e:
+            log.warning("%s backend %s is down: %s; trying next", session.sid, backend, e)
+    log.error("%s all back-ends are down", session.sid)
+    raise SMTPError(451, "4.4.1 Error: no mail server available; try again later")
+
+
+class SMTPBackend:
+    """A mail server reached over SMTP at HOST:PORT."""
+
+    def __init__(self, host, port):
+        self.host, self.port = host, port
+
+    def __str__(self):
+        return format_address(self.host, self.port)
+
+    def open(self, session):
+        return SMTPConnection(self, session)
+
+
+class SMTPConnection(smtplib.SMTP):
+    """smtplib.SMTP to one back-end, for one client session.
+
+    smtplib's sendmail() wants the whole message in memory, so DATA is
+    built from its lower layers: docmd("DATA"), send() per chunk, getreply().
+    Commands are rebuilt from parsed values; nothing the client typed is
+    passed on raw, so a client cannot reach XCLIENT or AUTH on a back-end
+    that trusts the relay.
+    """
+
+    def __init__(self, backend, session):
+        self.name, self.sid = str(backend), session.sid
+        self.debug = log.isEnabledFor(logging.DEBUG)
+        helo = session.helo or session.cfg.server_name
+        super().__init__(timeout=session.cfg.proxy_timeout, local_hostname=helo)
+        try:
+            code, text = self.connect(backend.host, backend.port)
+            if code != 220:
+                raise BackendDown(f"greeted with {code} {printable(text)}")
+            self.greet(helo)
+            if session.cfg.xclient and self.has_extn("xclient"):
+                self.send_xclient(session, helo)
+        except (OSError, smtplib.SMTPException) as e:
+            self.close()
+            raise BackendDown(printable(str(e)) or type(e).__name__) from None
+        except BackendDown:
+            self.close()
+            raise
+
+    def greet(self, helo):
+        code, text = self.ehlo(helo)
+        if code != 250:
+            code, text = self.helo(helo)
+            if code != 250:
+                raise BackendDown(f"refused HELO with {code} {printable(text)}")
+
+    def send_xclient(self, session, helo):
+        """Postfix XCLIENT_README: the client's attributes the back-end asked for."""
+        wanted = self.esmtp_features["xclient"].upper().split()
+        ip = ipaddress.ip_address(session.peer_ip)
+        values = {
+            "ADDR": f"IPV6:{ip}" if ip.version == 6 else str(ip),
+            "PORT": str(session.peer_port),
+            "NAME": "[UNAVAILABLE]",        # no reverse DNS lookup is made
+            "HELO": session.helo,
+            "PROTO": "ESMTP" if session.esmtp else "SMTP",
+        }
+        args = " ".join(f"{k}={xtext(values[k])}" for k in XCLIENT_ATTRIBUTES if k in wanted and values[k])
+        if not args:
+            return
+        code, text = self.docmd("XCLIENT", args)
+        if code not in (220, 250):      # Postfix greets anew with 220; some answer 250
+            log.warning("%s backend %s refused XCLIENT: %d %s; going on without it",
+                        self.sid, self.name, code, printable(text))
+            return
+        self.greet(helo)        # XCLIENT starts a new session on the back-end
+
+    # Logging of the dialogue at debug level.
+    def putcmd(self, cmd, args=""):
+        if self.debug:
+            log.debug("%s S>B: %s", self.sid, f"{cmd} {args}".strip())
+        super().putcmd(cmd, args)
+
+    def getreply(self):
+        code, text = super().getreply()
+        if self.debug:
+            for line in text.split(b"\n"):
+                log.debug("%s B: %s %s", self.sid, code, printable(line))
+        return code, text
+
+    # The interface the session uses.
+    def checked(self, what, exchange):
+        """Run one exchange -> (code, text); a broken connection or nonsense reply: BackendGone."""
+        try:
+            code, text = exchange()
+        except (OSError, smtplib.SMTPException) as e:
+            self.close()
+            raise BackendGone(f"at {what}: {printable(str(e))}") from None
+        if not 200 <= code <= 599:
+            self.close()
+            raise BackendGone(f"bad reply to {what}: {code} {printable(text)}")
+        return code, text.decode("utf-8", "surrogateescape")
+
+    def command(self, verb, args=""):
+        return self.checked(verb, lambda: self.docmd(verb, args))
+
+    def mail(self, address, params):
+        if "SMTPUTF8" in params and not self.has_extn("smtputf8"):
+            return 555, "5.6.7 SMTPUTF8 is not supported by the mail server behind this relay"
+        self.command_encoding = "utf-8" if "SMTPUTF8" in params else "ascii"
+        args = [f"FROM:<{address}>"]
+        if "SIZE" in params and self.has_extn("size"):
+            args.append(f"SIZE={params['SIZE']}")
+        if "BODY" in params and self.has_extn("8bitmime"):
+            args.append(f"BODY={params['BODY']}")
+        if "SMTPUTF8" in params:
+            args.append("SMTPUTF8")
+        return self.command("MAIL", " ".join(args))
+
+    def rcpt(self, address):
+        return self.command("RCPT", f"TO:<{address}>")
+
+    def data_start(self):
+        return self.command("DATA")
+
+    def data_write(self, segment):
+        if not self.sock:
+            raise BackendGone("connection closed")
+        try:
+            self.sock.sendall(segment)
+        except OSError as e:
+            self.close()
+            raise BackendGone(f"write failed: {e}") from None
+
+    def data_end(self):
+        self.data_write(b".\r\n")
+        return self.checked("end of data", self.getreply)
+
+    def rset(self):
+        return self.command("RSET")
+
+    def close(self, quit=False):
+        if quit and self.sock:
+            try:
+                self.quit()
+            except (OSError, smtplib.SMTPException):
+                pass
+        super().close()
+
+
+class MaildirBackend:
+    """The built-in back-end: each message becomes one file in a Maildir.
+
+    For testing and for running with no mail server: the file is written
+    to tmp/, fsynced and renamed into new/ before the client hears 250.
+    """
+
+    def __init__(self, path):
+        self.path = path
+
+    def __str__(self):
+        return f"maildir:{self.path}"
+
+    def create(self):
+        mailbox.Maildir(self.path, create=True)     # makes cur/, new/ and tmp/
+
+    def open(self, session):
+        return MaildirDelivery(self, session)
+
+
+class MaildirDelivery:
+    """One session's deliveries into a Maildir, streamed to disk."""
+
+    counter = itertools.count()
+
+    def __init__(self, backend, session):
+        self.name, self.path, self.session = str(backend), backend.path, session
+        self.file = None
+
+    def mail(self, address, params):
+        self.sender, self.recipients = address, []
+        return 250, "2.1.0 Ok"
+
+    def rcpt(self, address):
+        self.recipients.append(address)
+        return 250, "2.1.5 Ok"
+
+    def data_start(self):
+        now = time.time()
+        host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
+        self.filename = f"{int(now)}.M{int(now % 1 * 1e6)}P{os.getpid()}Q{next(self.counter)}R{secrets.token_hex(4)}.{host}"
+        self.tmp_path = os.path.join(self.path, "tmp", self.filename)
+        try:
+            self.file = open(self.tmp_path, "xb")
+        except OSError as e:
+            return 451, f"4.3.0 Error: cannot write to the Maildir: {e.strerror}"
+        s = self.session
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%a, %d %b %Y %H:%M:%S +0000")
+        header = (f"Return-Path: <{self.sender}>\n"
+                  f"X-Envelope-To: {', '.join(f'<{r}>' for r in self.recipients)}\n"
+                  f"Received: from {s.helo or 'unknown'} ([{s.peer_ip}])\n"
+                  f"\tby {s.cfg.server_name} (smtprelay) with {'ESMTP' if s.esmtp else 'SMTP'}"
+                  f" id {self.filename}; {stamp}\n")
+        self.at_line_start = True
+        return self.write(header.encode("utf-8")) or (354, "End data with <CR><LF>.<CR><LF>")
+
+    def data_write(self, segment):
+        # Unstuff the dots (RFC 5321 §4.5.2) and store LF line ends, as
+        # local delivery does; segments come CRLF-normalized.
+        if self.at_line_start and segment.startswith(b"."):
+            segment = segment[1:]
+        self.at_line_start = segment.endswith(b"\r\n") or (self.at_line_start and not segment)
+        error = self.write(segment.replace(b"\r\n.", b"\r\n").replace(b"\r\n", b"\n"))
+        if error:
+            raise BackendGone(error[1])
+
+    def write(self, data):
+        try:
+            self.file.write(data)
+        except OSError as e:
+            self.abort()
+            return 451, f"4.3.0 Error: cannot write to the Maildir: {e.strerror}"
+
+    def data_end(self):
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            self.file = None
+            os.rename(self.tmp_path, os.path.join(self.path, "new", self.filename))
+            directory = os.open(os.path.join(self.path, "new"), os.O_RDONLY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
+        except OSError as e:
+            self.abort()
+            return 451, f"4.3.0 Error: cannot write to the Maildir: {e.strerror}"
+        return 250, f"2.0.0 Ok: queued as {self.filename}"
+
+    def rset(self):
+        self.abort()
+        return 250, "2.0.0 Ok"
+
+    def abort(self):
+        if self.file:
+            self.file.close()
+            self.file = None
+            try:
+                os.unlink(self.tmp_path)
+            except OSError:
+                pass
+
+    def close(self, quit=False):
+        self.abort()
+
+
+# --- 5. Server and lifecycle: listeners, limits, signals ---------------------
+# One RelayServer (a ThreadingTCPServer) per listening socket, each serving
+# in its own thread; they share one Relay, which holds the configuration and
+# counts sessions for --max-clients and --max-clients-per-ip. The main
+# thread only waits for signals.
+
+class Relay:
+    """What every listener shares: the configuration and the session counts."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.lock = threading.Condition()
+        self.sessions = 0
+        self.per_ip = collections.Counter()
+
+    def admit(self, ip):
+        """Count a new session in -> None, or the refusal to send it (one line)."""
+        with self.lock:
+            if self.sessions >= self.cfg.max_clients:
+                return format_reply(421, "4.3.2 Too many connections, try again later")
+            if self.cfg.max_clients_per_ip and self.per_ip[ip] >= self.cfg.max_clients_per_ip:
+                return format_reply(421, "4.7.0 Too many connections from your address, try again later")
+            self.sessions += 1
+            self.per_ip[ip] += 1
+        return None
+
+    def release(self, ip):
+        with self.lock:
+            self.sessions -= 1
+            self.per_ip[ip] -= 1
+            if not self.per_ip[ip]:
+                del self.per_ip[ip]
+            self.lock.notify_all()
+
+    def wait_idle(self, timeout):
+        """Wait for sessions in flight to end -> True if all did."""
+        with self.lock:
+            return self.lock.wait_for(lambda: self.sessions == 0, timeout)
+
+
+class SessionHandler(socketserver.BaseRequestHandler):
+    """Runs one SMTP session on an accepted connection."""
+
+    def handle(self):
+        Session(self.server.relay, Channel(self.request, self.server.relay.cfg.timeout), self.client_address).run()
+
+
+class RelayServer(socketserver.ThreadingTCPServer):
+    """A listener; each accepted client is served in its own thread."""
+
+    daemon_threads = True       # a stuck session must not keep the process alive at exit
+    block_on_close = False      # shutdown waits for sessions itself, bounded by --timeout
+    allow_reuse_address = True  # restart at once on the same port
+    request_queue_size = 128
+
+    def __init__(self, address, relay, sock=None):
+        self.relay = relay
+        host, port = address
+        self.address_family = socket.AF_INET6 if ":" in host or not host else socket.AF_INET
+        super().__init__((host or "::", port), SessionHandler, bind_and_activate=sock is None)
+        if sock is not None:        # inherited (systemd): already bound and listening
+            self.socket.close()
+            self.socket = sock
+            self.server_address = sock.getsockname()
+
+    def server_bind(self):
+        if self.address_family == socket.AF_INET6 and self.server_address[0] == "::":
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)   # PORT alone: v4 too
+        super().server_bind()
+
+    def process_request(self, request, client_address):
+        refusal = self.relay.admit(client_address[0])
+        if refusal:
+            log.warning("refused %s: %s", client_address[0], refusal.decode().strip())
+            try:
+                request.settimeout(1)
+                request.sendall(refusal)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.relay.release(client_address[0])
+            raise
+
+    def finish_request(self, request, client_address):
+        try:
+            super().finish_request(request, client_address)
+        finally:
+            self.relay.release(client_address[0])
+
+    def handle_error(self, request, client_address):
+        log.exception("error in session from %s", client_address[0])
+
+    def describe(self):
+        host, port = self.server_address[:2]
+        return format_address(host, port)
+
+
+def make_servers(cfg):
+    """Bind every --listen address -> [RelayServer]; raises ConfigError if one cannot be bound."""
+    for backend in cfg.backend:
+        if isinstance(backend, MaildirBackend):
+            try:
+                backend.create()
+            except OSError as e:
+                raise ConfigError("--backend", f"{backend}: {e.strerror or e}") from None
+    relay = Relay(cfg)
+    servers = []
+    for host, port in cfg.listen:
+        try:
+            servers.append(RelayServer((host, port), relay))
+        except OSError as e:
+            for s in servers:
+                s.server_close()
+            raise ConfigError("--listen", f"{format_address(host or '*', port)}: {e.strerror or e}") from None
+    return servers
+
+
+class JSONFormatter(logging.Formatter):
+    def format(self, record):
+        entry = {"time": self.formatTime(record), "level": record.levelname.lower(), "message": record.getMessage()}
+        if record.exc_info:
+            entry["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging(cfg):
+    handler = logging.StreamHandler(sys.stderr)
+    if cfg.log_format == "json":
+        handler.setFormatter(JSONFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s smtprelay %(levelname)s %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(cfg.log_level.upper())
+    log.propagate = False
+
+
+def serve(servers):
+    """Serve until SIGTERM or SIGINT, then drain the sessions -> exit status 0."""
+    stop = threading.Event()
+
+    def request_stop(signum, frame):
+        log.info("%s: stopping; sessions in flight may finish", signal.Signals(signum).name)
+        stop.set()
+
+    def ignore_hup(signum, frame):
+        log.warning("SIGHUP: reloading is not implemented yet; ignored")
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGHUP, ignore_hup)
+    threads = [threading.Thread(target=s.serve_forever, name=f"listen {s.describe()}", daemon=True)
+               for s in servers]
+    for s, t in zip(servers, threads):
+        t.start()
+        log.info("listening on %s", s.describe())
+    while not stop.wait(3600):
+        pass
+    for s in servers:
+        s.shutdown()
+        s.server_close()
+    relay = servers[0].relay
+    if not relay.wait_idle(relay.cfg.timeout):
+        log.warning("stopping with %d sessions still open", relay.sessions)
+    log.info("stopped")
+    return 0
+
+
+# --- 6. main() ---------------------------------------------------------------
+
+def main(argv=None):
+    """Run smtprelay -> exit status: 0 clean stop, 1 bad configuration, 2 usage."""
+    try:
+        cfg, settings = load_config(argv)
+        if cfg.check_config:
+            print(settings)
+            return 0
+        setup_logging(cfg)
+        servers = make_servers(cfg)
+    except ConfigError as e:
+        print(f"smtprelay: {e}", file=sys.stderr)
+        return 1
+    return serve(servers)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
