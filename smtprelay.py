@@ -191,12 +191,18 @@ def parse_backend(text):
     return SMTPBackend(host, port)
 
 
+def default_server_name():
+    """The host's FQDN; its plain name where the resolver only knows localhost."""
+    name = socket.getfqdn()
+    return socket.gethostname() if name.startswith("localhost") else name
+
+
 def validate(args):
     """The parsed strings -> Config; raises ConfigError naming the first bad option."""
     backends = [parse_backend(b.strip()) for b in args.backend or []]
     if not backends:
         raise ConfigError("--backend", "no back-end given (e.g. --backend 127.0.0.1:25 or --backend maildir:PATH)")
-    server_name = args.server_name or socket.getfqdn()
+    server_name = args.server_name or default_server_name()
     if not re.fullmatch(r"[\x21-\x7e]+", server_name):
         raise ConfigError("--server-name", f"{server_name!r}: must be one word of printable ASCII")
     return Config(

@@ -1,0 +1,266 @@
+"""ScriptedBackend: a tiny SMTP server on 127.0.0.1 whose replies and failures a test scripts.
+
+It records every session byte-exactly and enforces no command order: it answers
+each command with the scripted (or default) reply.
+"""
+import itertools
+import re
+import socket
+import socketserver
+import threading
+import time
+from dataclasses import dataclass, field
+
+DEFAULT_EXTENSIONS = ["PIPELINING", "SIZE 100000000", "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8",
+                      "XCLIENT NAME ADDR PORT PROTO HELO LOGIN"]
+DEFAULT_REPLIES = {
+    "HELO": "250 scripted",
+    "MAIL": "250 2.1.0 Ok",
+    "RCPT": "250 2.1.5 Ok",
+    "DATA": "354 End data with <CR><LF>.<CR><LF>",
+    "RSET": "250 2.0.0 Ok",
+    "NOOP": "250 2.0.0 Ok",
+    "QUIT": "221 2.0.0 Bye",
+    "XCLIENT": "220 scripted ESMTP",  # Postfix greets again after XCLIENT
+}
+UNKNOWN_REPLY = "502 5.5.2 Error: command not recognized"
+_queue_ids = itertools.count(1)
+
+
+@dataclass
+class Message:
+    """One DATA transfer. `raw` is exactly the bytes received after the 354 reply up to
+    (excluding) the final ".\\r\\n" line: dot-stuffing intact, the CRLF ending the
+    last line included, b"" for an empty message. `completed`: the terminator was
+    seen and a 2xx reply sent (`reply`)."""
+    mail_from: bytes | None
+    rcpt_to: list[bytes]  # RCPT lines that got a 2xx reply in this transaction
+    raw: bytes = b""
+    completed: bool = False
+    reply: str | None = None
+
+    @property
+    def content(self):
+        """`raw` without dot-stuffing (the first "." of each line starting with one removed)."""
+        return re.sub(rb"(?:^|(?<=\r\n))\.", b"", self.raw)
+
+
+@dataclass
+class Session:
+    """One connection: raw command lines (CRLF removed), the last XCLIENT line, messages."""
+    peer: tuple
+    commands: list[bytes] = field(default_factory=list)
+    xclient: bytes | None = None
+    messages: list[Message] = field(default_factory=list)
+    closed: threading.Event = field(default_factory=threading.Event)
+    reply_counts: dict = field(default_factory=dict, repr=False)
+
+
+def _line(text):
+    return ("\r\n".join(text.splitlines()) + "\r\n").encode()
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    def handle(self):
+        backend = self.server.backend
+        session = backend._open_session(self.request, self.client_address)
+        if session is None:
+            return
+        self.backend, self.session, self.buf = backend, session, bytearray()
+        try:
+            self.request.settimeout(backend.read_timeout)
+            self.converse()
+        except (EOFError, OSError):  # peer gone, reset or read timeout
+            pass
+        finally:
+            self.request.close()
+            backend._close_session(self.request, session)
+
+    def act(self, verb):
+        """Carry out actions[verb]; True if the session must end now."""
+        action = self.backend.actions.get(verb)
+        if action == "hang":
+            self.backend._stopping.wait(self.backend.read_timeout)
+        return action in ("drop", "hang")
+
+    def send(self, reply):
+        """Send a reply; True if it closes the session (421)."""
+        self.request.sendall(_line(reply))
+        return reply.startswith("421")
+
+    def recv(self):
+        chunk = self.request.recv(65536)
+        if not chunk:
+            raise EOFError
+        self.buf += chunk
+
+    def readline(self):
+        while (end := self.buf.find(b"\n")) < 0:
+            self.recv()
+        line = bytes(self.buf[:end])
+        del self.buf[:end + 1]
+        return line[:-1] if line.endswith(b"\r") else line
+
+    def read_data(self, message):
+        """Read up to CRLF.CRLF (or a leading .CRLF) into message.raw; False if dropped."""
+        limit, scan, end = self.backend.drop_after_data_bytes, 0, None
+        try:
+            while end is None:
+                if self.buf[:3] == b".\r\n":
+                    end = 0
+                elif (crlf := self.buf.find(b"\r\n.\r\n", scan)) >= 0:
+                    end = crlf + 2
+                elif limit is not None and len(self.buf) >= limit:
+                    return False
+                else:
+                    scan = max(0, len(self.buf) - 4)
+                    self.recv()
+        finally:
+            message.raw = bytes(self.buf[:end])  # all of it if unterminated
+        del self.buf[:end + 3]
+        return True
+
+    def converse(self):
+        backend, session = self.backend, self.session
+        if self.act("CONNECT") or self.send(backend.greeting):
+            return
+        transaction = None  # (MAIL line, accepted RCPT lines)
+        while True:
+            line = self.readline()
+            session.commands.append(line)
+            verb = line.split(b" ", 1)[0].decode("ascii", "replace").upper()
+            if self.act(verb):
+                return
+            reply = backend.reply_for(verb, session)
+            if verb in ("EHLO", "HELO", "RSET", "XCLIENT"):
+                transaction = None
+            if verb == "XCLIENT":
+                session.xclient = line
+            elif verb == "MAIL" and reply.startswith("2"):
+                transaction = (line, [])
+            elif verb == "RCPT" and reply.startswith("2") and transaction:
+                transaction[1].append(line)
+            elif verb == "DATA" and reply.startswith("354"):
+                mail_from, rcpt_to = transaction or (None, [])
+                message = Message(mail_from, rcpt_to)
+                session.messages.append(message)
+                transaction = None
+                if self.send(reply) or not self.read_data(message) or self.act("."):
+                    return
+                reply = message.reply = backend.reply_for(".", session)
+                message.completed = reply.startswith("2")
+            if self.send(reply) or verb == "QUIT":
+                return
+
+
+class _Server(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class ScriptedBackend:
+    """A scripted SMTP server on 127.0.0.1:<port 0>, serving from construction until stop().
+
+    greeting: first reply ("421 ..." closes the connection after it).
+    extensions: EHLO keywords. replies: {VERB: reply or [reply, ...]} overrides
+    (VERB upper-case, "." = reply to end of data; a list is used in turn per
+    session, its last entry repeating; "250-a\\r\\n250 b" is multi-line); any
+    421 reply closes the connection. actions: {VERB: "drop" | "hang"} closes
+    without reply / never replies (until stop() or read_timeout), VERB may be
+    "CONNECT" (instead of greeting) or "." (after end of data).
+    drop_after_data_bytes: close once that many message bytes arrived.
+    read_timeout: per-read socket timeout, so a session never lives forever.
+
+    Attributes: address ("127.0.0.1:PORT"), host, port, sessions (list of
+    Session), connections, delivered (completed Messages of all sessions).
+    """
+
+    def __init__(self, greeting="220 scripted ESMTP", extensions=None, replies=None, actions=None,
+                 drop_after_data_bytes=None, read_timeout=30):
+        self.greeting = greeting
+        self.extensions = DEFAULT_EXTENSIONS if extensions is None else extensions
+        self.replies = {**DEFAULT_REPLIES, **(replies or {})}
+        self.actions = actions or {}
+        self.drop_after_data_bytes = drop_after_data_bytes
+        self.read_timeout = read_timeout
+        self.sessions = []
+        self._live = set()
+        self._cond = threading.Condition()
+        self._stopping = threading.Event()
+        self._server = _Server(("127.0.0.1", 0), _Handler)
+        self._server.backend = self
+        self.host, self.port = self._server.server_address
+        self.address = f"{self.host}:{self.port}"
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.01,), daemon=True)
+        self._thread.start()
+
+    def reply_for(self, verb, session):
+        """The reply text to `verb` in `session` (consumes one entry of a reply list)."""
+        if verb == "EHLO" and "EHLO" not in self.replies:
+            lines = ["scripted", *self.extensions]
+            return "\r\n".join(f"250{'-' if i < len(lines) - 1 else ' '}{x}" for i, x in enumerate(lines))
+        if verb == "." and "." not in self.replies:
+            return f"250 2.0.0 Ok: queued as SCRIPTED{next(_queue_ids):06d}"
+        reply = self.replies.get(verb, UNKNOWN_REPLY)
+        if isinstance(reply, list):
+            count = session.reply_counts[verb] = session.reply_counts.get(verb, 0) + 1
+            reply = reply[min(count, len(reply)) - 1]
+        return reply
+
+    def _open_session(self, sock, peer):
+        with self._cond:
+            if self._stopping.is_set():
+                return None
+            session = Session(peer)
+            self.sessions.append(session)
+            self._live.add(sock)
+            return session
+
+    def _close_session(self, sock, session):
+        with self._cond:
+            self._live.discard(sock)
+            session.closed.set()
+            self._cond.notify_all()
+
+    @property
+    def connections(self):
+        """Number of connections accepted so far."""
+        with self._cond:
+            return len(self.sessions)
+
+    @property
+    def delivered(self):
+        """Completed messages of all sessions, in session order."""
+        with self._cond:
+            return [m for s in self.sessions for m in s.messages if m.completed]
+
+    def wait_for_sessions_closed(self, n, timeout=5):
+        """The closed sessions once at least `n` sessions have closed; AssertionError after `timeout` s."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while len(closed := [s for s in self.sessions if s.closed.is_set()]) < n:
+                if not self._cond.wait(deadline - time.monotonic()):
+                    raise AssertionError(f"{len(closed)} of {len(self.sessions)} sessions closed, wanted {n}")
+            return closed
+
+    def stop(self):
+        """Stop accepting, wake hung sessions, end live ones and wait until all closed."""
+        with self._cond:
+            if self._stopping.is_set():
+                return
+            self._stopping.set()
+            live = list(self._live)
+        self._server.shutdown()
+        self._server.server_close()
+        for sock in live:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self.wait_for_sessions_closed(len(self.sessions))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
