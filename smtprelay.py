@@ -19,6 +19,8 @@ inetd and socket activation (issues 4 and 5 and the service work after).
 """
 
 import argparse
+import base64
+import binascii
 import collections
 import datetime
 import ipaddress
@@ -37,8 +39,10 @@ import socketserver
 import sys
 import threading
 import time
+import urllib.parse
 
 import configargparse
+import requests
 
 __version__ = "0.1.0"
 __all__ = ["ConfigError", "SMTPError", "load_config", "make_servers", "main"]
@@ -55,6 +59,7 @@ log = logging.getLogger("smtprelay")
 DEFAULT_CONFIG_FILE = "/etc/smtprelay.conf"
 ENV_PREFIX = "SMTPRELAY_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+AUTH_METHODS = ("none", "plain", "login", "cram-md5", "external")
 
 
 class ConfigError(Exception):
@@ -81,8 +86,15 @@ def build_parser():
     add("--server-name", metavar="NAME", help="name in the greeting and EHLO reply (default: the FQDN)")
     add("--backend", action="append", metavar="BACKEND",
         help="back-end HOST:PORT (port 25 if omitted) or maildir:PATH; repeat for failover, tried in order")
+    add("--auth-http", metavar="URL",
+        help="nginx-compatible auth service that decides who may send and names the back-end")
+    add("--auth-http-header", action="append", metavar="'NAME: VALUE'", help="extra header on every auth request")
+    add("--auth-http-timeout", default="60", metavar="SECONDS", help="auth service timeout (default 60)")
+    add("--auth", default="none", metavar="METHODS",
+        help="comma list of none, plain, login, cram-md5, external; without none, AUTH is required (default none)")
     add("--xclient", action=argparse.BooleanOptionalAction, default=True,
         help="pass the client's address and HELO name to back-ends that offer XCLIENT (default on)")
+    add("--backend-auth", metavar="USER:PASSWORD", help="AUTH towards the back-end, PLAIN or LOGIN")
     add("--timeout", default="60", metavar="SECONDS", help="client idle timeout (default 60)")
     add("--proxy-timeout", default="60", metavar="SECONDS", help="back-end reply timeout (default 60)")
     add("--greeting-delay", default="0", metavar="SECONDS",
@@ -95,6 +107,10 @@ def build_parser():
     add("--max-recipients", default="100", metavar="N", help="recipients per message (default 100)")
     add("--bare-newline", default="normalize", metavar="{normalize,reject}",
         help="a bare CR or LF in message data is made CRLF, or the message refused (default normalize)")
+    add("--allow-from", action="append", metavar="CIDR",
+        help="client networks allowed to connect; others get 554 (default any)")
+    add("--allow-sender", metavar="REGEX", help="envelope senders allowed, full match, any case; others get 550 at MAIL")
+    add("--allow-recipient", metavar="REGEX", help="envelope recipients allowed; others get 550 at RCPT")
     add("--log-level", default="info", metavar="{debug,info,warning,error}",
         help="debug logs the whole SMTP dialogue (default info)")
     add("--log-format", default="text", metavar="{text,json}", help="one line per event on stderr (default text)")
@@ -197,11 +213,64 @@ def default_server_name():
     return socket.gethostname() if name.startswith("localhost") else name
 
 
+def parse_auth_methods(text):
+    """--auth -> the list of methods, in the order EHLO names them."""
+    methods = [m.strip().lower() for m in text.split(",") if m.strip()]
+    for method in methods:
+        parse_choice("--auth", method, AUTH_METHODS)
+    if not methods:
+        raise ConfigError("--auth", "no method given")
+    return [m for m in AUTH_METHODS if m in methods]
+
+
+def parse_auth_http(text):
+    url = urllib.parse.urlsplit(text)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ConfigError("--auth-http", f"{text!r}: not an http:// or https:// URL")
+    try:
+        url.port
+    except ValueError:
+        raise ConfigError("--auth-http", f"{text!r}: bad port") from None
+    return text
+
+
+def parse_header(text):
+    name, sep, value = text.partition(":")
+    if not sep or not re.fullmatch(r"[A-Za-z0-9-]+", name.strip()) or re.search(r"[\x00-\x1f\x7f]", value):
+        raise ConfigError("--auth-http-header", f"{text!r}: write 'Name: value'")
+    return name.strip(), value.strip()
+
+
+def parse_regex(option, text):
+    try:
+        return re.compile(text, re.IGNORECASE) if text is not None else None
+    except re.error as e:
+        raise ConfigError(option, f"{text!r}: {e}") from None
+
+
+def parse_network(text):
+    try:
+        return ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError:
+        raise ConfigError("--allow-from", f"{text!r}: not an address or CIDR network") from None
+
+
 def validate(args):
     """The parsed strings -> Config; raises ConfigError naming the first bad option."""
     backends = [parse_backend(b.strip()) for b in args.backend or []]
-    if not backends:
+    auth = parse_auth_methods(args.auth)
+    if args.auth_http and backends:
+        raise ConfigError("--auth-http", "--backend and --auth-http exclude each other: the auth service names the back-end")
+    if not args.auth_http and not backends:
         raise ConfigError("--backend", "no back-end given (e.g. --backend 127.0.0.1:25 or --backend maildir:PATH)")
+    if auth != ["none"] and not args.auth_http:
+        raise ConfigError("--auth", f"{args.auth!r}: checking credentials needs an auth service (--auth-http)")
+    backend_auth = None
+    if args.backend_auth is not None:
+        user, sep, password = args.backend_auth.partition(":")
+        if not sep or not user:
+            raise ConfigError("--backend-auth", "write USER:PASSWORD")
+        backend_auth = (user, password)
     server_name = args.server_name or default_server_name()
     if not re.fullmatch(r"[\x21-\x7e]+", server_name):
         raise ConfigError("--server-name", f"{server_name!r}: must be one word of printable ASCII")
@@ -209,7 +278,12 @@ def validate(args):
         listen=[parse_address("--listen", a) for a in args.listen or ["127.0.0.1:2525"]],
         server_name=server_name,
         backend=backends,
+        auth_http=parse_auth_http(args.auth_http) if args.auth_http else None,
+        auth_http_header=[parse_header(h) for h in args.auth_http_header or []],
+        auth_http_timeout=parse_number("--auth-http-timeout", args.auth_http_timeout, 0.001, float),
+        auth=auth,
         xclient=args.xclient,
+        backend_auth=backend_auth,
         timeout=parse_number("--timeout", args.timeout, 0.001, float),
         proxy_timeout=parse_number("--proxy-timeout", args.proxy_timeout, 0.001, float),
         greeting_delay=parse_number("--greeting-delay", args.greeting_delay, 0, float),
@@ -219,6 +293,9 @@ def validate(args):
         max_message_size=parse_number("--max-message-size", args.max_message_size),
         max_recipients=parse_number("--max-recipients", args.max_recipients, 1),
         bare_newline=parse_choice("--bare-newline", args.bare_newline, ("normalize", "reject")),
+        allow_from=[parse_network(n) for n in args.allow_from or []],
+        allow_sender=parse_regex("--allow-sender", args.allow_sender),
+        allow_recipient=parse_regex("--allow-recipient", args.allow_recipient),
         log_level=parse_choice("--log-level", args.log_level, LOG_LEVELS),
         log_format=parse_choice("--log-format", args.log_format, ("text", "json")),
         check_config=args.check_config,
@@ -253,6 +330,8 @@ def load_config(argv=None):
             value = ["127.0.0.1:2525"]
         if action.dest == "server_name" and value is None:
             value = cfg.server_name
+        if action.dest == "backend_auth" and value is not None:
+            value = value.partition(":")[0] + ":********"      # never print the password
         if isinstance(value, list):
             value = "[" + ", ".join(value) + "]"
         elif isinstance(value, bool):
@@ -269,6 +348,7 @@ def load_config(argv=None):
 # replace run in C). Replies are written from one place, format_reply.
 
 COMMAND_LINE_LIMIT = 2048   # RFC 5321 §4.5.3.1.4 says 512; parameters outgrow it
+AUTH_LINE_LIMIT = 12288     # RFC 4954 §4: an AUTH line may be this long
 RECV_SIZE = 65536           # one read; DATA moves at most this much at a time
 LONG_LINE_PART = 65536      # a data line without LF is passed on in parts this long
 ERROR_CODES = {500, 501, 502, 503, 504, 555}   # client mistakes, counted for --max-errors
@@ -281,11 +361,16 @@ CONTROL_ESCAPES = {c: f"\\x{c:02x}" for c in [*range(32), 127]}
 
 
 class SMTPError(Exception):
-    """A reply for the client: raised anywhere, sent once by the session loop."""
+    """A reply for the client: raised anywhere, sent once by the session loop.
 
-    def __init__(self, code, text, close=False):
+    counted: whether it counts toward --max-errors (by default the client
+    mistakes of ERROR_CODES; failed AUTH attempts count too).
+    """
+
+    def __init__(self, code, text, close=False, counted=None):
         super().__init__(code, text)
         self.code, self.text, self.close = code, text, close
+        self.counted = code in ERROR_CODES if counted is None else counted
 
 
 class ClientGone(Exception):
@@ -502,6 +587,25 @@ def parse_path(arg, keyword):
     return address, parsed
 
 
+def decode_auth_response(line):
+    """A base64 line of an AUTH exchange (RFC 4954 §4) -> bytes; "=" is empty, "*" cancels."""
+    if line == b"*":
+        raise SMTPError(501, "5.7.0 Authentication cancelled")
+    if line == b"=":
+        return b""
+    try:
+        return base64.b64decode(line, validate=True)
+    except (binascii.Error, ValueError):
+        raise SMTPError(501, "5.5.2 Cannot decode base64 response") from None
+
+
+def decode_utf8(data):
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SMTPError(501, "5.5.2 Not UTF-8") from None
+
+
 def xtext(value):
     """RFC 3461 §4 xtext, as Postfix's XCLIENT wants its values."""
     return "".join(c if "!" <= c <= "~" and c not in "+=" else
@@ -522,11 +626,16 @@ class Session:
 
     def __init__(self, relay, channel, peer):
         self.relay, self.cfg, self.channel = relay, relay.cfg, channel
-        self.peer_ip, self.peer_port = peer[0], peer[1]
+        ip = ipaddress.ip_address(peer[0].split("%")[0])
+        ip = getattr(ip, "ipv4_mapped", None) or ip   # a v4 client on a dual-stack listener
+        self.peer_ip, self.peer_port = str(ip), peer[1]
         self.sid = secrets.token_hex(4)
         self.helo = None            # the client's HELO/EHLO argument
         self.esmtp = False          # the client said EHLO
         self.backend = None         # open back-end connection, for the rest of the session
+        self.user = None            # the login the client authenticated as
+        self.route = None           # the auth service's OK answer that applies now
+        self.login_attempt = 0      # Auth-Login-Attempt
         self.errors = 0
         self.done = False
         self.reset()
@@ -537,6 +646,8 @@ class Session:
         """Forget the mail transaction (RFC 5321 §4.1.1.5)."""
         self.mail_from = None
         self.mail_params = {}
+        self.mail_line = None       # the MAIL command as sent, for Auth-SMTP-From
+        self.mail_sent = False      # the back-end accepted this transaction's MAIL
         self.rcpt_to = []
         self.started = None
 
@@ -545,7 +656,10 @@ class Session:
     def run(self):
         log.info("%s connect from %s", self.sid, format_address(self.peer_ip, self.peer_port))
         try:
-            if self.greet():
+            if not self.allowed_in():
+                log.warning("%s refused %s: not in --allow-from", self.sid, self.peer_ip)
+                self.say_last(554, "5.7.1 Access denied")
+            elif self.greet():
                 while not self.done:
                     self.handle_command()
             self.channel.flush()
@@ -557,6 +671,10 @@ class Session:
         finally:
             self.close_backend(quit=True)
             log.info("%s disconnect from %s", self.sid, self.peer_ip)
+
+    def allowed_in(self):
+        ip = ipaddress.ip_address(self.peer_ip)
+        return not self.cfg.allow_from or any(ip in net for net in self.cfg.allow_from)
 
     def greet(self):
         """Send the greeting; False if the client spoke first during --greeting-delay."""
@@ -579,11 +697,12 @@ class Session:
         try:
             line = self.channel.read_line()
             if self.channel.debug_sid:
-                log.debug("%s C: %s", self.sid, printable(line))
+                shown = re.sub(rb"(?i)^(AUTH +\S+ +).+", rb"\1****", line)     # never log secrets
+                log.debug("%s C: %s", self.sid, printable(shown))
             self.dispatch(line)
         except SMTPError as e:
             self.channel.reply(e.code, e.text)
-            if e.code in ERROR_CODES:
+            if e.counted:
                 self.errors += 1
                 log.info("%s error %d %s (%d of %d)", self.sid, e.code, e.text, self.errors, self.cfg.max_errors)
                 if self.cfg.max_errors and self.errors >= self.cfg.max_errors:
@@ -630,6 +749,9 @@ class Session:
         size = self.cfg.max_message_size
         extensions = [self.cfg.server_name, "PIPELINING", f"SIZE {size}" if size else "SIZE",
                       "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8"]
+        mechanisms = [m.upper() for m in self.cfg.auth if m != "none"]
+        if mechanisms:
+            extensions.append("AUTH " + " ".join(mechanisms))
         self.channel.reply(250, "\n".join(extensions))
 
     def smtp_EHLO(self, arg):
@@ -638,6 +760,8 @@ class Session:
     def smtp_MAIL(self, arg):
         if self.mail_from is not None:
             raise SMTPError(503, "5.5.1 Error: nested MAIL command")
+        if self.user is None and "none" not in self.cfg.auth:
+            raise SMTPError(530, "5.7.0 Authentication required")
         address, params = parse_path(arg, "FROM:")
         for name, value in params.items():
             if name == "SIZE":
@@ -656,10 +780,19 @@ class Session:
                 raise SMTPError(555, f"5.5.4 Unsupported option: {printable(name)}")
         if not address.isascii() and "SMTPUTF8" not in params:
             raise SMTPError(553, "5.6.7 Must declare SMTPUTF8 to send a UTF-8 address")
+        if self.cfg.allow_sender and not self.cfg.allow_sender.fullmatch(address):
+            log.info("%s sender <%s> refused by --allow-sender", self.sid, printable(address))
+            raise SMTPError(550, "5.7.1 Sender address rejected: not allowed")
         self.started = time.monotonic()
+        if self.cfg.auth_http and self.user is None:
+            # nginx's smtp_auth none: the auth service is asked at the first
+            # RCPT, with this MAIL and that RCPT; until then MAIL is ours.
+            self.mail_from, self.mail_params, self.mail_line = address, params, f"MAIL {arg}"
+            self.channel.reply(250, "2.1.0 Ok")
+            return
         code, text = self.backend_call("mail", address, params)
         if 200 <= code < 300:
-            self.mail_from, self.mail_params = address, params
+            self.mail_from, self.mail_params, self.mail_sent = address, params, True
         self.channel.reply(code, text)
 
     def smtp_RCPT(self, arg):
@@ -674,6 +807,17 @@ class Session:
             raise SMTPError(553, "5.6.7 Must declare SMTPUTF8 to send a UTF-8 address")
         if len(self.rcpt_to) >= self.cfg.max_recipients:
             raise SMTPError(452, "4.5.3 Error: too many recipients")
+        if self.cfg.allow_recipient and not self.cfg.allow_recipient.fullmatch(address):
+            log.info("%s recipient <%s> refused by --allow-recipient", self.sid, printable(address))
+            raise SMTPError(550, "5.7.1 Recipient address rejected: not allowed")
+        if not self.mail_sent:
+            self.route_transaction(f"RCPT {arg}")
+            code, text = self.backend_call("mail", self.mail_from, self.mail_params)
+            if not 200 <= code < 300:       # the back-end's MAIL refusal answers this RCPT (nginx)
+                self.reset()
+                self.channel.reply(code, text)
+                return
+            self.mail_sent = True
         code, text = self.backend_call("rcpt", address)
         if 200 <= code < 300:
             self.rcpt_to.append(address)
@@ -729,6 +873,97 @@ class Session:
         self.reset()
         self.channel.reply(code, text)
 
+    def smtp_AUTH(self, arg):
+        """RFC 4954; the auth service checks the credentials and names the back-end."""
+        mechanisms = [m for m in self.cfg.auth if m != "none"]
+        if not mechanisms:
+            raise SMTPError(502, "5.5.1 Error: authentication not enabled")
+        if self.user is not None:
+            raise SMTPError(503, "5.5.1 Error: already authenticated")
+        if self.mail_from is not None:
+            raise SMTPError(503, "5.5.1 Error: MAIL transaction in progress")
+        mechanism, _, initial = arg.partition(" ")
+        if mechanism.lower() not in mechanisms:
+            raise SMTPError(504, "5.5.4 Unrecognized authentication type")
+        initial = initial.strip().encode() if initial.strip() else None
+        credentials = getattr(self, "auth_" + mechanism.upper().replace("-", "_"))(initial)
+        answer = self.ask_auth_service(**credentials)
+        if not answer.ok:
+            self.refuse(answer, counted=True)
+        self.user, self.route = credentials["user"], answer
+        self.close_backend(quit=True)       # a back-end chosen before AUTH no longer applies
+        log.info("%s authenticated as %s with %s; backend %s", self.sid, printable(self.user),
+                 mechanism.upper(), answer.backend)
+        self.channel.reply(235, "2.7.0 Authentication successful")
+
+    def challenge(self, text):
+        """Send a 334 challenge -> the client's decoded answer (bytes)."""
+        self.channel.reply(334, text)
+        return decode_auth_response(self.channel.read_line(AUTH_LINE_LIMIT))
+
+    def auth_PLAIN(self, initial):
+        response = decode_auth_response(initial) if initial is not None else self.challenge("")
+        parts = response.split(b"\0")
+        if len(parts) != 3 or not parts[1]:
+            raise SMTPError(501, "5.5.2 Bad PLAIN response: authzid NUL authcid NUL password")
+        return dict(method="plain", user=decode_utf8(parts[1]), password=decode_utf8(parts[2]))
+
+    def auth_LOGIN(self, initial):
+        user = decode_auth_response(initial) if initial is not None else self.challenge("VXNlcm5hbWU6")
+        password = self.challenge("UGFzc3dvcmQ6")
+        return dict(method="plain", user=decode_utf8(user), password=decode_utf8(password))   # as nginx
+
+    def auth_CRAM_MD5(self, initial):
+        if initial is not None:
+            raise SMTPError(501, "5.5.2 CRAM-MD5 takes no initial response")
+        salt = f"<{secrets.randbelow(10**10)}.{int(time.time())}@{self.cfg.server_name}>"
+        user, _, digest = decode_utf8(self.challenge(base64.b64encode(salt.encode()).decode())).rpartition(" ")
+        if not user or not re.fullmatch(r"[0-9a-fA-F]{32}", digest):
+            raise SMTPError(501, "5.5.2 Bad CRAM-MD5 response: user SP 32 hex digits")
+        return dict(method="cram-md5", user=user, password=digest.lower(), salt=salt)
+
+    def auth_EXTERNAL(self, initial):
+        # RFC 4422 appendix A: the client may name an authorization identity.
+        identity = decode_auth_response(initial) if initial is not None else self.challenge("")
+        return dict(method="external", user=decode_utf8(identity), password="")
+
+    def login(self):
+        """The login the back-end should know the client by (XCLIENT LOGIN), or None."""
+        return (self.route and self.route.user) or self.user
+
+    def backend_credentials(self):
+        """(user, password) for AUTH towards the back-end, or None."""
+        if self.route and self.route.user and self.route.password:
+            return self.route.user, self.route.password
+        return self.cfg.backend_auth
+
+    def route_transaction(self, rcpt_line):
+        """Ask the auth service about this transaction (--auth none) and aim it at the answer's back-end."""
+        answer = self.ask_auth_service("none", mail=self.mail_line, rcpt=rcpt_line)
+        if not answer.ok:
+            self.refuse(answer)
+        if self.backend and self.route and self.route.backend != answer.backend:
+            self.close_backend(quit=True)
+        self.route = answer
+
+    def ask_auth_service(self, method, user="", password="", salt=None, mail=None, rcpt=None):
+        """One lookup -> AuthAnswer; the service's own trouble is 451 4.3.2, and the session goes on."""
+        self.login_attempt += 1
+        try:
+            return self.relay.auth_service.lookup(self, method, user, password, salt, mail, rcpt)
+        except AuthServiceError as e:
+            log.error("%s auth service %s: %s", self.sid, self.cfg.auth_http, e)
+            raise SMTPError(451, "4.3.2 Internal server error; try again later") from None
+
+    def refuse(self, answer, counted=False):
+        """Raise the auth service's refusal, after its Auth-Wait (nginx)."""
+        log.info("%s client login failed: %r", self.sid, printable(answer.text))
+        if answer.wait:
+            self.channel.flush()
+            time.sleep(min(answer.wait, self.cfg.timeout))
+        code, text = answer.error_code or (535, "5.7.0")
+        raise SMTPError(code, f"{text} {answer.text}", counted=counted)
+
     def smtp_RSET(self, arg):
         self.abort_transaction()
         self.channel.reply(250, "2.0.0 Ok")
@@ -762,7 +997,7 @@ class Session:
         """
         fresh = self.backend is None
         if fresh:
-            self.backend = open_backend(self)
+            self.backend = open_backend(self, [self.route.backend] if self.route else self.cfg.backend)
         try:
             return getattr(self.backend, method)(*args)
         except BackendGone as e:
@@ -804,7 +1039,7 @@ class Session:
 # data_write, data_end, rset, close; each returns (code, text) or raises
 # BackendGone, so the session never sees smtplib's or the OS's exceptions.
 
-XCLIENT_ATTRIBUTES = ("ADDR", "PORT", "NAME", "HELO", "PROTO")
+XCLIENT_ATTRIBUTES = ("ADDR", "PORT", "NAME", "HELO", "PROTO", "LOGIN")
 
 
 class BackendDown(Exception):
@@ -815,9 +1050,9 @@ class BackendGone(Exception):
     """The back-end connection broke or timed out in the middle of things."""
 
 
-def open_backend(session):
-    """Try each --backend in order -> an open connection; all down: SMTPError 451."""
-    for backend in session.cfg.backend:
+def open_backend(session, candidates):
+    """Try each back-end in order -> an open connection; all down: SMTPError 451."""
+    for backend in candidates:
         try:
             connection = backend.open(session)
             log.info("%s backend %s connected", session.sid, backend)
@@ -837,6 +1072,9 @@ class SMTPBackend:
     def __str__(self):
         return format_address(self.host, self.port)
 
+    def __eq__(self, other):
+        return isinstance(other, SMTPBackend) and (self.host, self.port) == (other.host, other.port)
+
     def open(self, session):
         return SMTPConnection(self, session)
 
@@ -854,6 +1092,7 @@ class SMTPConnection(smtplib.SMTP):
     def __init__(self, backend, session):
         self.name, self.sid = str(backend), session.sid
         self.debug = log.isEnabledFor(logging.DEBUG)
+        self.authenticating = False     # masks the AUTH exchange in the debug log
         helo = session.helo or session.cfg.server_name
         super().__init__(timeout=session.cfg.proxy_timeout, local_hostname=helo)
         try:
@@ -861,8 +1100,11 @@ class SMTPConnection(smtplib.SMTP):
             if code != 220:
                 raise BackendDown(f"greeted with {code} {printable(text)}")
             self.greet(helo)
+            credentials = session.backend_credentials()
             if session.cfg.xclient and self.has_extn("xclient"):
-                self.send_xclient(session, helo)
+                self.send_xclient(session, helo, login=None if credentials else session.login())
+            if credentials:
+                self.authenticate(*credentials)
         except (OSError, smtplib.SMTPException) as e:
             self.close()
             raise BackendDown(printable(str(e)) or type(e).__name__) from None
@@ -877,7 +1119,25 @@ class SMTPConnection(smtplib.SMTP):
             if code != 250:
                 raise BackendDown(f"refused HELO with {code} {printable(text)}")
 
-    def send_xclient(self, session, helo):
+    def authenticate(self, user, password):
+        """AUTH towards the back-end: PLAIN, or LOGIN where only that is offered (Exchange)."""
+        offered = self.esmtp_features.get("auth", "").upper().split()
+        mechanism = "PLAIN" if "PLAIN" in offered else "LOGIN" if "LOGIN" in offered else None
+        if mechanism is None:
+            raise BackendDown("offers no AUTH PLAIN or LOGIN for --backend-auth")
+        self.user, self.password = user, password
+        self.authenticating = True
+        try:
+            self.auth(mechanism, getattr(self, "auth_" + mechanism.lower()), initial_response_ok=mechanism == "PLAIN")
+        except smtplib.SMTPAuthenticationError as e:
+            raise BackendDown(f"refused AUTH {mechanism} as {user}: {e.smtp_code} {printable(e.smtp_error)}") from None
+        except UnicodeEncodeError:
+            raise BackendDown("smtplib can only send ASCII credentials") from None
+        finally:
+            self.authenticating = False
+        log.info("%s backend %s: authenticated as %s", self.sid, self.name, printable(user))
+
+    def send_xclient(self, session, helo, login):
         """Postfix XCLIENT_README: the client's attributes the back-end asked for."""
         wanted = self.esmtp_features["xclient"].upper().split()
         ip = ipaddress.ip_address(session.peer_ip)
@@ -887,6 +1147,7 @@ class SMTPConnection(smtplib.SMTP):
             "NAME": "[UNAVAILABLE]",        # no reverse DNS lookup is made
             "HELO": session.helo,
             "PROTO": "ESMTP" if session.esmtp else "SMTP",
+            "LOGIN": login,     # left out when the relay itself authenticates (nginx)
         }
         args = " ".join(f"{k}={xtext(values[k])}" for k in XCLIENT_ATTRIBUTES if k in wanted and values[k])
         if not args:
@@ -901,7 +1162,10 @@ class SMTPConnection(smtplib.SMTP):
     # Logging of the dialogue at debug level.
     def putcmd(self, cmd, args=""):
         if self.debug:
-            log.debug("%s S>B: %s", self.sid, f"{cmd} {args}".strip())
+            shown = f"{cmd} {args}".strip()
+            if cmd.upper() == "AUTH" or self.authenticating:        # never log secrets
+                shown = "AUTH ****" if cmd.upper() == "AUTH" else "****"
+            log.debug("%s S>B: %s", self.sid, shown)
         super().putcmd(cmd, args)
 
     def getreply(self):
@@ -1078,7 +1342,102 @@ class MaildirDelivery:
         self.abort()
 
 
-# --- 5. Server and lifecycle: listeners, limits, signals ---------------------
+# --- 5. The auth lookup: nginx's auth_http protocol ----------------------------
+# One GET per lookup with the headers nginx sends (NGINX.md §3.2); the
+# answer's Auth-Status decides, Auth-Server and Auth-Port name the back-end.
+# requests keeps connections alive: a pool of requests.Sessions, each used by
+# one thread at a time, serves every client session (nginx opens a new
+# connection per lookup).
+
+AUTH_WAIT_ROUNDS = 10       # Auth-Status: WAIT is asked again at most this often
+
+
+class AuthServiceError(Exception):
+    """The auth service failed: down, timed out, or an answer that makes no sense."""
+
+
+class AuthAnswer:
+    """What the auth service said: ok, and backend (+ user, password) or a refusal."""
+
+    def __init__(self, ok, backend=None, user=None, password=None, text="", wait=0, error_code=None):
+        self.ok, self.backend, self.user, self.password = ok, backend, user, password
+        self.text, self.wait, self.error_code = text, wait, error_code
+
+
+def escape_auth_value(text):
+    """nginx's escaping of Auth-User and Auth-Pass: control bytes, space and % as %XX."""
+    return re.sub(rb"[\x00-\x20%]", lambda m: b"%%%02X" % m.group()[0], text.encode("utf-8"))
+
+
+def header_value(text):
+    """A client-supplied value made safe for an HTTP header: no control bytes at all."""
+    return re.sub(rb"[\x00-\x1f\x7f]", b"", text.encode("utf-8"))
+
+
+class AuthService:
+    """The client of --auth-http: lookup() asks it about one client."""
+
+    def __init__(self, cfg):
+        self.url, self.timeout = cfg.auth_http, cfg.auth_http_timeout
+        self.extra_headers = cfg.auth_http_header
+        self.host = urllib.parse.urlsplit(self.url).hostname     # Host without the port, as nginx
+        self.idle = []                  # requests.Sessions not in use by any thread
+        self.lock = threading.Lock()
+
+    def request(self, headers):
+        with self.lock:
+            http = self.idle.pop() if self.idle else requests.Session()
+        try:
+            response = http.get(self.url, headers=headers, timeout=self.timeout, allow_redirects=False)
+        except requests.RequestException as e:
+            http.close()
+            raise AuthServiceError(f"request failed: {e}") from None
+        with self.lock:
+            self.idle.append(http)
+        return response.headers
+
+    def lookup(self, session, method, user="", password="", salt=None, mail=None, rcpt=None):
+        """Ask about one client -> AuthAnswer; raises AuthServiceError."""
+        headers = {"Host": self.host, "Auth-Method": method,
+                   "Auth-User": escape_auth_value(user), "Auth-Pass": escape_auth_value(password)}
+        if salt:
+            headers["Auth-Salt"] = salt
+        headers.update({"Auth-Protocol": "smtp", "Auth-Login-Attempt": str(session.login_attempt),
+                        "Client-IP": session.peer_ip, "Client-Host": "[UNAVAILABLE]"})
+        if method == "none":
+            headers.update({"Auth-SMTP-Helo": header_value(session.helo or ""),
+                            "Auth-SMTP-From": header_value(mail or ""), "Auth-SMTP-To": header_value(rcpt or "")})
+        headers.update(self.extra_headers)
+        for _ in range(AUTH_WAIT_ROUNDS):
+            answer = self.read_answer(self.request(headers))
+            if answer != "WAIT":
+                return answer
+        raise AuthServiceError(f"still said WAIT after {AUTH_WAIT_ROUNDS} rounds")
+
+    def read_answer(self, h):
+        """The response headers -> AuthAnswer, or "WAIT" after waiting Auth-Wait seconds."""
+        status = h.get("Auth-Status", "OK").strip()     # absent means OK (nginx)
+        wait = h.get("Auth-Wait", "").strip()
+        wait = min(int(wait), 3600) if wait.isdigit() else 0
+        if status == "WAIT":
+            time.sleep(min(wait, self.timeout) or 1)
+            return "WAIT"
+        if status != "OK":
+            code = re.fullmatch(r"([45]\d\d)(?: +(\d\.\d{1,3}\.\d{1,3}))?", h.get("Auth-Error-Code", "").strip())
+            error_code = (int(code[1]), code[2] or "") if code else None
+            return AuthAnswer(False, text=re.sub(r"[\x00-\x1f\x7f]", "", status), wait=wait, error_code=error_code)
+        server, port = h.get("Auth-Server", "").strip(), h.get("Auth-Port", "").strip()
+        if not server or not port:
+            raise AuthServiceError("did not send server or port")
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise AuthServiceError(f"sent a bad Auth-Port {port!r}")
+        if not re.fullmatch(r"[A-Za-z0-9.:_-]+", server.strip("[]")):
+            raise AuthServiceError(f"sent a bad Auth-Server {server!r}")
+        return AuthAnswer(True, SMTPBackend(server.strip("[]"), int(port)),     # a host name is resolved at connect
+                          user=h.get("Auth-User") or None, password=h.get("Auth-Pass") or None)
+
+
+# --- 6. Server and lifecycle: listeners, limits, signals ---------------------
 # One RelayServer (a ThreadingTCPServer) per listening socket, each serving
 # in its own thread; they share one Relay, which holds the configuration and
 # counts sessions for --max-clients and --max-clients-per-ip. The main
@@ -1089,6 +1448,7 @@ class Relay:
 
     def __init__(self, cfg):
         self.cfg = cfg
+        self.auth_service = AuthService(cfg) if cfg.auth_http else None
         self.lock = threading.Condition()
         self.sessions = 0
         self.per_ip = collections.Counter()
@@ -1249,7 +1609,7 @@ def serve(servers):
     return 0
 
 
-# --- 6. main() ---------------------------------------------------------------
+# --- 7. main() ---------------------------------------------------------------
 
 def main(argv=None):
     """Run smtprelay -> exit status: 0 clean stop, 1 bad configuration, 2 usage."""
