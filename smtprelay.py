@@ -25,6 +25,7 @@ import collections
 import datetime
 import ipaddress
 import itertools
+import hashlib
 import json
 import logging
 import mailbox
@@ -36,6 +37,7 @@ import signal
 import smtplib
 import socket
 import socketserver
+import ssl
 import sys
 import threading
 import time
@@ -83,6 +85,7 @@ def build_parser():
     add = p.add_argument
     add("--listen", action="append", metavar="ADDR",
         help="plain SMTP listener, HOST:PORT, [V6]:PORT or PORT (default 127.0.0.1:2525)")
+    add("--tls-listen", action="append", metavar="ADDR", help="implicit-TLS listener (SMTPS, port 465 style)")
     add("--server-name", metavar="NAME", help="name in the greeting and EHLO reply (default: the FQDN)")
     add("--backend", action="append", metavar="BACKEND",
         help="back-end HOST:PORT (port 25 if omitted) or maildir:PATH; repeat for failover, tried in order")
@@ -94,6 +97,18 @@ def build_parser():
         help="comma list of none, plain, login, cram-md5, external; without none, AUTH is required (default none)")
     add("--xclient", action=argparse.BooleanOptionalAction, default=True,
         help="pass the client's address and HELO name to back-ends that offer XCLIENT (default on)")
+    add("--starttls", default="off", metavar="{off,on,only}",
+        help="offer STARTTLS; only: MAIL and AUTH need TLS first (default off)")
+    add("--tls-cert", metavar="FILE", help="server certificate (chain), PEM")
+    add("--tls-key", metavar="FILE", help="its private key, PEM")
+    add("--tls-client-ca", metavar="FILE", help="CAs that client certificates are verified against")
+    add("--tls-verify-client", default="off", metavar="{off,on,optional}",
+        help="ask clients for a certificate; on: no session without a valid one (default off)")
+    add("--backend-tls", default="off", metavar="{off,starttls,on}",
+        help="TLS towards the back-end: none, STARTTLS, or implicit (default off)")
+    add("--backend-tls-ca", metavar="FILE", help="CAs that back-end certificates are verified against (default: system CAs)")
+    add("--backend-tls-verify", default="on", metavar="{on,off}",
+        help="verify the back-end's certificate and name; off only for lab set-ups (default on)")
     add("--backend-auth", metavar="USER:PASSWORD", help="AUTH towards the back-end, PLAIN or LOGIN")
     add("--timeout", default="60", metavar="SECONDS", help="client idle timeout (default 60)")
     add("--proxy-timeout", default="60", metavar="SECONDS", help="back-end reply timeout (default 60)")
@@ -133,6 +148,11 @@ class Config:
         self.__dict__.update(settings)
 
 
+def is_number(text):
+    """ASCII digits only: str.isdigit() also takes "²", which int() refuses."""
+    return re.fullmatch(r"[0-9]+", text) is not None
+
+
 def parse_number(option, text, minimum=0, kind=int):
     try:
         value = kind(text)
@@ -165,7 +185,7 @@ def parse_address(option, text, default_port=None):
         raise ConfigError(option, f"{text!r}: write IPv6 addresses as [ADDR]:PORT")
     elif ":" in text:
         host, _, port = text.partition(":")
-    elif text.isdigit():
+    elif is_number(text):
         host, port = "", text
     else:
         host, port = text, ""
@@ -173,7 +193,7 @@ def parse_address(option, text, default_port=None):
         if default_port is None:
             raise ConfigError(option, f"{text!r}: no port")
         port = str(default_port)
-    if not port.isdigit():
+    if not is_number(port):
         raise ConfigError(option, f"{text!r}: port is not a number")
     if not 0 <= int(port) <= 65535:
         raise ConfigError(option, f"{text!r}: port out of range")
@@ -255,6 +275,65 @@ def parse_network(text):
         raise ConfigError("--allow-from", f"{text!r}: not an address or CIDR network") from None
 
 
+def check_readable(option, path):
+    try:
+        open(path, "rb").close()
+    except OSError as e:
+        raise ConfigError(option, f"{path}: {e.strerror}") from None
+
+
+def check_certificate(path):
+    """Refuse a certificate file that is not PEM or has expired (one line at start, not a failing handshake later)."""
+    check_readable("--tls-cert", path)
+    # ssl has no public way to read a certificate file; this private helper
+    # is in every CPython 3, and without it the check is skipped.
+    decode = getattr(ssl._ssl, "_test_decode_cert", None)
+    if decode is None:
+        return
+    try:
+        info = decode(path)
+    except (ssl.SSLError, ValueError):
+        raise ConfigError("--tls-cert", f"{path}: not a PEM certificate") from None
+    if ssl.cert_time_to_seconds(info["notAfter"]) < time.time():
+        raise ConfigError("--tls-cert", f"{path}: expired on {info['notAfter']}")
+
+
+def make_server_tls(cert, key, client_ca, verify_client):
+    """The clients' side TLS context: TLS 1.2 or newer, no compression; raises ConfigError naming the file."""
+    check_certificate(cert)
+    check_readable("--tls-key", key)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    try:
+        context.load_cert_chain(cert, key)
+    except ssl.SSLError as e:
+        raise ConfigError("--tls-key", f"{key}: not the private key of {cert} ({e.reason or e})") from None
+    if client_ca:
+        check_readable("--tls-client-ca", client_ca)
+        try:
+            context.load_verify_locations(cafile=client_ca)
+        except ssl.SSLError:
+            raise ConfigError("--tls-client-ca", f"{client_ca}: no PEM certificates") from None
+    context.verify_mode = {"off": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "on": ssl.CERT_REQUIRED}[verify_client]
+    return context
+
+
+def make_backend_tls(ca, verify):
+    """The back-end side TLS context: certificate and name verified unless verify is off."""
+    if ca:
+        check_readable("--backend-tls-ca", ca)
+    try:
+        context = ssl.create_default_context(cafile=ca)
+    except ssl.SSLError:
+        raise ConfigError("--backend-tls-ca", f"{ca}: no PEM certificates") from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if verify == "off":
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
 def validate(args):
     """The parsed strings -> Config; raises ConfigError naming the first bad option."""
     backends = [parse_backend(b.strip()) for b in args.backend or []]
@@ -265,6 +344,21 @@ def validate(args):
         raise ConfigError("--backend", "no back-end given (e.g. --backend 127.0.0.1:25 or --backend maildir:PATH)")
     if auth != ["none"] and not args.auth_http:
         raise ConfigError("--auth", f"{args.auth!r}: checking credentials needs an auth service (--auth-http)")
+    starttls = parse_choice("--starttls", args.starttls, ("off", "on", "only"))
+    verify_client = parse_choice("--tls-verify-client", args.tls_verify_client, ("off", "on", "optional"))
+    tls_listen = [parse_address("--tls-listen", a) for a in args.tls_listen or []]
+    if (starttls != "off" or tls_listen) and not (args.tls_cert and args.tls_key):
+        raise ConfigError("--tls-key" if args.tls_cert else "--tls-cert",
+                          "TLS (--starttls, --tls-listen) needs --tls-cert and --tls-key")
+    if verify_client != "off" and not args.tls_client_ca:
+        raise ConfigError("--tls-client-ca", f"--tls-verify-client {verify_client} needs the CAs to verify against")
+    tls_context = None
+    if args.tls_cert or args.tls_key:
+        if not (args.tls_cert and args.tls_key):
+            raise ConfigError("--tls-key" if args.tls_cert else "--tls-cert", "--tls-cert and --tls-key go together")
+        tls_context = make_server_tls(args.tls_cert, args.tls_key, args.tls_client_ca, verify_client)
+    backend_tls = parse_choice("--backend-tls", args.backend_tls, ("off", "starttls", "on"))
+    backend_tls_verify = parse_choice("--backend-tls-verify", args.backend_tls_verify, ("on", "off"))
     backend_auth = None
     if args.backend_auth is not None:
         user, sep, password = args.backend_auth.partition(":")
@@ -276,6 +370,7 @@ def validate(args):
         raise ConfigError("--server-name", f"{server_name!r}: must be one word of printable ASCII")
     return Config(
         listen=[parse_address("--listen", a) for a in args.listen or ["127.0.0.1:2525"]],
+        tls_listen=tls_listen,
         server_name=server_name,
         backend=backends,
         auth_http=parse_auth_http(args.auth_http) if args.auth_http else None,
@@ -283,6 +378,15 @@ def validate(args):
         auth_http_timeout=parse_number("--auth-http-timeout", args.auth_http_timeout, 0.001, float),
         auth=auth,
         xclient=args.xclient,
+        starttls=starttls,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        tls_verify_client=verify_client,
+        tls_context=tls_context,
+        backend_tls=backend_tls,
+        backend_tls_verify=backend_tls_verify,
+        backend_tls_context=make_backend_tls(args.backend_tls_ca, backend_tls_verify) if backend_tls != "off" else None,
         backend_auth=backend_auth,
         timeout=parse_number("--timeout", args.timeout, 0.001, float),
         proxy_timeout=parse_number("--proxy-timeout", args.proxy_timeout, 0.001, float),
@@ -471,6 +575,27 @@ class Channel:
             raise ClientGone("client closed the connection")
         return data
 
+    def start_tls(self, context):
+        """Run the server side of a TLS handshake on the connection.
+
+        RFC 3207 §4.2: whatever the client sent in clear before the
+        handshake is dropped, never run as a command inside TLS (STARTTLS
+        command injection). A failed handshake raises ClientGone; the
+        socket's timeout bounds it.
+        """
+        self.flush()
+        self.inbuf, self.inpos = b"", 0
+        try:
+            self.sock = context.wrap_socket(self.sock, server_side=True)
+        except (ssl.SSLError, OSError) as e:
+            raise ClientGone(f"TLS handshake failed: {getattr(e, 'reason', None) or e}") from None
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
     def fill(self):
         data = self.receive()
         self.inbuf = self.inbuf[self.inpos:] + data if self.inpos < len(self.inbuf) else data
@@ -612,6 +737,30 @@ def xtext(value):
                    "".join(f"+{b:02X}" for b in c.encode("utf-8")) for c in value)
 
 
+RDN_NAMES = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU", "countryName": "C",
+             "localityName": "L", "stateOrProvinceName": "ST", "streetAddress": "STREET",
+             "domainComponent": "DC", "userId": "UID"}
+
+
+def rfc2253(name):
+    """A certificate name as ssl gives it -> RFC 2253 text, most specific part first (as nginx)."""
+    def escape(value):
+        value = re.sub(r'([,+"\\<>;])', r"\\\1", value)
+        return re.sub(r"^([ #])|( )$", r"\\\1\2", value)
+    return ",".join("+".join(f"{RDN_NAMES.get(k, k)}={escape(v)}" for k, v in rdn) for rdn in reversed(name))
+
+
+def client_certificate(sock):
+    """The verified client certificate's details for Auth-SSL-* headers, or None."""
+    der = sock.getpeercert(binary_form=True)
+    if not der:
+        return None
+    cert = sock.getpeercert()
+    return {"Auth-SSL-Subject": rfc2253(cert.get("subject", ())), "Auth-SSL-Issuer": rfc2253(cert.get("issuer", ())),
+            "Auth-SSL-Serial": cert.get("serialNumber", "").upper(),
+            "Auth-SSL-Fingerprint": hashlib.sha1(der).hexdigest()}
+
+
 # --- 3. Client session: the state machine, one method per verb ---------------
 # A Session runs one client's SMTP dialogue on a Channel. Its state is a few
 # attributes set in reset(); each smtp_VERB method checks its guards (which
@@ -624,8 +773,11 @@ HELP_TEXT = "2.0.0 Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP"
 class Session:
     """One client's SMTP session: run() serves it until QUIT, EOF or an error."""
 
-    def __init__(self, relay, channel, peer):
+    def __init__(self, relay, channel, peer, implicit_tls=False):
         self.relay, self.cfg, self.channel = relay, relay.cfg, channel
+        self.implicit_tls = implicit_tls
+        self.tls = False            # the connection is TLS now
+        self.certificate = None     # the client's verified certificate (Auth-SSL-* headers)
         ip = ipaddress.ip_address(peer[0].split("%")[0])
         ip = getattr(ip, "ipv4_mapped", None) or ip   # a v4 client on a dual-stack listener
         self.peer_ip, self.peer_port = str(ip), peer[1]
@@ -656,6 +808,8 @@ class Session:
     def run(self):
         log.info("%s connect from %s", self.sid, format_address(self.peer_ip, self.peer_port))
         try:
+            if self.implicit_tls:
+                self.begin_tls()
             if not self.allowed_in():
                 log.warning("%s refused %s: not in --allow-from", self.sid, self.peer_ip)
                 self.say_last(554, "5.7.1 Access denied")
@@ -670,7 +824,48 @@ class Session:
             self.say_last(421, f"4.4.2 {self.cfg.server_name} Error: timeout exceeded")
         finally:
             self.close_backend(quit=True)
+            self.channel.close()
             log.info("%s disconnect from %s", self.sid, self.peer_ip)
+
+    def begin_tls(self):
+        self.channel.start_tls(self.relay.tls_context)
+        self.tls = True
+        self.certificate = client_certificate(self.channel.sock)
+        log.info("%s TLS %s %s%s", self.sid, self.channel.sock.version(), self.channel.sock.cipher()[0],
+                 f", client certificate {self.certificate['Auth-SSL-Subject']}" if self.certificate else "")
+
+    @property
+    def tls_required(self):
+        """MAIL and AUTH wait for TLS: --starttls only, or client certificates required."""
+        return not self.tls and (self.cfg.starttls == "only" or self.cfg.tls_verify_client == "on")
+
+    def offered_mechanisms(self):
+        """The AUTH mechanisms EHLO lists now.
+
+        RFC 4954 §4: no passwords in clear. Where TLS is configured, PLAIN
+        and LOGIN (and EXTERNAL, which needs a certificate) wait for it,
+        except for loopback clients; without TLS configured the
+        administrator has chosen clear text.
+        """
+        methods = [m for m in self.cfg.auth if m != "none"]
+        if self.tls or not self.relay.tls_context:
+            return methods
+        if self.tls_required:
+            return []
+        if ipaddress.ip_address(self.peer_ip).is_loopback:
+            return [m for m in methods if m != "external"]
+        return [m for m in methods if m not in ("plain", "login", "external")]
+
+    def tls_headers(self):
+        """nginx's Auth-SSL-* headers for this session (NGINX.md §3.2)."""
+        if not self.tls:
+            return {}
+        sock = self.channel.sock
+        headers = {"Auth-SSL": "on", "Auth-SSL-Protocol": sock.version(), "Auth-SSL-Cipher": sock.cipher()[0]}
+        if self.cfg.tls_verify_client != "off":
+            headers["Auth-SSL-Verify"] = "SUCCESS" if self.certificate else "NONE"
+            headers.update(self.certificate or {})
+        return headers
 
     def allowed_in(self):
         ip = ipaddress.ip_address(self.peer_ip)
@@ -749,9 +944,11 @@ class Session:
         size = self.cfg.max_message_size
         extensions = [self.cfg.server_name, "PIPELINING", f"SIZE {size}" if size else "SIZE",
                       "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8"]
-        mechanisms = [m.upper() for m in self.cfg.auth if m != "none"]
+        mechanisms = [m.upper() for m in self.offered_mechanisms()]
         if mechanisms:
             extensions.append("AUTH " + " ".join(mechanisms))
+        if self.cfg.starttls != "off" and not self.tls:
+            extensions.append("STARTTLS")
         self.channel.reply(250, "\n".join(extensions))
 
     def smtp_EHLO(self, arg):
@@ -760,12 +957,14 @@ class Session:
     def smtp_MAIL(self, arg):
         if self.mail_from is not None:
             raise SMTPError(503, "5.5.1 Error: nested MAIL command")
+        if self.tls_required:
+            raise SMTPError(530, "5.7.0 Must issue a STARTTLS command first")
         if self.user is None and "none" not in self.cfg.auth:
             raise SMTPError(530, "5.7.0 Authentication required")
         address, params = parse_path(arg, "FROM:")
         for name, value in params.items():
             if name == "SIZE":
-                if value is None or not value.isdigit() or len(value) > 20:
+                if value is None or not is_number(value) or len(value) > 20:
                     raise SMTPError(501, "5.5.4 Bad SIZE parameter")
                 if self.cfg.max_message_size and int(value) > self.cfg.max_message_size:
                     raise SMTPError(552, "5.3.4 Message size exceeds fixed limit")
@@ -883,8 +1082,12 @@ class Session:
         if self.mail_from is not None:
             raise SMTPError(503, "5.5.1 Error: MAIL transaction in progress")
         mechanism, _, initial = arg.partition(" ")
+        if self.tls_required:
+            raise SMTPError(530, "5.7.0 Must issue a STARTTLS command first")
         if mechanism.lower() not in mechanisms:
             raise SMTPError(504, "5.5.4 Unrecognized authentication type")
+        if mechanism.lower() not in self.offered_mechanisms():
+            raise SMTPError(538, "5.7.11 Encryption required for requested authentication mechanism")
         initial = initial.strip().encode() if initial.strip() else None
         credentials = getattr(self, "auth_" + mechanism.upper().replace("-", "_"))(initial)
         answer = self.ask_auth_service(**credentials)
@@ -923,9 +1126,14 @@ class Session:
         return dict(method="cram-md5", user=user, password=digest.lower(), salt=salt)
 
     def auth_EXTERNAL(self, initial):
-        # RFC 4422 appendix A: the client may name an authorization identity.
-        identity = decode_auth_response(initial) if initial is not None else self.challenge("")
-        return dict(method="external", user=decode_utf8(identity), password="")
+        # RFC 4422 appendix A: the client may name an authorization identity;
+        # with TLS it authenticates as its certificate's subject.
+        identity = decode_utf8(decode_auth_response(initial) if initial is not None else self.challenge(""))
+        if self.relay.tls_context:
+            if not self.certificate:
+                raise SMTPError(535, "5.7.0 No client certificate", counted=True)
+            identity = self.certificate["Auth-SSL-Subject"]
+        return dict(method="external", user=identity, password="")
 
     def login(self):
         """The login the back-end should know the client by (XCLIENT LOGIN), or None."""
@@ -963,6 +1171,21 @@ class Session:
             time.sleep(min(answer.wait, self.cfg.timeout))
         code, text = answer.error_code or (535, "5.7.0")
         raise SMTPError(code, f"{text} {answer.text}", counted=counted)
+
+    def smtp_STARTTLS(self, arg):
+        if self.cfg.starttls == "off":
+            raise SMTPError(502, "5.5.1 Error: STARTTLS not available")
+        if self.tls:
+            raise SMTPError(503, "5.5.1 Error: TLS already active")
+        if arg:
+            raise SMTPError(501, "5.5.4 Syntax: STARTTLS")
+        self.channel.reply(220, "2.0.0 Ready to start TLS")
+        self.begin_tls()
+        # RFC 3207 §4.2: the session starts over; nothing learned in clear
+        # (HELO, AUTH, a back-end chosen for the plaintext client) carries on.
+        self.close_backend(quit=True)
+        self.reset()
+        self.helo, self.esmtp, self.user, self.route = None, False, None, None
 
     def smtp_RSET(self, arg):
         self.abort_transaction()
@@ -1094,12 +1317,15 @@ class SMTPConnection(smtplib.SMTP):
         self.debug = log.isEnabledFor(logging.DEBUG)
         self.authenticating = False     # masks the AUTH exchange in the debug log
         helo = session.helo or session.cfg.server_name
+        self.tls_mode, self.tls_context = session.cfg.backend_tls, session.cfg.backend_tls_context
         super().__init__(timeout=session.cfg.proxy_timeout, local_hostname=helo)
         try:
             code, text = self.connect(backend.host, backend.port)
             if code != 220:
                 raise BackendDown(f"greeted with {code} {printable(text)}")
             self.greet(helo)
+            if self.tls_mode == "starttls":
+                self.start_tls(helo)
             credentials = session.backend_credentials()
             if session.cfg.xclient and self.has_extn("xclient"):
                 self.send_xclient(session, helo, login=None if credentials else session.login())
@@ -1111,6 +1337,21 @@ class SMTPConnection(smtplib.SMTP):
         except BackendDown:
             self.close()
             raise
+
+    def _get_socket(self, host, port, timeout):
+        sock = super()._get_socket(host, port, timeout)
+        if self.tls_mode == "on":           # implicit TLS, as smtplib.SMTP_SSL
+            sock = self.tls_context.wrap_socket(sock, server_hostname=host)
+        return sock
+
+    def start_tls(self, helo):
+        """STARTTLS to the back-end; one that does not offer it is down, never used in clear."""
+        if not self.has_extn("starttls"):
+            raise BackendDown("offers no STARTTLS, and --backend-tls starttls requires it")
+        code, text = self.starttls(context=self.tls_context)
+        if code != 220:
+            raise BackendDown(f"refused STARTTLS with {code} {printable(text)}")
+        self.greet(helo)
 
     def greet(self, helo):
         code, text = self.ehlo(helo)
@@ -1407,6 +1648,7 @@ class AuthService:
         if method == "none":
             headers.update({"Auth-SMTP-Helo": header_value(session.helo or ""),
                             "Auth-SMTP-From": header_value(mail or ""), "Auth-SMTP-To": header_value(rcpt or "")})
+        headers.update(session.tls_headers())
         headers.update(self.extra_headers)
         for _ in range(AUTH_WAIT_ROUNDS):
             answer = self.read_answer(self.request(headers))
@@ -1418,7 +1660,7 @@ class AuthService:
         """The response headers -> AuthAnswer, or "WAIT" after waiting Auth-Wait seconds."""
         status = h.get("Auth-Status", "OK").strip()     # absent means OK (nginx)
         wait = h.get("Auth-Wait", "").strip()
-        wait = min(int(wait), 3600) if wait.isdigit() else 0
+        wait = min(int(wait), 3600) if is_number(wait) else 0
         if status == "WAIT":
             time.sleep(min(wait, self.timeout) or 1)
             return "WAIT"
@@ -1429,7 +1671,7 @@ class AuthService:
         server, port = h.get("Auth-Server", "").strip(), h.get("Auth-Port", "").strip()
         if not server or not port:
             raise AuthServiceError("did not send server or port")
-        if not port.isdigit() or not 0 < int(port) < 65536:
+        if not is_number(port) or not 0 < int(port) < 65536:
             raise AuthServiceError(f"sent a bad Auth-Port {port!r}")
         if not re.fullmatch(r"[A-Za-z0-9.:_-]+", server.strip("[]")):
             raise AuthServiceError(f"sent a bad Auth-Server {server!r}")
@@ -1449,6 +1691,7 @@ class Relay:
     def __init__(self, cfg):
         self.cfg = cfg
         self.auth_service = AuthService(cfg) if cfg.auth_http else None
+        self.tls_context = cfg.tls_context     # replaced on SIGHUP; sessions keep the one they began with
         self.lock = threading.Condition()
         self.sessions = 0
         self.per_ip = collections.Counter()
@@ -1472,6 +1715,18 @@ class Relay:
                 del self.per_ip[ip]
             self.lock.notify_all()
 
+    def reload_tls(self):
+        """SIGHUP: read the certificate and key again for new sessions; a bad one keeps the old."""
+        cfg = self.cfg
+        if not cfg.tls_cert:
+            return
+        try:
+            self.tls_context = make_server_tls(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca, cfg.tls_verify_client)
+        except ConfigError as e:
+            log.error("SIGHUP: keeping the old certificate: %s", e)
+            return
+        log.info("SIGHUP: certificate %s reloaded for new sessions", cfg.tls_cert)
+
     def wait_idle(self, timeout):
         """Wait for sessions in flight to end -> True if all did."""
         with self.lock:
@@ -1482,7 +1737,8 @@ class SessionHandler(socketserver.BaseRequestHandler):
     """Runs one SMTP session on an accepted connection."""
 
     def handle(self):
-        Session(self.server.relay, Channel(self.request, self.server.relay.cfg.timeout), self.client_address).run()
+        relay = self.server.relay
+        Session(relay, Channel(self.request, relay.cfg.timeout), self.client_address, implicit_tls=self.server.tls).run()
 
 
 class RelayServer(socketserver.ThreadingTCPServer):
@@ -1493,8 +1749,8 @@ class RelayServer(socketserver.ThreadingTCPServer):
     allow_reuse_address = True  # restart at once on the same port
     request_queue_size = 128
 
-    def __init__(self, address, relay, sock=None):
-        self.relay = relay
+    def __init__(self, address, relay, sock=None, tls=False):
+        self.relay, self.tls = relay, tls
         host, port = address
         self.address_family = socket.AF_INET6 if ":" in host or not host else socket.AF_INET
         super().__init__((host or "::", port), SessionHandler, bind_and_activate=sock is None)
@@ -1536,7 +1792,7 @@ class RelayServer(socketserver.ThreadingTCPServer):
 
     def describe(self):
         host, port = self.server_address[:2]
-        return format_address(host, port)
+        return format_address(host, port) + (" (TLS)" if self.tls else "")
 
 
 def make_servers(cfg):
@@ -1549,13 +1805,14 @@ def make_servers(cfg):
                 raise ConfigError("--backend", f"{backend}: {e.strerror or e}") from None
     relay = Relay(cfg)
     servers = []
-    for host, port in cfg.listen:
+    for (host, port), tls in [(a, False) for a in cfg.listen] + [(a, True) for a in cfg.tls_listen]:
         try:
-            servers.append(RelayServer((host, port), relay))
+            servers.append(RelayServer((host, port), relay, tls=tls))
         except OSError as e:
             for s in servers:
                 s.server_close()
-            raise ConfigError("--listen", f"{format_address(host or '*', port)}: {e.strerror or e}") from None
+            option = "--tls-listen" if tls else "--listen"
+            raise ConfigError(option, f"{format_address(host or '*', port)}: {e.strerror or e}") from None
     return servers
 
 
@@ -1580,29 +1837,33 @@ def setup_logging(cfg):
 
 def serve(servers):
     """Serve until SIGTERM or SIGINT, then drain the sessions -> exit status 0."""
-    stop = threading.Event()
+    wake, received = threading.Event(), []
 
-    def request_stop(signum, frame):
-        log.info("%s: stopping; sessions in flight may finish", signal.Signals(signum).name)
-        stop.set()
+    def note(signum, frame):            # a handler only records the request
+        received.append(signum)
+        wake.set()
 
-    def ignore_hup(signum, frame):
-        log.warning("SIGHUP: reloading is not implemented yet; ignored")
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGHUP, ignore_hup)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, note)
     threads = [threading.Thread(target=s.serve_forever, name=f"listen {s.describe()}", daemon=True)
                for s in servers]
     for s, t in zip(servers, threads):
         t.start()
         log.info("listening on %s", s.describe())
-    while not stop.wait(3600):
-        pass
+    relay = servers[0].relay
+    while True:
+        wake.wait()
+        wake.clear()
+        signums, received[:] = received[:], []
+        if signal.SIGHUP in signums:
+            relay.reload_tls()
+        stopping = [s for s in signums if s != signal.SIGHUP]
+        if stopping:
+            log.info("%s: stopping; sessions in flight may finish", signal.Signals(stopping[0]).name)
+            break
     for s in servers:
         s.shutdown()
         s.server_close()
-    relay = servers[0].relay
     if not relay.wait_idle(relay.cfg.timeout):
         log.warning("stopping with %d sessions still open", relay.sessions)
     log.info("stopped")
@@ -1619,6 +1880,8 @@ def main(argv=None):
             print(settings)
             return 0
         setup_logging(cfg)
+        if cfg.backend_tls != "off" and cfg.backend_tls_verify == "off":
+            log.warning("--backend-tls-verify off: back-end certificates are not checked; for lab set-ups only")
         servers = make_servers(cfg)
     except ConfigError as e:
         print(f"smtprelay: {e}", file=sys.stderr)
