@@ -543,6 +543,7 @@ class Channel:
         self.sock.settimeout(timeout)
         self.inbuf, self.inpos = b"", 0
         self.outbuf = []
+        self.skipping = False       # the rest of an overlong line is still to be dropped
         self.debug_sid = None       # set to log each line at debug level
 
     def reply(self, code, text):
@@ -606,8 +607,12 @@ class Channel:
 
         Raises SMTPError 500 for a line over limit bytes, after reading past
         its end so the stream stays in step (aiosmtpd), and holding at most
-        limit plus one read meanwhile.
+        limit plus one read meanwhile. The reply goes out at once; the rest
+        of the line is dropped before the next line is read.
         """
+        if self.skipping:
+            self.skip_line()
+            self.skipping = False
         while True:
             end = self.inbuf.find(b"\n", self.inpos)
             if end >= 0:
@@ -616,7 +621,7 @@ class Channel:
                     raise SMTPError(500, "5.5.6 Line too long")
                 return line[:-1] if line.endswith(b"\r") else line
             if len(self.inbuf) - self.inpos >= limit:
-                self.skip_line()
+                self.inbuf, self.inpos, self.skipping = b"", 0, True
                 raise SMTPError(500, "5.5.6 Line too long")
             self.fill()
 
@@ -824,7 +829,6 @@ class Session:
             self.say_last(421, f"4.4.2 {self.cfg.server_name} Error: timeout exceeded")
         finally:
             self.close_backend(quit=True)
-            self.channel.close()
             log.info("%s disconnect from %s", self.sid, self.peer_ip)
 
     def begin_tls(self):
@@ -1737,8 +1741,16 @@ class SessionHandler(socketserver.BaseRequestHandler):
     """Runs one SMTP session on an accepted connection."""
 
     def handle(self):
-        relay = self.server.relay
-        Session(relay, Channel(self.request, relay.cfg.timeout), self.client_address, implicit_tls=self.server.tls).run()
+        relay, channel = self.server.relay, None
+        try:
+            channel = Channel(self.request, relay.cfg.timeout)
+            Session(relay, channel, self.client_address, implicit_tls=self.server.tls).run()
+        finally:
+            # The slot is free before the client sees the close, so a client
+            # that reconnects at once is never refused for its own old session.
+            relay.release(self.client_address[0])
+            if channel:
+                channel.close()
 
 
 class RelayServer(socketserver.ThreadingTCPServer):
@@ -1780,12 +1792,6 @@ class RelayServer(socketserver.ThreadingTCPServer):
         except BaseException:
             self.relay.release(client_address[0])
             raise
-
-    def finish_request(self, request, client_address):
-        try:
-            super().finish_request(request, client_address)
-        finally:
-            self.relay.release(client_address[0])
 
     def handle_error(self, request, client_address):
         log.exception("error in session from %s", client_address[0])
@@ -1845,8 +1851,8 @@ def serve(servers):
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, note)
-    threads = [threading.Thread(target=s.serve_forever, name=f"listen {s.describe()}", daemon=True)
-               for s in servers]
+    threads = [threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.05},   # prompt shutdown()
+                                name=f"listen {s.describe()}", daemon=True) for s in servers]
     for s, t in zip(servers, threads):
         t.start()
         log.info("listening on %s", s.describe())
