@@ -44,7 +44,8 @@ import time
 import urllib.parse
 
 import configargparse
-import requests
+
+requests = None     # imported by AuthService, the one user: no cost without --auth-http
 
 __version__ = "0.1.0"
 __all__ = ["ConfigError", "SMTPError", "load_config", "make_servers", "main"]
@@ -717,6 +718,12 @@ def parse_path(arg, keyword):
     return address, parsed
 
 
+def mask_secrets(line):
+    """A command line for the debug log: AUTH data, or what looks like it, hidden."""
+    line = re.sub(rb"(?i)^(\s*AUTH\s+\S+\s+).+", rb"\1****", line)
+    return b"****" if re.fullmatch(rb"[A-Za-z0-9+/]{8,}=*", line) else line
+
+
 def decode_auth_response(line):
     """A base64 line of an AUTH exchange (RFC 4954 §4) -> bytes; "=" is empty, "*" cancels."""
     if line == b"*":
@@ -896,8 +903,7 @@ class Session:
         try:
             line = self.channel.read_line()
             if self.channel.debug_sid:
-                shown = re.sub(rb"(?i)^(AUTH +\S+ +).+", rb"\1****", line)     # never log secrets
-                log.debug("%s C: %s", self.sid, printable(shown))
+                log.debug("%s C: %s", self.sid, printable(mask_secrets(line)))
             self.dispatch(line)
         except SMTPError as e:
             self.channel.reply(e.code, e.text)
@@ -926,6 +932,7 @@ class Session:
             text = line.decode("utf-8")
         except UnicodeDecodeError:
             raise SMTPError(500, "5.5.2 Syntax error: not UTF-8") from None
+        self.command_line = text.rstrip(" ")      # as typed, for Auth-SMTP-From/To (nginx)
         verb, _, arg = text.partition(" ")
         handler = getattr(self, "smtp_" + verb.upper(), None) if verb.isascii() and verb.isalpha() else None
         if handler is None:
@@ -990,7 +997,7 @@ class Session:
         if self.cfg.auth_http and self.user is None:
             # nginx's smtp_auth none: the auth service is asked at the first
             # RCPT, with this MAIL and that RCPT; until then MAIL is ours.
-            self.mail_from, self.mail_params, self.mail_line = address, params, f"MAIL {arg}"
+            self.mail_from, self.mail_params, self.mail_line = address, params, self.command_line
             self.channel.reply(250, "2.1.0 Ok")
             return
         code, text = self.backend_call("mail", address, params)
@@ -1014,7 +1021,7 @@ class Session:
             log.info("%s recipient <%s> refused by --allow-recipient", self.sid, printable(address))
             raise SMTPError(550, "5.7.1 Recipient address rejected: not allowed")
         if not self.mail_sent:
-            self.route_transaction(f"RCPT {arg}")
+            self.route_transaction(self.command_line)
             code, text = self.backend_call("mail", self.mail_from, self.mail_params)
             if not 200 <= code < 300:       # the back-end's MAIL refusal answers this RCPT (nginx)
                 self.reset()
@@ -1038,7 +1045,7 @@ class Session:
             self.channel.reply(code, text)
             return
         self.channel.reply(code, text)
-        sender, rcpts = self.mail_from, len(self.rcpt_to)
+        sender, rcpts, started = self.mail_from, len(self.rcpt_to), self.started
         failure, size = None, 0
         limit = self.cfg.max_message_size
         try:
@@ -1072,7 +1079,7 @@ class Session:
                 code, text = self.backend_call("data_end")
             except SMTPError as e:
                 code, text = e.code, e.text
-        self.log_message(sender, rcpts, size, code, text)
+        self.log_message(sender, rcpts, size, code, text, started)
         self.reset()
         self.channel.reply(code, text)
 
@@ -1253,11 +1260,11 @@ class Session:
             backend, self.backend = self.backend, None
             backend.close(quit)
 
-    def log_message(self, sender, rcpts, size, code, text):
+    def log_message(self, sender, rcpts, size, code, text, started):
         log.info("%s message from=<%s> rcpts=%d size=%d backend=%s reply=%r time=%.3fs",
                  self.sid, printable(sender), rcpts, size,
                  self.backend.name if self.backend else "-", printable(f"{code} {text}"),
-                 time.monotonic() - self.started)
+                 time.monotonic() - started)
 
 
 # --- 4. Back-ends: failover, the smtplib handshake, XCLIENT, Maildir ---------
@@ -1431,6 +1438,9 @@ class SMTPConnection(smtplib.SMTP):
         if not 200 <= code <= 599:
             self.close()
             raise BackendGone(f"bad reply to {what}: {code} {printable(text)}")
+        if code == 421:     # RFC 5321 §3.8: it is closing; an idle one may have said so long ago
+            self.close()
+            raise BackendGone(f"closing, said {code} {printable(text)} to {what}")
         return code, text.decode("utf-8", "surrogateescape")
 
     def command(self, verb, args=""):
@@ -1439,12 +1449,15 @@ class SMTPConnection(smtplib.SMTP):
     def mail(self, address, params):
         if "SMTPUTF8" in params and not self.has_extn("smtputf8"):
             return 555, "5.6.7 SMTPUTF8 is not supported by the mail server behind this relay"
+        if params.get("BODY") == "8BITMIME" and not self.has_extn("8bitmime"):
+            # RFC 6152 §3: 8-bit data must not go to a server without 8BITMIME.
+            return 555, "5.6.3 8BITMIME is not supported by the mail server behind this relay"
         self.command_encoding = "utf-8" if "SMTPUTF8" in params else "ascii"
         args = [f"FROM:<{address}>"]
         if "SIZE" in params and self.has_extn("size"):
             args.append(f"SIZE={params['SIZE']}")
         if "BODY" in params and self.has_extn("8bitmime"):
-            args.append(f"BODY={params['BODY']}")
+            args.append(f"BODY={params['BODY']}")     # BODY=7BIT means nothing to a server without it
         if "SMTPUTF8" in params:
             args.append("SMTPUTF8")
         return self.command("MAIL", " ".join(args))
@@ -1623,6 +1636,8 @@ class AuthService:
     """The client of --auth-http: lookup() asks it about one client."""
 
     def __init__(self, cfg):
+        global requests
+        import requests
         self.url, self.timeout = cfg.auth_http, cfg.auth_http_timeout
         self.extra_headers = cfg.auth_http_header
         self.host = urllib.parse.urlsplit(self.url).hostname     # Host without the port, as nginx

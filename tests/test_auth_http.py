@@ -1,0 +1,806 @@
+"""The auth_http lookup (NGINX.md §2.5, §2.6, §3), SMTP AUTH, and the checks made before any lookup.
+
+The relay runs as a real subprocess; the auth service is
+contrib/auth_http_example.py serving in a thread (and once a real nginx);
+back-ends are ScriptedBackends, which record what the relay sent them, or
+smtp-sink. Raw sockets are used where the exact exchange matters, smtplib
+and swaks where a real client is the point.
+"""
+import base64
+import concurrent.futures
+import hashlib
+import hmac
+import re
+import signal
+import smtplib
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+
+from auth_fixtures import SMTPClient, auth_service, nginx, raw_listener  # noqa: F401  (fixtures)
+from auth_http_example import Policy      # contrib/, put on sys.path by auth_fixtures
+from helpers import free_port, run_relay
+from scripted_backend import DEFAULT_EXTENSIONS
+
+SERVER_NAME = "mx.test"
+BODY = b"Subject: auth_http test\r\n\r\nHello.\r\n"
+USERS = {"alice": "Alice-Secret-7"}
+
+
+# --- Policies: what the auth service answers -----------------------------------------
+
+def ok(backend, *extra):
+    """The answer naming `backend`, plus `extra` (name, value) headers."""
+    return [("Auth-Status", "OK"), ("Auth-Server", backend.host), ("Auth-Port", str(backend.port)), *extra]
+
+
+def always(*headers):
+    """A policy giving the same answer to every lookup."""
+    return lambda request: list(headers)
+
+
+class InTurn:
+    """A policy giving its answers in turn, the last one repeating."""
+
+    def __init__(self, *answers):
+        self.answers, self.calls, self.lock = answers, 0, threading.Lock()
+
+    def __call__(self, request):
+        with self.lock:
+            self.calls += 1
+            return list(self.answers[min(self.calls, len(self.answers)) - 1])
+
+
+def none_headers(helo, mail, rcpt, attempt=1, client_ip="127.0.0.1"):
+    """The headers nginx sends for Auth-Method none, in its order (NGINX.md §3.2)."""
+    return [("Host", "127.0.0.1"), ("Auth-Method", "none"), ("Auth-User", ""), ("Auth-Pass", ""),
+            ("Auth-Protocol", "smtp"), ("Auth-Login-Attempt", str(attempt)), ("Client-IP", client_ip),
+            ("Client-Host", "[UNAVAILABLE]"), ("Auth-SMTP-Helo", helo), ("Auth-SMTP-From", mail),
+            ("Auth-SMTP-To", rcpt)]
+
+
+def auth_headers(method, user, password, salt=None):
+    """The headers nginx sends for SMTP AUTH, in its order (NGINX.md §3.2)."""
+    return [("Host", "127.0.0.1"), ("Auth-Method", method), ("Auth-User", user), ("Auth-Pass", password),
+            *([("Auth-Salt", salt)] if salt else []), ("Auth-Protocol", "smtp"), ("Auth-Login-Attempt", "1"),
+            ("Client-IP", "127.0.0.1"), ("Client-Host", "[UNAVAILABLE]")]
+
+
+def b64(data):
+    return base64.b64encode(data.encode("utf-8") if isinstance(data, str) else data).decode()
+
+
+# --- Starting things -----------------------------------------------------------------------
+
+@pytest.fixture
+def smtprelay(relay):
+    """The `relay` fixture's factory, its relays killed at teardown.
+
+    A graceful stop costs each relay half a second (serve_forever's poll
+    interval) and is test_lifecycle.py's subject, not this file's; SIGKILL
+    keeps this file well under a minute.
+    """
+    started = []
+
+    def start(*options, listen="127.0.0.1:0"):
+        started.append(relay(*options, listen=listen))
+        return started[-1]
+
+    yield start
+    for process in started:
+        process.close_clients()
+        process.stop(signal.SIGKILL)
+
+
+@pytest.fixture
+def start(smtprelay, auth_service):
+    """start(policy, *options, listen=...) -> (relay, service): the relay, named mx.test, asking `service`."""
+    def start(policy, *options, listen="127.0.0.1:0"):
+        service = auth_service(policy)
+        return smtprelay("--server-name", SERVER_NAME, "--auth-http", service.url, *options, listen=listen), service
+    return start
+
+
+@pytest.fixture
+def backend(scripted_backend):
+    return scripted_backend()
+
+
+@pytest.fixture
+def start_auth(start, backend):
+    """start_auth(*options) -> (relay, service): SMTP AUTH required, USERS checked, mail to `backend`."""
+    def start_auth(*options, auth="plain,login,cram-md5,external"):
+        return start(Policy([backend.address], USERS), "--auth", auth, *options)
+    return start_auth
+
+
+def greeted(relay):
+    """An SMTPClient connected to the relay, its 220 read."""
+    client = SMTPClient(relay.connect())
+    assert client.reply().code == 220
+    return client
+
+
+def wait_for_session_end(relay, client):
+    """Wait until the relay logged the end of `client`'s session (found by its source port)."""
+    port = client.sock.getsockname()[1]
+    sid = relay.wait_for_log(rf"(\w+) connect from 127\.0\.0\.1:{port}$")[1]
+    relay.wait_for_log(rf"{sid} disconnect from")
+
+
+def send_message(client, sender="a@example.org", recipient="b@example.net", body=BODY):
+    """MAIL, RCPT, DATA and the message, each expecting success -> the reply to the end of data."""
+    assert client.say(f"MAIL FROM:<{sender}>").code == 250
+    assert client.say(f"RCPT TO:<{recipient}>").code == 250
+    assert client.say("DATA").code == 354
+    client.send(body + b".\r\n")
+    return client.reply()
+
+
+# --- The lookup at the first RCPT (--auth none) -----------------------------------------
+
+def test_first_rcpt_sends_one_get_with_exactly_the_headers_nginx_sends(start, scripted_backend):
+    unused, named = scripted_backend(), scripted_backend()
+    relay, service = start(always(*ok(named)), "--auth-http-header", "X-Relay: mx1",
+                           "--auth-http-header", "X-Tenant: blue green")
+    client = greeted(relay)
+    assert client.say("EHLO client.example").code == 250
+    reply = client.say("MAIL FROM:<a@example.org> SIZE=100")
+    assert reply.code == 250
+    assert service.requests == [] and named.connections == 0        # MAIL is answered by the relay itself
+    assert client.say("RCPT TO:<b@example.net>").code == 250
+    assert service.requests == [none_headers("client.example", "MAIL FROM:<a@example.org> SIZE=100",
+                                             "RCPT TO:<b@example.net>")
+                                + [("X-Relay", "mx1"), ("X-Tenant", "blue green")]]
+    assert client.say("DATA").code == 354
+    client.send(BODY + b".\r\n")
+    assert client.reply().code == 250
+    [message] = named.delivered
+    assert message.mail_from == b"MAIL FROM:<a@example.org> SIZE=100"
+    assert message.rcpt_to == [b"RCPT TO:<b@example.net>"]
+    assert message.content == BODY
+    assert unused.connections == 0
+    assert len(service.requests) == 1
+
+
+def test_auth_smtp_from_and_to_carry_the_command_lines_as_the_client_typed_them(start, backend):
+    # NGINX.md §2.6: "the whole command line from the verb to the end of the
+    # last argument", copied from the client's buffer: the verb's case too.
+    relay, service = start(always(*ok(backend)))
+    client = greeted(relay)
+    assert client.say("HELO client.example").code == 250
+    assert client.say("mail From:<a@example.org>").code == 250
+    assert client.say("rcpt to:<b@example.net>").code == 250
+    [request] = service.requests
+    assert request == none_headers("client.example", "mail From:<a@example.org>", "rcpt to:<b@example.net>")
+
+
+def test_helo_is_empty_when_the_client_sent_none(start, backend):
+    relay, service = start(always(*ok(backend)))
+    client = greeted(relay)
+    assert client.say("MAIL FROM:<a@example.org>").code == 250
+    assert client.say("RCPT TO:<b@example.net>").code == 250
+    assert service.requests == [none_headers("", "MAIL FROM:<a@example.org>", "RCPT TO:<b@example.net>")]
+
+
+def test_backend_may_be_named_by_the_host_name_localhost(start, backend):
+    relay, service = start(always(("Auth-Status", "OK"), ("Auth-Server", "localhost"),
+                                  ("Auth-Port", str(backend.port))))
+    client = greeted(relay)
+    assert client.say("EHLO client.example").code == 250
+    assert send_message(client).code == 250
+    [message] = backend.delivered
+    assert message.rcpt_to == [b"RCPT TO:<b@example.net>"]
+
+
+def test_refusal_answers_rcpt_with_535_and_the_session_goes_on(start, backend):
+    def policy(request):
+        if "bad" in request["Auth-SMTP-To"]:
+            return [("Auth-Status", "Bad recipient")]
+        return ok(backend)
+
+    relay, service = start(policy)
+    client = greeted(relay)
+    assert client.say("EHLO client.example").code == 250
+    assert client.say("MAIL FROM:<a@example.org>").code == 250
+    assert client.say("RCPT TO:<bad@example.net>").text == "535 5.7.0 Bad recipient"
+    assert backend.connections == 0
+    assert client.say("RCPT TO:<good@example.net>").code == 250
+    assert client.say("DATA").code == 354
+    client.send(BODY + b".\r\n")
+    assert client.reply().code == 250
+    assert client.say("QUIT").code == 221
+    [message] = backend.delivered
+    assert message.rcpt_to == [b"RCPT TO:<good@example.net>"]
+    assert [(dict(r)["Auth-SMTP-To"], dict(r)["Auth-Login-Attempt"]) for r in service.requests] == \
+        [("RCPT TO:<bad@example.net>", "1"), ("RCPT TO:<good@example.net>", "2")]
+
+
+def test_auth_error_code_replaces_535_5_7_0(start):
+    relay, service = start(always(("Auth-Status", "Bad recipient"), ("Auth-Error-Code", "550 5.1.1")))
+    client = greeted(relay)
+    assert client.say("MAIL FROM:<a@example.org>").code == 250
+    assert client.say("RCPT TO:<b@example.net>").text == "550 5.1.1 Bad recipient"
+    assert client.say("QUIT").code == 221
+
+
+def test_auth_wait_holds_the_refusal_back_that_many_seconds(start):
+    relay, service = start(always(("Auth-Status", "Bad recipient"), ("Auth-Wait", "1")))
+    client = greeted(relay)
+    assert client.say("MAIL FROM:<a@example.org>").code == 250
+    began = time.monotonic()
+    reply = client.say("RCPT TO:<b@example.net>")
+    elapsed = time.monotonic() - began
+    assert reply.text == "535 5.7.0 Bad recipient"
+    assert 0.95 <= elapsed < 30
+    assert client.say("NOOP").code == 250
+
+
+def test_wait_status_asks_again_after_auth_wait_and_the_ok_delivers(start, backend):
+    policy = InTurn([("Auth-Status", "WAIT"), ("Auth-Wait", "1")], ok(backend))
+    relay, service = start(policy)
+    client = greeted(relay)
+    assert client.say("EHLO client.example").code == 250
+    assert client.say("MAIL FROM:<a@example.org>").code == 250
+    began = time.monotonic()
+    assert client.say("RCPT TO:<b@example.net>").code == 250
+    assert time.monotonic() - began >= 0.95
+    assert client.say("DATA").code == 354
+    client.send(BODY + b".\r\n")
+    assert client.reply().code == 250
+    expected = none_headers("client.example", "MAIL FROM:<a@example.org>", "RCPT TO:<b@example.net>")
+    assert service.requests == [expected, expected]     # the same request: the same attempt number (nginx)
+    assert len(backend.delivered) == 1
+
+
+def test_ok_without_auth_server_gets_451_and_the_session_goes_on(start, backend):
+    relay, service = start(always(("Auth-Status", "OK"), ("Auth-Port", str(backend.port))))
+    client = greeted(relay)
+    assert client.say("MAIL FROM:<a@example.org>").code == 250
+    assert client.say("RCPT TO:<b@example.net>").text.startswith("451 4.3.2")
+    assert client.say("NOOP").code == 250
+    assert client.say("QUIT").code == 221
+    assert backend.connections == 0
+
+
+def test_bad_auth_port_gets_451_and_the_session_goes_on(start):
+    ports = ["x", "0", "70000", "", "-25"]
+
+    def policy(request):       # RCPT TO:<N@example.net> asks for the Nth bad port
+        n = int(re.fullmatch(r"RCPT TO:<(\d+)@example\.net>", request["Auth-SMTP-To"])[1])
+        return [("Auth-Status", "OK"), ("Auth-Server", "127.0.0.1"), ("Auth-Port", ports[n])]
+
+    relay, service = start(policy)
+    client = greeted(relay)
+    assert client.say("MAIL FROM:<a@example.org>").code == 250
+    for n, port in enumerate(ports):
+        assert client.say(f"RCPT TO:<{n}@example.net>").text.startswith("451 4.3.2"), f"Auth-Port {port!r}"
+    assert client.say("NOOP").code == 250
+    assert len(service.requests) == len(ports)
+
+
+def test_service_that_is_down_gets_451_and_one_log_line_saying_why(smtprelay):
+    url = f"http://127.0.0.1:{free_port()}/auth"
+    relay = smtprelay("--server-name", SERVER_NAME, "--auth-http", url)
+    client = greeted(relay)
+    assert client.say("MAIL FROM:<a@example.org>").code == 250
+    assert client.say("RCPT TO:<b@example.net>").text.startswith("451 4.3.2")
+    assert client.say("QUIT").code == 221
+    wait_for_session_end(relay, client)
+    [line] = [line for line in relay.log_text().splitlines() if "auth service" in line]
+    assert url in line and "refused" in line.lower()
+
+
+def test_service_that_never_answers_gets_451_after_auth_http_timeout(smtprelay, raw_listener):
+    hung = raw_listener(None)
+    relay = smtprelay("--server-name", SERVER_NAME, "--auth-http", hung.url, "--auth-http-timeout", "1")
+    client = greeted(relay)
+    assert client.say("MAIL FROM:<a@example.org>").code == 250
+    began = time.monotonic()
+    assert client.say("RCPT TO:<b@example.net>").text.startswith("451 4.3.2")
+    assert 0.95 <= time.monotonic() - began < 30
+    assert len(hung.heads) == 1
+    assert "timed out" in relay.wait_for_log("auth service .*").group()
+    assert client.say("QUIT").code == 221
+
+
+def test_service_answering_nonsense_gets_451(smtprelay, raw_listener):
+    garbage = raw_listener(b"SSH-2.0-OpenSSH_9.2\r\nthis is no HTTP\r\n\r\n")
+    relay = smtprelay("--server-name", SERVER_NAME, "--auth-http", garbage.url)
+    client = greeted(relay)
+    assert client.say("MAIL FROM:<a@example.org>").code == 250
+    assert client.say("RCPT TO:<b@example.net>").text.startswith("451 4.3.2")
+    assert len(garbage.heads) == 1
+    assert client.say("QUIT").code == 221
+
+
+# --- What a client can put into the request ------------------------------------------------
+
+def test_client_cannot_add_headers_through_helo_or_mail(start, backend):
+    relay, service = start(always(*ok(backend)))
+    client = greeted(relay)
+    assert client.say(b"EHLO client.example\rX-Injected: helo").code == 500
+    assert client.say(b"MAIL FROM:<a@example.org>\rX-Injected: mail").code == 500
+    assert client.say(b"MAIL FROM:<a@example.org>\x00X-Injected: nul").code == 500
+    assert client.say("EHLO client.example").code == 250
+    assert client.say("MAIL FROM:<a@example.org>").code == 250
+    assert client.say("RCPT TO:<b@example.net>").code == 250
+    assert service.requests == [none_headers("client.example", "MAIL FROM:<a@example.org>",
+                                             "RCPT TO:<b@example.net>")]
+
+
+def test_quoted_local_part_reaches_the_service_without_its_control_characters(start, backend):
+    relay, service = start(always(*ok(backend)))
+    client = greeted(relay)
+    assert client.say("EHLO client.example").code == 250
+    assert client.say('MAIL FROM:<"a\tb c%d+e:\\"q\\""@example.org>').code == 250
+    assert client.say("RCPT TO:<b@example.net>").code == 250
+    [request] = service.requests
+    assert request == none_headers("client.example", 'MAIL FROM:<"ab c%d+e:\\"q\\""@example.org>',
+                                   "RCPT TO:<b@example.net>")
+    assert not any(re.search(r"[\x00-\x1f\x7f]", value) for _, value in request)
+
+
+def test_utf8_addresses_reach_the_service_as_utf8(start, backend):
+    relay, service = start(always(*ok(backend)))
+    client = greeted(relay)
+    assert client.say("EHLO client.example").code == 250
+    assert client.say("MAIL FROM:<δοκιμή@παράδειγμα.example> SMTPUTF8").code == 250
+    assert client.say("RCPT TO:<用户@例子.example>").code == 250
+    [request] = service.requests
+    # http.server decodes header bytes as Latin-1; undo that to see the bytes sent.
+    sent = [(name, value.encode("latin-1").decode("utf-8")) for name, value in request]
+    assert sent == none_headers("client.example", "MAIL FROM:<δοκιμή@παράδειγμα.example> SMTPUTF8",
+                                "RCPT TO:<用户@例子.example>")
+
+
+def test_auth_user_and_pass_are_escaped_as_nginx_does(start, backend):
+    # NGINX.md §3.3: control bytes, space and % as %XX (upper-case hex); + and 8-bit bytes raw.
+    cases = [("a b%c", "p+w d", b"a%20b%25c", b"p+w%20d"),
+             ("\u00fc\x01x", "tab\there\x7f\x1f", b"\xc3\xbc%01x", b"tab%09here\x7f%1F")]
+    relay, service = start(Policy([backend.address], {user: password for user, password, _, _ in cases}),
+                           "--auth", "plain")
+    for user, password, escaped_user, escaped_password in cases:
+        client = greeted(relay)
+        credentials = b64("\0" + user + "\0" + password)
+        assert client.say(f"AUTH PLAIN {credentials}").code == 235
+        sent = dict(service.requests[-1])
+        # http.server decodes header bytes as Latin-1; undo that to see the bytes sent.
+        assert (sent["Auth-User"].encode("latin-1"), sent["Auth-Pass"].encode("latin-1")) == \
+            (escaped_user, escaped_password)
+
+
+# --- Keep-alive and concurrency -------------------------------------------------------------
+
+def test_sequential_sessions_reuse_one_connection_to_the_service(start, backend):
+    relay, service = start(always(*ok(backend)))
+    for i in range(5):
+        client = greeted(relay)
+        assert client.say("EHLO client.example").code == 250
+        assert send_message(client, recipient=f"r{i}@example.net").code == 250
+        assert client.say("QUIT").code == 221
+    assert [dict(r)["Auth-SMTP-To"] for r in service.requests] == [f"RCPT TO:<r{i}@example.net>" for i in range(5)]
+    assert service.connections == 1
+    assert len(backend.delivered) == 5
+
+
+def test_concurrent_sessions_each_get_their_own_answer(start, scripted_backend):
+    backends = [scripted_backend(), scripted_backend()]
+    sessions = 8
+    all_asking = threading.Barrier(sessions, timeout=20)
+
+    def policy(request):
+        all_asking.wait()       # every lookup is in flight at once before any is answered
+        i = int(re.fullmatch(r"(?i)RCPT TO:<r(\d+)@example\.net>", request["Auth-SMTP-To"])[1])
+        return ok(backends[i % 2], ("Auth-User", f"user{i}"))
+
+    relay, service = start(policy)
+
+    def send(i):
+        client = relay.smtp()
+        client.ehlo(f"client{i}.example")
+        client.sendmail(f"s{i}@example.org", [f"r{i}@example.net"], b"Subject: %d\r\n\r\nmessage %d\r\n" % (i, i))
+        client.quit()
+
+    with concurrent.futures.ThreadPoolExecutor(sessions) as pool:
+        for future in [pool.submit(send, i) for i in range(sessions)]:
+            future.result(timeout=30)
+    for k, backend in enumerate(backends):
+        seen = []
+        for session in backend.sessions:
+            [message] = session.messages
+            i = int(re.fullmatch(rb"RCPT TO:<r(\d+)@example\.net>", message.rcpt_to[0])[1])
+            xclient = dict(item.split(b"=", 1) for item in session.xclient.split()[1:])
+            assert (i % 2, message.rcpt_to, xclient[b"LOGIN"], xclient[b"HELO"]) == \
+                (k, [b"RCPT TO:<r%d@example.net>" % i], b"user%d" % i, b"client%d.example" % i)
+            assert message.mail_from.startswith(b"MAIL FROM:<s%d@example.org>" % i)
+            assert message.content == b"Subject: %d\r\n\r\nmessage %d\r\n" % (i, i)
+            seen.append(i)
+        assert sorted(seen) == list(range(k, sessions, 2))
+
+
+def test_second_transaction_is_looked_up_again_with_the_next_attempt_number(start, backend):
+    relay, service = start(always(*ok(backend)))
+    client = greeted(relay)
+    assert client.say("EHLO client.example").code == 250
+    assert send_message(client, "a1@example.org", "b1@example.net").code == 250
+    assert send_message(client, "a2@example.org", "b2@example.net").code == 250
+    assert service.requests == [
+        none_headers("client.example", "MAIL FROM:<a1@example.org>", "RCPT TO:<b1@example.net>", attempt=1),
+        none_headers("client.example", "MAIL FROM:<a2@example.org>", "RCPT TO:<b2@example.net>", attempt=2),
+    ]
+    assert [m.rcpt_to for m in backend.delivered] == [[b"RCPT TO:<b1@example.net>"], [b"RCPT TO:<b2@example.net>"]]
+
+
+# --- Configuration ------------------------------------------------------------------------------
+
+def test_backend_together_with_auth_http_stops_the_relay_with_status_1():
+    result = run_relay("--backend", "127.0.0.1:25", "--auth-http", "http://127.0.0.1:9/auth",
+                       listen="127.0.0.1:0")
+    assert result.returncode == 1
+    [line] = result.stderr.splitlines()
+    assert "--backend" in line and "--auth-http" in line
+
+
+def test_auth_methods_without_auth_http_stop_the_relay_with_a_line_naming_auth():
+    result = run_relay("--backend", "127.0.0.1:25", "--auth", "plain", listen="127.0.0.1:0")
+    assert result.returncode == 1
+    [line] = result.stderr.splitlines()
+    assert line.startswith("smtprelay: --auth:") and "--auth-http" in line
+
+
+# --- SMTP AUTH (RFC 4954) ------------------------------------------------------------------------
+
+def test_ehlo_advertises_the_configured_mechanisms(start_auth):
+    relay, service = start_auth()
+    client = greeted(relay)
+    reply = client.say("EHLO client.example")
+    assert reply.code == 250
+    assert "AUTH PLAIN LOGIN CRAM-MD5 EXTERNAL" in reply.lines
+
+
+def test_mail_before_auth_is_refused_with_530_when_auth_is_required(start_auth):
+    relay, service = start_auth()
+    client = greeted(relay)
+    assert client.say("EHLO client.example").code == 250
+    assert client.say("MAIL FROM:<a@example.org>").text.startswith("530 5.7.0")
+    assert service.requests == []
+
+
+@pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN", "CRAM-MD5"])
+def test_smtplib_login_gets_535_for_a_bad_password_and_235_for_the_good_one_which_delivers(start_auth, backend,
+                                                                                           mechanism):
+    relay, service = start_auth()
+    client = relay.smtp()
+    client.ehlo("client.example")
+    client.esmtp_features["auth"] = mechanism      # make smtplib use this one
+    with pytest.raises(smtplib.SMTPAuthenticationError) as refused:
+        client.login("alice", "wrong")
+    assert refused.value.smtp_code == 535
+    assert refused.value.smtp_error.startswith(b"5.7.0")
+    with pytest.raises(smtplib.SMTPSenderRefused) as mail:
+        client.sendmail("a@example.org", ["b@example.net"], BODY)
+    assert mail.value.smtp_code == 530
+    assert backend.connections == 0
+    assert client.login("alice", USERS["alice"])[0] == 235
+    client.sendmail("a@example.org", ["b@example.net"], BODY)
+    [message] = backend.delivered
+    assert message.content == BODY
+    assert [dict(r)["Auth-Method"] for r in service.requests] == \
+        ["cram-md5" if mechanism == "CRAM-MD5" else "plain"] * 2
+
+
+def swaks(relay, mechanism, password):
+    return subprocess.run(
+        ["swaks", "--server", relay.host, "--port", str(relay.port), "--ehlo", "client.example",
+         "--from", "a@example.org", "--to", "b@example.net", "--timeout", "20",
+         "-a", mechanism, "-au", "alice", "-ap", password],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+
+
+def test_swaks_authenticates_with_plain_login_and_cram_md5_and_delivers(start_auth, backend):
+    relay, service = start_auth()
+    for n, mechanism in enumerate(["PLAIN", "LOGIN", "CRAM-MD5"], 1):
+        result = swaks(relay, mechanism, USERS["alice"])
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "<-  235 2.7.0 " in result.stdout, result.stdout
+        assert len(backend.delivered) == n
+
+
+def test_swaks_with_a_bad_password_gets_535_with_each_mechanism(start_auth, backend):
+    relay, service = start_auth()
+    for mechanism in ["PLAIN", "LOGIN", "CRAM-MD5"]:
+        result = swaks(relay, mechanism, "wrong")
+        assert result.returncode == 28, result.stdout + result.stderr     # swaks: authentication failed
+        assert "<** 535 5.7.0 " in result.stdout, result.stdout
+    assert backend.connections == 0
+
+
+def test_plain_works_with_and_without_an_initial_response(start_auth, backend):
+    relay, service = start_auth()
+    credentials = b64("\0alice\0" + USERS["alice"])
+    client = greeted(relay)
+    assert client.say(f"AUTH PLAIN {credentials}").code == 235
+    assert send_message(client).code == 250
+    client = greeted(relay)
+    challenge = client.say("AUTH PLAIN")
+    assert (challenge.code, challenge.lines) == (334, [""])       # "334 ", nothing after the space
+    assert client.say(credentials).code == 235
+    assert send_message(client).code == 250
+    assert service.requests == [auth_headers("plain", "alice", USERS["alice"])] * 2
+    assert len(backend.delivered) == 2
+
+
+def test_star_cancels_the_exchange_with_501_and_the_session_goes_on(start_auth):
+    relay, service = start_auth()
+    client = greeted(relay)
+    for mechanism in ["PLAIN", "CRAM-MD5", "EXTERNAL"]:      # four 501s: below --max-errors 5
+        assert client.say(f"AUTH {mechanism}").code == 334
+        assert client.say("*").code == 501, mechanism
+    assert client.say("AUTH LOGIN").code == 334
+    assert client.say(b64("alice")).code == 334
+    assert client.say("*").code == 501
+    assert client.say("NOOP").code == 250
+    assert service.requests == []
+
+
+def test_bad_base64_is_refused_with_501_5_5_2(start_auth):
+    relay, service = start_auth()
+    client = greeted(relay)
+    assert client.say("AUTH PLAIN !!notbase64!!").text.startswith("501 5.5.2")
+    assert client.say("AUTH LOGIN YWxp=ZQ").text.startswith("501 5.5.2")
+    assert client.say("AUTH PLAIN").code == 334
+    assert client.say("not base64").text.startswith("501 5.5.2")
+    assert client.say("NOOP").code == 250
+    assert service.requests == []
+
+
+def test_unknown_mechanism_is_refused_with_504_5_5_4(start_auth):
+    relay, service = start_auth()
+    client = greeted(relay)
+    for command in ["AUTH NTLM", "AUTH DIGEST-MD5", "AUTH XOAUTH2 dG9rZW4="]:
+        assert client.say(command).text.startswith("504 5.5.4"), command
+    assert service.requests == []
+
+
+def test_second_auth_after_success_is_refused_with_503(start_auth):
+    relay, service = start_auth()
+    client = greeted(relay)
+    credentials = b64("\0alice\0" + USERS["alice"])
+    assert client.say(f"AUTH PLAIN {credentials}").code == 235
+    assert client.say(f"AUTH PLAIN {credentials}").code == 503
+    assert len(service.requests) == 1
+
+
+def test_login_is_asked_about_as_auth_method_plain(start_auth):
+    relay, service = start_auth()
+    client = greeted(relay)
+    assert client.say("AUTH LOGIN").text == "334 VXNlcm5hbWU6"
+    assert client.say(b64("alice")).text == "334 UGFzc3dvcmQ6"
+    assert client.say(b64(USERS["alice"])).code == 235
+    assert service.requests == [auth_headers("plain", "alice", USERS["alice"])]
+
+
+def test_cram_md5_sends_the_salt_and_the_hex_digest(start_auth):
+    relay, service = start_auth()
+    client = greeted(relay)
+    challenge = client.say("AUTH CRAM-MD5")
+    assert challenge.code == 334
+    salt = base64.b64decode(challenge.lines[0]).decode()
+    assert re.fullmatch(r"<\d+\.\d+@mx\.test>", salt)
+    digest = hmac.new(USERS["alice"].encode(), salt.encode(), hashlib.md5).hexdigest()
+    assert client.say(b64(f"alice {digest}")).code == 235
+    assert service.requests == [auth_headers("cram-md5", "alice", digest, salt=salt)]
+    assert re.fullmatch(r"[0-9a-f]{32}", dict(service.requests[0])["Auth-Pass"])
+
+
+def test_external_sends_the_identity_as_user_and_an_empty_password(start_auth):
+    relay, service = start_auth()
+    client = greeted(relay)
+    assert client.say(f"AUTH EXTERNAL {b64('alice')}").code == 235
+    client = greeted(relay)
+    assert client.say("AUTH EXTERNAL").code == 334
+    assert client.say(b64("alice")).code == 235
+    assert service.requests == [auth_headers("external", "alice", "")] * 2
+
+
+def test_with_none_and_plain_unauthenticated_mail_flows_and_auth_works_too(start_auth, backend):
+    relay, service = start_auth(auth="none,plain")
+    client = greeted(relay)
+    ehlo = client.say("EHLO client.example")
+    assert ehlo.code == 250 and "AUTH PLAIN" in ehlo.lines
+    assert send_message(client).code == 250
+    client = greeted(relay)
+    assert client.say("EHLO client.example").code == 250
+    assert client.say(f"AUTH PLAIN {b64(chr(0) + 'alice' + chr(0) + USERS['alice'])}").code == 235
+    assert send_message(client).code == 250
+    assert service.requests == [
+        none_headers("client.example", "MAIL FROM:<a@example.org>", "RCPT TO:<b@example.net>"),
+        auth_headers("plain", "alice", USERS["alice"]),
+    ]
+    assert len(backend.delivered) == 2
+
+
+def test_failed_auth_leaves_no_credentials_in_the_later_lookup_without_auth(start_auth):
+    # nginx 1.29.1 fixed stale login and password riding along with Auth-Method none.
+    relay, service = start_auth(auth="none,plain")
+    client = greeted(relay)
+    assert client.say("EHLO client.example").code == 250
+    assert client.say(f"AUTH PLAIN {b64(chr(0) + 'alice' + chr(0) + 'wrong')}").code == 535
+    assert send_message(client).code == 250
+    assert service.requests == [
+        auth_headers("plain", "alice", "wrong"),
+        none_headers("client.example", "MAIL FROM:<a@example.org>", "RCPT TO:<b@example.net>", attempt=2),
+    ]
+
+
+# --- Towards the back-end after a lookup ----------------------------------------------------
+
+def xclient_attributes(line):
+    return dict(item.split(b"=", 1) for item in line.split()[1:])
+
+
+def test_xclient_carries_the_authenticated_login_xtext_encoded(start, backend):
+    relay, service = start(Policy([backend.address], {"a b+c=d": "pw"}), "--auth", "plain")
+    client = greeted(relay)
+    assert client.say("EHLO client.example").code == 250
+    assert client.say(f"AUTH PLAIN {b64(chr(0) + 'a b+c=d' + chr(0) + 'pw')}").code == 235
+    assert send_message(client).code == 250
+    [session] = backend.sessions
+    attributes = xclient_attributes(session.xclient)
+    assert (attributes[b"ADDR"], attributes[b"LOGIN"]) == (b"127.0.0.1", b"a+20b+2Bc+3Dd")
+
+
+AUTH_BACKEND = dict(extensions=[*DEFAULT_EXTENSIONS, "AUTH PLAIN LOGIN"],
+                    replies={"AUTH": "235 2.7.0 Authentication successful"})
+
+
+def test_backend_auth_authenticates_to_the_backend_and_leaves_login_out_of_xclient(start, scripted_backend):
+    backend = scripted_backend(**AUTH_BACKEND)
+    relay, service = start(Policy([backend.address], USERS), "--auth", "plain", "--backend-auth", "relay:pw")
+    client = greeted(relay)
+    assert client.say("EHLO client.example").code == 250
+    assert client.say(f"AUTH PLAIN {b64(chr(0) + 'alice' + chr(0) + USERS['alice'])}").code == 235
+    assert send_message(client).code == 250
+    [session] = backend.sessions
+    verbs = [c.split(b" ")[0].upper() for c in session.commands]
+    assert verbs.index(b"XCLIENT") < verbs.index(b"AUTH") < verbs.index(b"MAIL")
+    assert b"LOGIN" not in xclient_attributes(session.xclient)
+    assert session.commands[verbs.index(b"AUTH")] == b"AUTH PLAIN " + b64("\0relay\0pw").encode()
+    assert len(backend.delivered) == 1
+
+
+def test_credentials_from_the_service_replace_backend_auth(start, scripted_backend):
+    backend = scripted_backend(**AUTH_BACKEND)
+    relay, service = start(always(*ok(backend, ("Auth-User", "svc"), ("Auth-Pass", "svc-pw"))),
+                           "--backend-auth", "relay:pw")
+    client = greeted(relay)
+    assert client.say("EHLO client.example").code == 250
+    assert send_message(client).code == 250
+    [session] = backend.sessions
+    assert [c for c in session.commands if c.upper().startswith(b"AUTH")] == \
+        [b"AUTH PLAIN " + b64("\0svc\0svc-pw").encode()]
+    assert b"LOGIN" not in xclient_attributes(session.xclient)
+    assert len(backend.delivered) == 1
+
+
+# --- Local checks, made before any lookup -----------------------------------------------------
+
+def test_client_outside_allow_from_gets_554_and_is_closed_without_greeting(start):
+    relay, service = start(always(("Auth-Status", "OK")), "--allow-from", "10.0.0.0/8")
+    client = SMTPClient(relay.connect())
+    assert client.line() == "554 5.7.1 Access denied"
+    assert client.rest() == b""
+    assert service.requests == []
+
+
+def test_client_inside_allow_from_is_served(start, backend):
+    relay, service = start(always(*ok(backend)), "--allow-from", "10.0.0.0/8", "--allow-from", "127.0.0.0/8")
+    client = greeted(relay)
+    assert send_message(client).code == 250
+    assert len(service.requests) == 1
+
+
+def ipv6_loopback_missing():
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+    except OSError as e:
+        return f"no IPv6 loopback here: cannot bind [::1]: {e}"
+    return None
+
+
+@pytest.mark.skipif(ipv6_loopback_missing() is not None, reason=ipv6_loopback_missing() or "")
+@pytest.mark.parametrize("allow_from, served", [("::1/128", True), ("127.0.0.0/8", False)])
+def test_ipv6_client_is_checked_against_allow_from(start, backend, allow_from, served):
+    relay, service = start(always(*ok(backend)), "--allow-from", allow_from, listen="[::1]:0")
+    client = SMTPClient(relay.connect())
+    if not served:
+        assert client.line() == "554 5.7.1 Access denied"
+        assert client.rest() == b""
+        assert service.requests == []
+        return
+    assert client.reply().code == 220
+    assert client.say("EHLO client.example").code == 250
+    assert send_message(client).code == 250
+    assert service.requests == [none_headers("client.example", "MAIL FROM:<a@example.org>",
+                                             "RCPT TO:<b@example.net>", client_ip="::1")]
+
+
+def test_allow_sender_is_a_full_case_insensitive_match_checked_before_any_lookup(start, backend):
+    relay, service = start(always(*ok(backend)), "--allow-sender", r".*@good\.example")
+    client = greeted(relay)
+    for sender in ["x@good.example.evil", "x@bad.example", "good.example@evil.example",
+                   "x@good.examplex"]:
+        assert client.say(f"MAIL FROM:<{sender}>").text == "550 5.7.1 Sender address rejected: not allowed"
+        assert client.say("RCPT TO:<b@example.net>").code == 503
+    assert service.requests == []
+    for sender in ["x@good.example", "X@GOOD.EXAMPLE"]:
+        assert client.say(f"MAIL FROM:<{sender}>").code == 250
+        assert client.say("RCPT TO:<b@example.net>").code == 250
+        assert client.say("RSET").code == 250
+    assert [dict(r)["Auth-SMTP-From"] for r in service.requests] == \
+        ["MAIL FROM:<x@good.example>", "MAIL FROM:<X@GOOD.EXAMPLE>"]
+
+
+def test_allow_recipient_is_a_full_case_insensitive_match_checked_before_any_lookup(start, backend):
+    relay, service = start(always(*ok(backend)), "--allow-recipient", r".*@good\.example")
+    client = greeted(relay)
+    assert client.say("MAIL FROM:<a@example.org>").code == 250
+    for recipient in ["x@good.example.evil", "x@bad.example", "good.example@evil.example"]:
+        assert client.say(f"RCPT TO:<{recipient}>").text == "550 5.7.1 Recipient address rejected: not allowed"
+    assert service.requests == []
+    assert backend.connections == 0
+    for recipient in ["x@good.example", "X@GOOD.EXAMPLE"]:
+        assert client.say(f"RCPT TO:<{recipient}>").code == 250
+    asked = [dict(r)["Auth-SMTP-To"] for r in service.requests]
+    assert asked[0] == "RCPT TO:<x@good.example>"
+    assert set(asked) <= {"RCPT TO:<x@good.example>", "RCPT TO:<X@GOOD.EXAMPLE>"}
+    assert [c for c in backend.sessions[0].commands if c.startswith(b"RCPT")] == \
+        [b"RCPT TO:<x@good.example>", b"RCPT TO:<X@GOOD.EXAMPLE>"]
+
+
+# --- Secrets stay out of the log --------------------------------------------------------------
+
+def test_debug_log_holds_no_password_and_no_base64_of_auth_data(start, scripted_backend):
+    backend = scripted_backend(**AUTH_BACKEND)
+    relay, service = start(Policy([backend.address], USERS), "--auth", "plain,login", "--log-level", "debug",
+                           "--backend-auth", "relay:Relay-Secret-9")
+    password = USERS["alice"]
+    client = greeted(relay)
+    assert client.say(f"AUTH PLAIN {b64(chr(0) + 'alice' + chr(0) + 'Wrong-Secret-3')}").code == 535
+    assert client.say(f"AUTH PLAIN {b64(chr(0) + 'alice' + chr(0) + password)}").code == 235
+    assert send_message(client).code == 250
+    assert client.say("QUIT").code == 221
+    wait_for_session_end(relay, client)
+    client = greeted(relay)
+    assert client.say("AUTH LOGIN").code == 334
+    assert client.say(b64("alice")).code == 334
+    assert client.say(b64(password)).code == 235
+    assert client.say("QUIT").code == 221
+    wait_for_session_end(relay, client)
+    assert b"AUTH PLAIN " + b64("\0relay\0Relay-Secret-9").encode() in backend.sessions[0].commands
+    log = relay.log_text()
+    assert " C: AUTH PLAIN " in log         # the dialogue is logged at debug level
+    for secret in [password, "Wrong-Secret-3", "Relay-Secret-9"]:
+        for shown in [secret, b64(secret), b64("\0alice\0" + secret), b64("\0relay\0" + secret)]:
+            assert shown not in log
+
+
+# --- A real nginx as the auth service ----------------------------------------------------------
+
+def test_relay_delivers_where_a_real_nginx_auth_http_answer_says(smtprelay, nginx, smtp_sink):
+    sink = smtp_sink()
+    server = nginx("location = /auth { add_header Auth-Status OK; add_header Auth-Server 127.0.0.1; "
+                   f"add_header Auth-Port {sink.port}; return 204; }}")
+    relay = smtprelay("--server-name", SERVER_NAME, "--auth-http", server.url)
+    client = greeted(relay)
+    assert client.say("EHLO client.example").code == 250
+    assert send_message(client).code == 250
+    [message] = sink.wait_for_messages(1)
+    assert (message.mail_args, message.rcpt_args) == ("<a@example.org>", ["<b@example.net>"])
+    assert message.body_crlf == BODY
+    assert server.wait_for_access_log(1) == ["none|MAIL FROM:<a@example.org>|RCPT TO:<b@example.net>|127.0.0.1"]
