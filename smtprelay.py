@@ -73,9 +73,36 @@ class ConfigError(Exception):
         self.option = option
 
 
+class SettingsParser(configargparse.ArgParser):
+    """configargparse reports a bad value from the config file or the
+    environment through error(), as a usage error (exit 2); here it becomes
+    a ConfigError naming the option (exit 1)."""
+
+    source = None       # the option being read from the file or environment
+
+    def convert_item_to_command_line_arg(self, action, key, value):
+        self.source = action.option_strings[0] if action else None     # None: an unknown key
+        try:
+            return super().convert_item_to_command_line_arg(action, key, value)
+        finally:
+            self.source = None
+
+    def _open_config_files(self, command_line_args):
+        self.source = "-c"
+        try:
+            return super()._open_config_files(command_line_args)
+        finally:
+            self.source = None
+
+    def error(self, message):
+        if self.source:
+            raise ConfigError(self.source, message)
+        super().error(message)
+
+
 def build_parser():
     """The option parser; every option's default is part of the contract."""
-    p = configargparse.ArgParser(
+    p = SettingsParser(
         prog="smtprelay",
         description="A reverse SMTP proxy: accepts mail and hands it to a back-end.",
         default_config_files=[DEFAULT_CONFIG_FILE],
@@ -366,7 +393,7 @@ def validate(args):
         if not sep or not user:
             raise ConfigError("--backend-auth", "write USER:PASSWORD")
         backend_auth = (user, password)
-    server_name = args.server_name or default_server_name()
+    server_name = default_server_name() if args.server_name is None else args.server_name
     if not re.fullmatch(r"[\x21-\x7e]+", server_name):
         raise ConfigError("--server-name", f"{server_name!r}: must be one word of printable ASCII")
     return Config(
@@ -415,12 +442,6 @@ def load_config(argv=None):
     """
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
-    for flag, path in zip(argv, argv[1:]):
-        if flag in ("-c", "--config"):
-            try:
-                open(path).close()
-            except OSError as e:
-                raise ConfigError(flag, f"{path}: {e.strerror}") from None
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         if any(u in argv for u in unknown):
@@ -462,7 +483,7 @@ ERROR_CODES = {500, 501, 502, 503, 504, 555}   # client mistakes, counted for --
 LINE_START, BARE_BREAK, MID_LINE = "line start", "after bare newline", "mid line"
 BARE_NEWLINE = object()     # read_data's signal: a bare CR or LF, in reject mode
 NEWLINES = re.compile(rb"\r\n|\r|\n")
-CONTROL_ESCAPES = {c: f"\\x{c:02x}" for c in [*range(32), 127]}
+CONTROL_ESCAPES = {c: f"\\x{c:02x}" for c in [*range(32), *range(127, 160)]}    # C0, DEL, C1
 
 
 class SMTPError(Exception):
@@ -550,8 +571,8 @@ class Channel:
     def reply(self, code, text):
         data = format_reply(code, text)
         if self.debug_sid:
-            for line in data.decode("utf-8", "replace").splitlines():
-                log.debug("%s S: %s", self.debug_sid, line)
+            for line in data.split(b"\r\n")[:-1]:
+                log.debug("%s S: %s", self.debug_sid, printable(line))
         self.outbuf.append(data)
 
     def flush(self):
@@ -1858,14 +1879,15 @@ def setup_logging(cfg):
 
 def serve(servers):
     """Serve until SIGTERM or SIGINT, then drain the sessions -> exit status 0."""
-    wake, received = threading.Event(), []
-
-    def note(signum, frame):            # a handler only records the request
-        received.append(signum)
-        wake.set()
-
+    # A signal may be taken by any thread, but Python runs handlers only in
+    # the main thread, which would sleep on. So the C-level handler writes
+    # the signal's number to a socket (set_wakeup_fd), whichever thread it
+    # ran in, and the main thread waits on that socket instead.
+    wakeup, wakeup_writer = socket.socketpair()
+    wakeup_writer.setblocking(False)
+    signal.set_wakeup_fd(wakeup_writer.fileno())
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, note)
+        signal.signal(signum, lambda signum, frame: None)      # the work is done below
     threads = [threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.05},   # prompt shutdown()
                                 name=f"listen {s.describe()}", daemon=True) for s in servers]
     for s, t in zip(servers, threads):
@@ -1873,9 +1895,7 @@ def serve(servers):
         log.info("listening on %s", s.describe())
     relay = servers[0].relay
     while True:
-        wake.wait()
-        wake.clear()
-        signums, received[:] = received[:], []
+        signums = list(wakeup.recv(64))
         if signal.SIGHUP in signums:
             relay.reload_tls()
         stopping = [s for s in signums if s != signal.SIGHUP]
