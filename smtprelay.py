@@ -2,20 +2,23 @@
 """smtprelay: a reverse SMTP proxy in one file.
 
 smtprelay speaks SMTP to clients (RFC 5321, with PIPELINING RFC 2920, SIZE
-RFC 1870, 8BITMIME RFC 6152, ENHANCEDSTATUSCODES RFC 2034/3463 and SMTPUTF8
-RFC 6531), decides where each client's mail goes, and hands every message to
-that back-end mail server with smtplib, passing the real client on with
-Postfix's XCLIENT. It keeps no queue: a client hears 250 for a message only
-after the back-end said 250 for it.
+RFC 1870, 8BITMIME RFC 6152, ENHANCEDSTATUSCODES RFC 2034/3463, SMTPUTF8
+RFC 6531, AUTH RFC 4954 and STARTTLS RFC 3207), decides where each client's
+mail goes (a static list of back-ends, or an HTTP service speaking nginx's
+auth_http protocol), and hands every message to that back-end mail server
+with smtplib, passing the real client on with Postfix's XCLIENT. It keeps no
+queue: a client hears 250 for a message only after the back-end said 250.
 
     smtprelay --listen 127.0.0.1:2525 --backend 127.0.0.1:25
     smtprelay --backend maildir:/tmp/mail       # capture mail, no server needed
+    smtprelay --auth-http http://127.0.0.1:8008/auth --auth plain,login
 
 Every option also reads from SMTPRELAY_<OPTION> and from the config file
 (-c FILE, default /etc/smtprelay.conf); see README.md.
 
-Not implemented yet: the auth_http lookup, SMTP AUTH, TLS, PROXY protocol,
-inetd and socket activation (issues 4 and 5 and the service work after).
+XXX To do: the PROXY protocol, inetd and systemd socket activation, reload of
+the whole config on SIGHUP, --user, metrics; no DNS lookups are made, so
+Client-Host and XCLIENT NAME are always [UNAVAILABLE].
 """
 
 import argparse
@@ -24,8 +27,8 @@ import binascii
 import collections
 import datetime
 import ipaddress
-import itertools
 import hashlib
+import itertools
 import json
 import logging
 import mailbox
@@ -614,6 +617,12 @@ class Channel:
             raise ClientGone(f"TLS handshake failed: {getattr(e, 'reason', None) or e}") from None
 
     def close(self):
+        if isinstance(self.sock, ssl.SSLSocket):
+            try:
+                self.sock.setblocking(False)    # send our close_notify (RFC 8446 §6.1), don't wait for theirs
+                self.sock.unwrap()
+            except (OSError, ValueError):
+                pass
         try:
             self.sock.close()
         except OSError:
@@ -821,6 +830,7 @@ class Session:
         self.user = None            # the login the client authenticated as
         self.route = None           # the auth service's OK answer that applies now
         self.login_attempt = 0      # Auth-Login-Attempt
+        self.ehlo_required = False  # after STARTTLS, MAIL and AUTH wait for a new EHLO
         self.errors = 0
         self.done = False
         self.reset()
@@ -969,7 +979,7 @@ class Session:
         if not re.fullmatch(r"[\x21-\x7e]+", words[0]):
             raise SMTPError(501, "5.5.2 Bad host name: printable ASCII only")
         self.abort_transaction()        # RFC 5321 §4.1.4: like RSET
-        self.helo, self.esmtp = words[0], esmtp
+        self.helo, self.esmtp, self.ehlo_required = words[0], esmtp, False
         if not esmtp:
             self.channel.reply(250, self.cfg.server_name)
             return
@@ -991,6 +1001,8 @@ class Session:
             raise SMTPError(503, "5.5.1 Error: nested MAIL command")
         if self.tls_required:
             raise SMTPError(530, "5.7.0 Must issue a STARTTLS command first")
+        if self.ehlo_required:
+            raise SMTPError(503, "5.5.1 Error: send EHLO first after STARTTLS")
         if self.user is None and "none" not in self.cfg.auth:
             raise SMTPError(530, "5.7.0 Authentication required")
         address, params = parse_path(arg, "FROM:")
@@ -1116,6 +1128,8 @@ class Session:
         mechanism, _, initial = arg.partition(" ")
         if self.tls_required:
             raise SMTPError(530, "5.7.0 Must issue a STARTTLS command first")
+        if self.ehlo_required:
+            raise SMTPError(503, "5.5.1 Error: send EHLO first after STARTTLS")
         if mechanism.lower() not in mechanisms:
             raise SMTPError(504, "5.5.4 Unrecognized authentication type")
         if mechanism.lower() not in self.offered_mechanisms():
@@ -1218,6 +1232,7 @@ class Session:
         self.close_backend(quit=True)
         self.reset()
         self.helo, self.esmtp, self.user, self.route = None, False, None, None
+        self.ehlo_required = True           # "The client SHOULD send an EHLO command as the first command"
 
     def smtp_RSET(self, arg):
         self.abort_transaction()
@@ -1351,6 +1366,7 @@ class SMTPConnection(smtplib.SMTP):
         helo = session.helo or session.cfg.server_name
         self.tls_mode, self.tls_context = session.cfg.backend_tls, session.cfg.backend_tls_context
         super().__init__(timeout=session.cfg.proxy_timeout, local_hostname=helo)
+        self._host = backend.host       # smtplib's starttls() verifies this name; only __init__ sets it
         try:
             code, text = self.connect(backend.host, backend.port)
             if code != 220:
@@ -1380,9 +1396,10 @@ class SMTPConnection(smtplib.SMTP):
         """STARTTLS to the back-end; one that does not offer it is down, never used in clear."""
         if not self.has_extn("starttls"):
             raise BackendDown("offers no STARTTLS, and --backend-tls starttls requires it")
-        code, text = self.starttls(context=self.tls_context)
-        if code != 220:
-            raise BackendDown(f"refused STARTTLS with {code} {printable(text)}")
+        try:
+            self.starttls(context=self.tls_context)
+        except smtplib.SMTPResponseException as e:
+            raise BackendDown(f"refused STARTTLS with {e.smtp_code} {printable(e.smtp_error)}") from None
         self.greet(helo)
 
     def greet(self, helo):

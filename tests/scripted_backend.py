@@ -1,8 +1,12 @@
 """ScriptedBackend: a tiny SMTP server on 127.0.0.1 whose replies and failures a test scripts.
 
 It records every session byte-exactly and enforces no command order: it answers
-each command with the scripted (or default) reply.
+each command with the scripted (or default) reply. Optionally it speaks TLS
+(implicit, or STARTTLS) and runs real AUTH PLAIN/LOGIN exchanges, for the
+relay's --backend-tls and --backend-auth.
 """
+import base64
+import binascii
 import itertools
 import re
 import socket
@@ -46,14 +50,34 @@ class Message:
 
 
 @dataclass
+class Auth:
+    """One AUTH exchange (with ScriptedBackend(auth=...)): what the client sent."""
+    mechanism: str          # "PLAIN" or "LOGIN"
+    user: str
+    password: str
+    tls: bool               # the connection was TLS at the time
+    accepted: bool          # the credentials matched, 235 was sent
+
+
+@dataclass
 class Session:
-    """One connection: raw command lines (CRLF removed), the last XCLIENT line, messages."""
+    """One connection: raw command lines (CRLF removed), the last XCLIENT line, messages.
+
+    tls_version: the TLS version once TLS is up (implicit or after STARTTLS),
+    else None; auths: the AUTH exchanges run (only with ScriptedBackend(auth=...)).
+    """
     peer: tuple
     commands: list[bytes] = field(default_factory=list)
     xclient: bytes | None = None
     messages: list[Message] = field(default_factory=list)
     closed: threading.Event = field(default_factory=threading.Event)
     reply_counts: dict = field(default_factory=dict, repr=False)
+    tls_version: str | None = None
+    auths: list[Auth] = field(default_factory=list)
+
+    @property
+    def tls(self):
+        return self.tls_version is not None
 
 
 def _line(text):
@@ -68,13 +92,55 @@ class _Handler(socketserver.BaseRequestHandler):
             return
         self.backend, self.session, self.buf = backend, session, bytearray()
         try:
-            self.request.settimeout(backend.read_timeout)
+            self.request.settimeout(backend.read_timeout)   # bounds a TLS handshake too
+            if backend.tls_context:
+                self.start_tls(backend.tls_context)
             self.converse()
         except (EOFError, OSError):  # peer gone, reset or read timeout
             pass
         finally:
             self.request.close()
             backend._close_session(self.request, session)
+
+    def start_tls(self, context):
+        """Run the server side of a TLS handshake; a failure raises (an OSError) and ends the session."""
+        raw = self.request
+        self.request = context.wrap_socket(raw, server_side=True)
+        self.backend._replace_live(raw, self.request)
+        self.session.tls_version = self.request.version()
+
+    def authenticate(self, line):
+        """Run one AUTH PLAIN or LOGIN exchange (RFC 4954) -> the final reply."""
+        words = line.decode("ascii", "replace").split()
+        mechanism = words[1].upper() if len(words) > 1 else ""
+        if mechanism not in self.backend.auth_mechanisms or mechanism not in ("PLAIN", "LOGIN"):
+            return "504 5.5.4 Unrecognized authentication type"
+        initial = words[2] if len(words) > 2 else None
+        try:
+            if mechanism == "PLAIN":
+                response = self.decode(initial if initial is not None else self.challenge(""))
+                _, user, password = response.split("\0", 2)
+            else:
+                user = self.decode(initial if initial is not None else self.challenge("VXNlcm5hbWU6"))
+                password = self.decode(self.challenge("UGFzc3dvcmQ6"))
+        except ValueError:
+            return "501 5.5.2 Bad AUTH response"
+        accepted = self.backend.auth.get(user) == password
+        self.session.auths.append(Auth(mechanism, user, password, self.session.tls, accepted))
+        return "235 2.7.0 Authentication successful" if accepted else "535 5.7.8 Authentication credentials invalid"
+
+    def challenge(self, text):
+        self.send(f"334 {text}")
+        line = self.readline()
+        self.session.commands.append(line)
+        return line.decode("ascii", "replace")
+
+    @staticmethod
+    def decode(text):
+        try:
+            return base64.b64decode(text, validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError) as e:
+            raise ValueError(e) from None
 
     def act(self, verb):
         """Carry out actions[verb]; True if the session must end now."""
@@ -131,6 +197,16 @@ class _Handler(socketserver.BaseRequestHandler):
             verb = line.split(b" ", 1)[0].decode("ascii", "replace").upper()
             if self.act(verb):
                 return
+            if verb == "STARTTLS" and backend.starttls_context and not session.tls:
+                self.send("220 2.0.0 Ready to start TLS")
+                self.buf.clear()        # RFC 3207 §4.2: nothing sent in clear is kept
+                transaction = None
+                self.start_tls(backend.starttls_context)
+                continue
+            if verb == "AUTH" and backend.auth is not None:
+                if self.send(self.authenticate(line)):
+                    return
+                continue
             reply = backend.reply_for(verb, session)
             if verb in ("EHLO", "HELO", "RSET", "XCLIENT"):
                 transaction = None
@@ -170,15 +246,25 @@ class ScriptedBackend:
     "CONNECT" (instead of greeting) or "." (after end of data).
     drop_after_data_bytes: close once that many message bytes arrived.
     read_timeout: per-read socket timeout, so a session never lives forever.
+    tls_context: a server-side ssl.SSLContext: implicit TLS, the handshake
+    before the greeting. starttls_context: one for STARTTLS, which EHLO then
+    offers until TLS is up (a failed handshake ends the session). auth:
+    {user: password}: AUTH runs real PLAIN/LOGIN exchanges (mechanisms as the
+    "AUTH ..." keyword of `extensions` lists them, others get 504) and is
+    recorded in Session.auths; without it AUTH gets replies["AUTH"] like any verb.
 
     Attributes: address ("127.0.0.1:PORT"), host, port, sessions (list of
     Session), connections, delivered (completed Messages of all sessions).
     """
 
     def __init__(self, greeting="220 scripted ESMTP", extensions=None, replies=None, actions=None,
-                 drop_after_data_bytes=None, read_timeout=30):
+                 drop_after_data_bytes=None, read_timeout=30, tls_context=None, starttls_context=None,
+                 auth=None):
         self.greeting = greeting
         self.extensions = DEFAULT_EXTENSIONS if extensions is None else extensions
+        self.tls_context, self.starttls_context, self.auth = tls_context, starttls_context, auth
+        self.auth_mechanisms = next((e.upper().split()[1:] for e in self.extensions
+                                     if e.upper().startswith("AUTH ")), [])
         self.replies = {**DEFAULT_REPLIES, **(replies or {})}
         self.actions = actions or {}
         self.drop_after_data_bytes = drop_after_data_bytes
@@ -198,6 +284,8 @@ class ScriptedBackend:
         """The reply text to `verb` in `session` (consumes one entry of a reply list)."""
         if verb == "EHLO" and "EHLO" not in self.replies:
             lines = ["scripted", *self.extensions]
+            if self.starttls_context and not session.tls:
+                lines.append("STARTTLS")
             return "\r\n".join(f"250{'-' if i < len(lines) - 1 else ' '}{x}" for i, x in enumerate(lines))
         if verb == "." and "." not in self.replies:
             return f"250 2.0.0 Ok: queued as SCRIPTED{next(_queue_ids):06d}"
@@ -215,6 +303,12 @@ class ScriptedBackend:
             self.sessions.append(session)
             self._live.add(sock)
             return session
+
+    def _replace_live(self, old, new):
+        """A connection's socket was wrapped for TLS: stop() must shut down the new one."""
+        with self._cond:
+            self._live.discard(old)
+            self._live.add(new)
 
     def _close_session(self, sock, session):
         with self._cond:
@@ -254,7 +348,9 @@ class ScriptedBackend:
         self._server.server_close()
         for sock in live:
             try:
-                sock.shutdown(socket.SHUT_RDWR)
+                # socket.socket's own shutdown: SSLSocket's would also drop its
+                # TLS state under the feet of the session thread using it.
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
             except OSError:
                 pass
         self.wait_for_sessions_closed(len(self.sessions))
