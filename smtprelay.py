@@ -554,6 +554,16 @@ def line_state_after(segment, at):
     return MID_LINE if segment else at
 
 
+def set_nodelay(sock):
+    """Writes go out at once. Replies are already gathered into one write per
+    burst; without this the end of data, a small write right after the
+    message, waits ~40 ms for the peer's delayed ACK (Nagle)."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:         # not TCP (a UNIX socket or a pipe under inetd)
+        pass
+
+
 class Channel:
     """The client's end of the wire, over any socket-like object.
 
@@ -566,6 +576,7 @@ class Channel:
     def __init__(self, sock, timeout):
         self.sock = sock
         self.sock.settimeout(timeout)
+        set_nodelay(sock)
         self.inbuf, self.inpos = b"", 0
         self.outbuf = []
         self.skipping = False       # the rest of an overlong line is still to be dropped
@@ -1369,6 +1380,7 @@ class SMTPConnection(smtplib.SMTP):
         self._host = backend.host       # smtplib's starttls() verifies this name; only __init__ sets it
         try:
             code, text = self.connect(backend.host, backend.port)
+            set_nodelay(self.sock)
             if code != 220:
                 raise BackendDown(f"greeted with {code} {printable(text)}")
             self.greet(helo)
