@@ -1,4 +1,4 @@
-"""Fixtures for test_auth_http.py: the auth services the relay asks, and a raw SMTP client.
+"""Fixtures for test_auth_http.py (and test_tls.py): the auth services the relay asks.
 
 - auth_service: contrib/auth_http_example.py's make_server(), serving in a
   thread on 127.0.0.1:<port 0> with a policy the test writes.
@@ -7,27 +7,26 @@
 - nginx: a real nginx started with its own config under tmp_path, for the
   check that the relay speaks to nginx's auth_http answers as to ours.
 
-SMTPClient talks to the relay over a raw socket: exact bytes out, whole
-replies in. Everything started here is stopped at teardown.
+ok() and always() make the answers and policies of the auth service that
+test_auth_http.py and test_tls.py give it. Everything started here is
+stopped at teardown.
 """
-import contextlib
 import grp
 import itertools
 import os
 import pwd
 import re
-import socket
 import socketserver
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from helpers import free_port
+from helpers import free_port, stop_process, stopped_on_exit, wait_accepting
+from scripted_backend import ThreadingServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "contrib"))
 import auth_http_example  # noqa: E402  (contrib/ is no package)
@@ -36,6 +35,18 @@ NGINX = "/usr/sbin/nginx"
 
 # What requests adds to every request on its own; the tests look at the rest.
 REQUESTS_OWN_HEADERS = {"user-agent", "accept-encoding", "accept", "connection"}
+
+
+# --- Policies: what the auth service answers ----------------------------------------
+
+def ok(backend, *extra):
+    """The answer naming `backend` (anything with host and port), plus `extra` (name, value) headers."""
+    return [("Auth-Status", "OK"), ("Auth-Server", backend.host), ("Auth-Port", str(backend.port)), *extra]
+
+
+def always(*headers):
+    """A policy giving the same answer (these headers) to every lookup."""
+    return lambda request: list(headers)
 
 
 # --- The example auth service, in a thread ---------------------------------------
@@ -76,12 +87,7 @@ def auth_service():
 
     A policy is any callable(headers) -> [(name, value), ...] response headers.
     """
-    with contextlib.ExitStack() as teardown:
-        def start(policy):
-            service = RunningAuthService(policy)
-            teardown.callback(service.stop)
-            return service
-
+    with stopped_on_exit(RunningAuthService) as start:
         yield start
 
 
@@ -107,17 +113,12 @@ class _RawHandler(socketserver.BaseRequestHandler):
             pass
 
 
-class _RawServer(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-
 class RawListener:
     """127.0.0.1:<port 0>: reads a request head, then sends `reply` and closes, or hangs if None."""
 
     def __init__(self, reply):
         self.reply, self.heads, self.stopping = reply, [], threading.Event()
-        self.server = _RawServer(("127.0.0.1", 0), _RawHandler)
+        self.server = ThreadingServer(("127.0.0.1", 0), _RawHandler)
         self.server.owner = self
         self.port = self.server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}/auth"
@@ -134,12 +135,7 @@ class RawListener:
 @pytest.fixture
 def raw_listener():
     """Factory start(reply: bytes | None) -> RawListener with url and heads; stopped at teardown."""
-    with contextlib.ExitStack() as teardown:
-        def start(reply):
-            listener = RawListener(reply)
-            teardown.callback(listener.stop)
-            return listener
-
+    with stopped_on_exit(RawListener) as start:
         yield start
 
 
@@ -199,26 +195,13 @@ http {{
                 [NGINX, "-p", f"{prefix}/", "-e", f"{prefix}/error.log", "-c", str(conf),
                  "-g", f"daemon off; pid {prefix}/nginx.pid;"],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            if self._wait_accepting():
-                return
+            try:
+                if wait_accepting(self.proc, "127.0.0.1", self.port, timeout=10):
+                    return
+            except TimeoutError as timeout:
+                self.stop()
+                raise AssertionError(f"nginx {timeout}:\n{self.error_log()}") from None
         raise AssertionError(f"nginx did not start:\n{self.error_log()}")
-
-    def _wait_accepting(self, timeout=10):
-        """True once the port accepts; False if nginx exited (e.g. the port was taken meanwhile)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return self.proc.poll() is None
-            except ConnectionRefusedError:
-                pass
-            try:
-                self.proc.wait(timeout=0.01)    # doubles as the poll interval
-                return False
-            except subprocess.TimeoutExpired:
-                pass
-        self.stop()
-        raise AssertionError(f"nginx did not accept connections within {timeout}s:\n{self.error_log()}")
 
     def error_log(self):
         path = self.prefix / "error.log"
@@ -237,13 +220,7 @@ http {{
             time.sleep(0.01)    # nginx signals nothing: poll the file
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, timeout=10)
 
 
 @pytest.fixture
@@ -252,71 +229,9 @@ def nginx(tmp_path):
     if not os.access(NGINX, os.X_OK):
         pytest.skip(f"{NGINX} is not installed (Debian package nginx-light)")
     numbers = itertools.count()
-    with contextlib.ExitStack() as teardown:
-        def start(location):
-            server = Nginx(tmp_path / f"nginx-{next(numbers)}", location)
-            teardown.callback(server.stop)
-            return server
 
+    def make_nginx(location):
+        return Nginx(tmp_path / f"nginx-{next(numbers)}", location)
+
+    with stopped_on_exit(make_nginx) as start:
         yield start
-
-
-# --- A raw SMTP client --------------------------------------------------------------
-
-@dataclass
-class Reply:
-    code: int
-    lines: list     # the text of each line, after "250-" or "250 "
-
-    @property
-    def text(self):
-        """The first line as sent: "535 5.7.0 Bad recipient"."""
-        return f"{self.code} {self.lines[0]}"
-
-    def __str__(self):
-        return "\n".join(f"{self.code} {line}" for line in self.lines)
-
-
-class SMTPClient:
-    """One socket to the relay; replies are read whole, each line must end in CRLF."""
-
-    def __init__(self, sock):
-        self.sock, self.buf = sock, b""
-
-    def send(self, data):
-        self.sock.sendall(data)
-
-    def line(self):
-        while b"\r\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            assert chunk, f"connection closed in the middle of a reply; unread {self.buf!r}"
-            self.buf += chunk
-        line, _, self.buf = self.buf.partition(b"\r\n")
-        return line.decode("utf-8")
-
-    def reply(self):
-        lines = []
-        while True:
-            line = self.line()
-            assert re.match(r"\d{3}[ -]", line), f"not an SMTP reply line: {line!r}"
-            code = int(line[:3])
-            lines.append(line[4:])
-            if line[3] == " ":
-                return Reply(code, lines)
-
-    def say(self, command):
-        """Send one command line (str or bytes, CRLF added) -> its reply."""
-        self.send((command.encode("utf-8") if isinstance(command, str) else command) + b"\r\n")
-        return self.reply()
-
-    def rest(self):
-        """Everything the relay still sends until it closes the connection."""
-        data = self.buf
-        while True:
-            try:
-                chunk = self.sock.recv(65536)
-            except ConnectionResetError:
-                return data
-            if not chunk:
-                return data
-            data += chunk

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from helpers import SMTP_SINK, RelayProcess, SmtpSink, relay_argv, relay_env
+from helpers import SMTP_SINK, RelayProcess, SmtpSink, relay_argv, relay_env, stopped_on_exit
 from scripted_backend import ScriptedBackend
 
 
@@ -49,22 +49,16 @@ def smtp_sink(tmp_path):
     if not os.access(SMTP_SINK, os.X_OK):
         pytest.fail(f"{SMTP_SINK} is missing: install Debian's postfix package")
     numbers = itertools.count()
-    with contextlib.ExitStack() as teardown:
-        def start(*flags):
-            sink = SmtpSink(*flags, log_path=tmp_path / f"smtp-sink-{next(numbers)}.log")
-            teardown.callback(sink.stop)
-            return sink
 
+    def make_sink(*flags):
+        return SmtpSink(*flags, log_path=tmp_path / f"smtp-sink-{next(numbers)}.log")
+
+    with stopped_on_exit(make_sink) as start:
         yield start
 
 
 @pytest.fixture
 def scripted_backend():
     """Factory start(**kwargs) -> a running ScriptedBackend(**kwargs); all stopped at teardown."""
-    with contextlib.ExitStack() as teardown:
-        def start(**kwargs):
-            backend = ScriptedBackend(**kwargs)
-            teardown.callback(backend.stop)
-            return backend
-
+    with stopped_on_exit(ScriptedBackend) as start:
         yield start

@@ -1,7 +1,11 @@
-"""Real processes for the tests: the relay under test and Postfix's smtp-sink.
+"""Real processes for the tests (the relay under test, Postfix's smtp-sink) and what talks to them.
 
-The fixtures in conftest.py wrap these; `run_relay` is used directly by tests.
+The fixtures in conftest.py wrap the processes; `run_relay` is used directly
+by tests. SMTPClient is the raw-socket SMTP client of every test file; the
+small functions after it are what several test files share.
 """
+import base64
+import contextlib
 import os
 import pwd
 import re
@@ -28,6 +32,18 @@ def listeners_in(lines):
     """(host, port) of every `listening on HOST:PORT` log line, in order."""
     matches = [m for m in map(LISTENING.search, lines) if m]
     return [(m["v6"] or m["v4"], int(m["port"])) for m in matches]
+
+
+def stop_process(proc, sig=signal.SIGTERM, timeout=10):
+    """Send `sig` to the Popen `proc` if it still runs, wait up to `timeout` s (then SIGKILL) -> its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
 
 
 def relay_env(extra=None):
@@ -140,13 +156,7 @@ class RelayProcess:
 
     def stop(self, sig=signal.SIGTERM, timeout=10):
         """Send `sig`, wait up to `timeout` s (then SIGKILL); return the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, sig, timeout)
         self._drainer.join(timeout)
         if not self._drainer.is_alive():
             self.proc.stdout.close()
@@ -224,6 +234,77 @@ def free_port():
         return sock.getsockname()[1]
 
 
+def can_bind(host):
+    """True if this host can listen on `host` (an IPv4 or IPv6 address), port 0."""
+    try:
+        with socket.create_server((host, 0), family=socket.AF_INET6 if ":" in host else socket.AF_INET):
+            return True
+    except OSError:
+        return False
+
+
+def wait_accepting(proc, host, port, timeout):
+    """Wait until host:port accepts a TCP connection or the process `proc` exits.
+
+    Returns True once a connection was accepted while `proc` still runs, False
+    once `proc` has exited (e.g. the port was taken). Raises TimeoutError
+    ("did not accept connections within ...") after `timeout` seconds of neither.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((host, port), timeout=1).close()
+            return proc.poll() is None
+        except ConnectionRefusedError:
+            pass
+        try:
+            proc.wait(timeout=0.01)  # doubles as the poll interval
+            return False
+        except subprocess.TimeoutExpired:
+            pass
+    raise TimeoutError(f"did not accept connections within {timeout}s")
+
+
+@contextlib.contextmanager
+def stopped_on_exit(make):
+    """A fixture's factory: yields start(*args, **kwargs) -> make(*args, **kwargs).
+
+    Everything start() made is stopped (its .stop() called, the last made
+    first) when the with block ends.
+    """
+    with contextlib.ExitStack() as teardown:
+        def start(*args, **kwargs):
+            made = make(*args, **kwargs)
+            teardown.callback(made.stop)
+            return made
+
+        yield start
+
+
+@contextlib.contextmanager
+def killed_on_exit(relay, *options):
+    """A factory over the `relay` fixture's: yields start(*more, listen="127.0.0.1:0") -> RelayProcess.
+
+    start() runs relay(*options, *more, listen=listen). When the with block
+    ends, each relay started has its clients closed and is SIGKILLed: a
+    graceful stop costs each relay half a second (serve_forever's poll
+    interval) and waits for sessions in flight, which sockets a test left
+    open (TLS ones too) would hold up.
+    """
+    started = []
+
+    def start(*more, listen="127.0.0.1:0"):
+        started.append(relay(*options, *more, listen=listen))
+        return started[-1]
+
+    try:
+        yield start
+    finally:
+        for process in started:
+            process.close_clients()
+            process.stop(signal.SIGKILL)
+
+
 class SmtpSink:
     """Postfix's smtp-sink on 127.0.0.1:<free port>, dumping each transaction to its own file.
 
@@ -258,27 +339,14 @@ class SmtpSink:
                 self.proc = subprocess.Popen(
                     [SMTP_SINK, *user, "-d", f"{self.dumpdir}/msg.", *flags, f"{self.address}", "64"],
                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-            if self._wait_accepting():
-                return
+            try:
+                if wait_accepting(self.proc, self.host, self.port, timeout=5):
+                    return
+            except TimeoutError as timeout:
+                self.stop()
+                raise AssertionError(f"smtp-sink {timeout}:\n{self.log()}") from None
         self.stop()
         raise AssertionError(f"smtp-sink did not start:\n{self.log()}")
-
-    def _wait_accepting(self, timeout=5):
-        """True once the port accepts a connection; False if smtp-sink exited (e.g. port taken)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection((self.host, self.port), timeout=1).close()
-                return self.proc.poll() is None
-            except ConnectionRefusedError:
-                pass
-            try:
-                self.proc.wait(timeout=0.01)  # doubles as the poll interval
-                return False
-            except subprocess.TimeoutExpired:
-                pass
-        self.stop()
-        raise AssertionError(f"smtp-sink did not accept connections within {timeout}s:\n{self.log()}")
 
     def log(self):
         """smtp-sink's stdout+stderr so far."""
@@ -323,11 +391,181 @@ class SmtpSink:
         return found
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, timeout=5)
         shutil.rmtree(self.dumpdir, ignore_errors=True)
+
+
+# --- A raw SMTP client: exact bytes out, whole replies in ---------------------------
+
+@dataclass
+class Reply:
+    """One whole SMTP reply: its code and the text of each line (after "250-" or "250 ")."""
+    code: int
+    lines: list[str]
+
+    @property
+    def text(self):
+        """The code and the first line's text: "535 5.7.0 Bad recipient"."""
+        return f"{self.code} {self.lines[0]}"
+
+    def tuple(self):
+        """(code, text) as smtplib gives them: the lines' text joined by LF, as bytes (byte for byte as sent)."""
+        return self.code, "\n".join(self.lines).encode("utf-8", "surrogateescape")
+
+    def __str__(self):
+        return "\n".join(f"{self.code} {line}" for line in self.lines)
+
+
+class ConnectionClosed(AssertionError):
+    """The server closed the connection (EOF or reset) before a whole line came; args[0]: the bytes left unread."""
+
+    def __str__(self):
+        return f"connection closed; unread {self.args[0]!r}"
+
+
+def codes(replies):
+    """The code of each Reply, in order."""
+    return [reply.code for reply in replies]
+
+
+class SMTPClient:
+    """An SMTP client on a plain (or TLS-wrapped) socket: sends exactly the bytes given, reads whole replies.
+
+    Every line the server sends must end in CRLF and hold no other CR or LF;
+    a reply's lines must all start with the same code, 200 to 599. Text is
+    decoded as UTF-8, a byte that is none kept as a surrogate (see
+    Reply.tuple). `nodelay` sets TCP_NODELAY: each write leaves at once.
+    """
+
+    def __init__(self, sock, nodelay=False):
+        if nodelay:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock, self.buf = sock, b""
+
+    def send(self, *writes):
+        """Each argument (bytes) in its own sendall; the server may still read them as one."""
+        for data in writes:
+            self.sock.sendall(data)
+
+    def _recv(self):
+        """The next bytes from the server; b"" once it closed (or reset) the connection."""
+        try:
+            return self.sock.recv(65536)
+        except ConnectionResetError:    # closed with our unread bytes in its buffer
+            return b""
+
+    def line(self):
+        """The next line the server sends, without its CRLF (ConnectionClosed if none comes)."""
+        while (end := self.buf.find(b"\n")) < 0:
+            chunk = self._recv()
+            if not chunk:
+                raise ConnectionClosed(self.buf)
+            self.buf += chunk
+        line, self.buf = self.buf[:end + 1], self.buf[end + 1:]
+        assert re.fullmatch(rb"[^\r\n]*\r\n", line), f"line not ended by CRLF alone: {line!r}"
+        return line[:-2].decode("utf-8", "surrogateescape")
+
+    def reply(self):
+        """The next whole reply, multi-line ones included (RFC 5321 §4.2.1) -> Reply."""
+        raw = []
+        while not raw or raw[-1][3] == "-":
+            try:
+                line = self.line()
+            except ConnectionClosed:
+                assert not raw, f"connection closed in the middle of a reply: {raw}"
+                raise
+            assert re.fullmatch(r"[2-5]\d\d[ -].*", line), f"not an SMTP reply line: {line!r}"
+            assert not raw or line[:3] == raw[0][:3], f"code changed within a reply: {raw + [line]}"
+            raw.append(line)
+        return Reply(int(raw[0][:3]), [line[4:] for line in raw])
+
+    def say(self, command):
+        """Send one command line (str or bytes; CRLF added) -> its Reply."""
+        self.send(_command_line(command))
+        return self.reply()
+
+    def talk(self, *commands):
+        """Send the command lines in one write (pipelined) -> their Replies, one each, in order."""
+        self.send(b"".join(map(_command_line, commands)))
+        return [self.reply() for _ in commands]
+
+    def replies_until_closed(self):
+        """Every Reply up to the server's closing the connection, which must not cut a line short."""
+        replies = []
+        while True:
+            try:
+                replies.append(self.reply())
+            except ConnectionClosed as closed:
+                assert not closed.args[0], f"closed after a partial line {closed.args[0]!r}"
+                return replies
+
+    def rest(self):
+        """Everything the server still sends (bytes, unparsed) until it closes the connection."""
+        data, self.buf = self.buf, b""
+        while chunk := self._recv():
+            data += chunk
+        return data
+
+
+def _command_line(command):
+    """A command (str, encoded as UTF-8, or bytes) as sent: with CRLF."""
+    return (command.encode("utf-8") if isinstance(command, str) else command) + b"\r\n"
+
+
+def greeted(relay, timeout=10, ehlo=None, nodelay=False):
+    """An SMTPClient connected to the relay's first listener, its 220 greeting read.
+
+    With `ehlo` it has also said "EHLO <ehlo>" and got 250. `nodelay` as for SMTPClient.
+    """
+    client = SMTPClient(relay.connect(timeout=timeout), nodelay=nodelay)
+    assert client.reply().code == 220
+    if ehlo is not None:
+        assert client.say(f"EHLO {ehlo}").code == 250
+    return client
+
+
+def begin_data(client, sender="a@example.org", recipient="b@example.net", mail_params=""):
+    """MAIL FROM:<sender>mail_params, RCPT TO:<recipient> and DATA, answered 250, 250 and 354.
+
+    What the client sends next is message data.
+    """
+    assert client.say(f"MAIL FROM:<{sender}>{mail_params}").code == 250
+    assert client.say(f"RCPT TO:<{recipient}>").code == 250
+    assert client.say("DATA").code == 354
+
+
+def send_message(client, body, sender="a@example.org", recipient="b@example.net", mail_params=""):
+    """begin_data, then `body` (already dot-stuffed) and ".\r\n" -> the Reply to the end of data."""
+    begin_data(client, sender, recipient, mail_params)
+    client.send(body + b".\r\n")
+    return client.reply()
+
+
+# --- What several test files ask of a back-end session, the log, the auth service ------
+
+def verbs(session):
+    """The verbs a back-end session received, upper-cased, in order."""
+    return [command.split(b" ", 1)[0].upper() for command in session.commands]
+
+
+def xclient_attributes(session):
+    """The relay's (last) XCLIENT line in a back-end session -> {NAME: value}, both str."""
+    assert session.xclient is not None, f"no XCLIENT in {session.commands}"
+    return dict(item.decode().split("=", 1) for item in session.xclient.split()[1:])
+
+
+def session_id(relay, sock):
+    """The relay's id for the session of a client socket (found by its source port in the log)."""
+    port = sock.getsockname()[1]
+    return relay.wait_for_log(rf"(\w+) connect from 127\.0\.0\.1:{port}$")[1]
+
+
+def session_lines(relay, sid):
+    """The log lines of session `sid`, once it has ended (its `disconnect from` line logged)."""
+    relay.wait_for_log(rf"{sid} disconnect from")
+    return [line for line in relay.log_text().splitlines() if f" {sid} " in line]
+
+
+def b64(data):
+    """Base64 of `data` (str, encoded as UTF-8, or bytes), as str."""
+    return base64.b64encode(data.encode("utf-8") if isinstance(data, str) else data).decode()

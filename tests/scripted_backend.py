@@ -229,7 +229,8 @@ class _Handler(socketserver.BaseRequestHandler):
                 return
 
 
-class _Server(socketserver.ThreadingTCPServer):
+class ThreadingServer(socketserver.ThreadingTCPServer):
+    """A TCP server with a daemon thread per connection, its port reusable at once."""
     daemon_threads = True
     allow_reuse_address = True
 
@@ -273,7 +274,7 @@ class ScriptedBackend:
         self._live = set()
         self._cond = threading.Condition()
         self._stopping = threading.Event()
-        self._server = _Server(("127.0.0.1", 0), _Handler)
+        self._server = ThreadingServer(("127.0.0.1", 0), _Handler)
         self._server.backend = self
         self.host, self.port = self._server.server_address
         self.address = f"{self.host}:{self.port}"

@@ -11,18 +11,17 @@ import concurrent.futures
 import hashlib
 import hmac
 import re
-import signal
 import smtplib
-import socket
 import subprocess
 import threading
 import time
 
 import pytest
 
-from auth_fixtures import SMTPClient, auth_service, nginx, raw_listener  # noqa: F401  (fixtures)
+from auth_fixtures import always, auth_service, nginx, ok, raw_listener  # noqa: F401  (fixtures)
 from auth_http_example import Policy      # contrib/, put on sys.path by auth_fixtures
-from helpers import free_port, run_relay
+from helpers import (SMTPClient, b64, can_bind, free_port, greeted, killed_on_exit, run_relay, send_message,
+                     session_id, session_lines, verbs, xclient_attributes)
 from scripted_backend import DEFAULT_EXTENSIONS
 
 SERVER_NAME = "mx.test"
@@ -31,16 +30,6 @@ USERS = {"alice": "Alice-Secret-7"}
 
 
 # --- Policies: what the auth service answers -----------------------------------------
-
-def ok(backend, *extra):
-    """The answer naming `backend`, plus `extra` (name, value) headers."""
-    return [("Auth-Status", "OK"), ("Auth-Server", backend.host), ("Auth-Port", str(backend.port)), *extra]
-
-
-def always(*headers):
-    """A policy giving the same answer to every lookup."""
-    return lambda request: list(headers)
-
 
 class InTurn:
     """A policy giving its answers in turn, the last one repeating."""
@@ -69,10 +58,6 @@ def auth_headers(method, user, password, salt=None):
             ("Client-IP", "127.0.0.1"), ("Client-Host", "[UNAVAILABLE]")]
 
 
-def b64(data):
-    return base64.b64encode(data.encode("utf-8") if isinstance(data, str) else data).decode()
-
-
 # --- Starting things -----------------------------------------------------------------------
 
 @pytest.fixture
@@ -83,16 +68,8 @@ def smtprelay(relay):
     interval) and is test_lifecycle.py's subject, not this file's; SIGKILL
     keeps this file well under a minute.
     """
-    started = []
-
-    def start(*options, listen="127.0.0.1:0"):
-        started.append(relay(*options, listen=listen))
-        return started[-1]
-
-    yield start
-    for process in started:
-        process.close_clients()
-        process.stop(signal.SIGKILL)
+    with killed_on_exit(relay) as start:
+        yield start
 
 
 @pytest.fixture
@@ -117,27 +94,9 @@ def start_auth(start, backend):
     return start_auth
 
 
-def greeted(relay):
-    """An SMTPClient connected to the relay, its 220 read."""
-    client = SMTPClient(relay.connect())
-    assert client.reply().code == 220
-    return client
-
-
 def wait_for_session_end(relay, client):
-    """Wait until the relay logged the end of `client`'s session (found by its source port)."""
-    port = client.sock.getsockname()[1]
-    sid = relay.wait_for_log(rf"(\w+) connect from 127\.0\.0\.1:{port}$")[1]
-    relay.wait_for_log(rf"{sid} disconnect from")
-
-
-def send_message(client, sender="a@example.org", recipient="b@example.net", body=BODY):
-    """MAIL, RCPT, DATA and the message, each expecting success -> the reply to the end of data."""
-    assert client.say(f"MAIL FROM:<{sender}>").code == 250
-    assert client.say(f"RCPT TO:<{recipient}>").code == 250
-    assert client.say("DATA").code == 354
-    client.send(body + b".\r\n")
-    return client.reply()
+    """Wait until the relay logged the end of `client`'s session."""
+    session_lines(relay, session_id(relay, client.sock))
 
 
 # --- The lookup at the first RCPT (--auth none) -----------------------------------------
@@ -191,7 +150,7 @@ def test_backend_may_be_named_by_the_host_name_localhost(start, backend):
                                   ("Auth-Port", str(backend.port))))
     client = greeted(relay)
     assert client.say("EHLO client.example").code == 250
-    assert send_message(client).code == 250
+    assert send_message(client, BODY).code == 250
     [message] = backend.delivered
     assert message.rcpt_to == [b"RCPT TO:<b@example.net>"]
 
@@ -380,7 +339,7 @@ def test_sequential_sessions_reuse_one_connection_to_the_service(start, backend)
     for i in range(5):
         client = greeted(relay)
         assert client.say("EHLO client.example").code == 250
-        assert send_message(client, recipient=f"r{i}@example.net").code == 250
+        assert send_message(client, BODY, recipient=f"r{i}@example.net").code == 250
         assert client.say("QUIT").code == 221
     assert [dict(r)["Auth-SMTP-To"] for r in service.requests] == [f"RCPT TO:<r{i}@example.net>" for i in range(5)]
     assert service.connections == 1
@@ -413,9 +372,9 @@ def test_concurrent_sessions_each_get_their_own_answer(start, scripted_backend):
         for session in backend.sessions:
             [message] = session.messages
             i = int(re.fullmatch(rb"RCPT TO:<r(\d+)@example\.net>", message.rcpt_to[0])[1])
-            xclient = dict(item.split(b"=", 1) for item in session.xclient.split()[1:])
-            assert (i % 2, message.rcpt_to, xclient[b"LOGIN"], xclient[b"HELO"]) == \
-                (k, [b"RCPT TO:<r%d@example.net>" % i], b"user%d" % i, b"client%d.example" % i)
+            xclient = xclient_attributes(session)
+            assert (i % 2, message.rcpt_to, xclient["LOGIN"], xclient["HELO"]) == \
+                (k, [b"RCPT TO:<r%d@example.net>" % i], f"user{i}", f"client{i}.example")
             assert message.mail_from.startswith(b"MAIL FROM:<s%d@example.org>" % i)
             assert message.content == b"Subject: %d\r\n\r\nmessage %d\r\n" % (i, i)
             seen.append(i)
@@ -426,8 +385,8 @@ def test_second_transaction_is_looked_up_again_with_the_next_attempt_number(star
     relay, service = start(always(*ok(backend)))
     client = greeted(relay)
     assert client.say("EHLO client.example").code == 250
-    assert send_message(client, "a1@example.org", "b1@example.net").code == 250
-    assert send_message(client, "a2@example.org", "b2@example.net").code == 250
+    assert send_message(client, BODY, "a1@example.org", "b1@example.net").code == 250
+    assert send_message(client, BODY, "a2@example.org", "b2@example.net").code == 250
     assert service.requests == [
         none_headers("client.example", "MAIL FROM:<a1@example.org>", "RCPT TO:<b1@example.net>", attempt=1),
         none_headers("client.example", "MAIL FROM:<a2@example.org>", "RCPT TO:<b2@example.net>", attempt=2),
@@ -524,12 +483,12 @@ def test_plain_works_with_and_without_an_initial_response(start_auth, backend):
     credentials = b64("\0alice\0" + USERS["alice"])
     client = greeted(relay)
     assert client.say(f"AUTH PLAIN {credentials}").code == 235
-    assert send_message(client).code == 250
+    assert send_message(client, BODY).code == 250
     client = greeted(relay)
     challenge = client.say("AUTH PLAIN")
     assert (challenge.code, challenge.lines) == (334, [""])       # "334 ", nothing after the space
     assert client.say(credentials).code == 235
-    assert send_message(client).code == 250
+    assert send_message(client, BODY).code == 250
     assert service.requests == [auth_headers("plain", "alice", USERS["alice"])] * 2
     assert len(backend.delivered) == 2
 
@@ -612,11 +571,11 @@ def test_with_none_and_plain_unauthenticated_mail_flows_and_auth_works_too(start
     client = greeted(relay)
     ehlo = client.say("EHLO client.example")
     assert ehlo.code == 250 and "AUTH PLAIN" in ehlo.lines
-    assert send_message(client).code == 250
+    assert send_message(client, BODY).code == 250
     client = greeted(relay)
     assert client.say("EHLO client.example").code == 250
     assert client.say(f"AUTH PLAIN {b64(chr(0) + 'alice' + chr(0) + USERS['alice'])}").code == 235
-    assert send_message(client).code == 250
+    assert send_message(client, BODY).code == 250
     assert service.requests == [
         none_headers("client.example", "MAIL FROM:<a@example.org>", "RCPT TO:<b@example.net>"),
         auth_headers("plain", "alice", USERS["alice"]),
@@ -630,7 +589,7 @@ def test_failed_auth_leaves_no_credentials_in_the_later_lookup_without_auth(star
     client = greeted(relay)
     assert client.say("EHLO client.example").code == 250
     assert client.say(f"AUTH PLAIN {b64(chr(0) + 'alice' + chr(0) + 'wrong')}").code == 535
-    assert send_message(client).code == 250
+    assert send_message(client, BODY).code == 250
     assert service.requests == [
         auth_headers("plain", "alice", "wrong"),
         none_headers("client.example", "MAIL FROM:<a@example.org>", "RCPT TO:<b@example.net>", attempt=2),
@@ -639,19 +598,15 @@ def test_failed_auth_leaves_no_credentials_in_the_later_lookup_without_auth(star
 
 # --- Towards the back-end after a lookup ----------------------------------------------------
 
-def xclient_attributes(line):
-    return dict(item.split(b"=", 1) for item in line.split()[1:])
-
-
 def test_xclient_carries_the_authenticated_login_xtext_encoded(start, backend):
     relay, service = start(Policy([backend.address], {"a b+c=d": "pw"}), "--auth", "plain")
     client = greeted(relay)
     assert client.say("EHLO client.example").code == 250
     assert client.say(f"AUTH PLAIN {b64(chr(0) + 'a b+c=d' + chr(0) + 'pw')}").code == 235
-    assert send_message(client).code == 250
+    assert send_message(client, BODY).code == 250
     [session] = backend.sessions
-    attributes = xclient_attributes(session.xclient)
-    assert (attributes[b"ADDR"], attributes[b"LOGIN"]) == (b"127.0.0.1", b"a+20b+2Bc+3Dd")
+    attributes = xclient_attributes(session)
+    assert (attributes["ADDR"], attributes["LOGIN"]) == ("127.0.0.1", "a+20b+2Bc+3Dd")
 
 
 AUTH_BACKEND = dict(extensions=[*DEFAULT_EXTENSIONS, "AUTH PLAIN LOGIN"],
@@ -664,12 +619,12 @@ def test_backend_auth_authenticates_to_the_backend_and_leaves_login_out_of_xclie
     client = greeted(relay)
     assert client.say("EHLO client.example").code == 250
     assert client.say(f"AUTH PLAIN {b64(chr(0) + 'alice' + chr(0) + USERS['alice'])}").code == 235
-    assert send_message(client).code == 250
+    assert send_message(client, BODY).code == 250
     [session] = backend.sessions
-    verbs = [c.split(b" ")[0].upper() for c in session.commands]
-    assert verbs.index(b"XCLIENT") < verbs.index(b"AUTH") < verbs.index(b"MAIL")
-    assert b"LOGIN" not in xclient_attributes(session.xclient)
-    assert session.commands[verbs.index(b"AUTH")] == b"AUTH PLAIN " + b64("\0relay\0pw").encode()
+    said = verbs(session)
+    assert said.index(b"XCLIENT") < said.index(b"AUTH") < said.index(b"MAIL")
+    assert "LOGIN" not in xclient_attributes(session)
+    assert session.commands[said.index(b"AUTH")] == b"AUTH PLAIN " + b64("\0relay\0pw").encode()
     assert len(backend.delivered) == 1
 
 
@@ -679,11 +634,11 @@ def test_credentials_from_the_service_replace_backend_auth(start, scripted_backe
                            "--backend-auth", "relay:pw")
     client = greeted(relay)
     assert client.say("EHLO client.example").code == 250
-    assert send_message(client).code == 250
+    assert send_message(client, BODY).code == 250
     [session] = backend.sessions
     assert [c for c in session.commands if c.upper().startswith(b"AUTH")] == \
         [b"AUTH PLAIN " + b64("\0svc\0svc-pw").encode()]
-    assert b"LOGIN" not in xclient_attributes(session.xclient)
+    assert "LOGIN" not in xclient_attributes(session)
     assert len(backend.delivered) == 1
 
 
@@ -700,20 +655,11 @@ def test_client_outside_allow_from_gets_554_and_is_closed_without_greeting(start
 def test_client_inside_allow_from_is_served(start, backend):
     relay, service = start(always(*ok(backend)), "--allow-from", "10.0.0.0/8", "--allow-from", "127.0.0.0/8")
     client = greeted(relay)
-    assert send_message(client).code == 250
+    assert send_message(client, BODY).code == 250
     assert len(service.requests) == 1
 
 
-def ipv6_loopback_missing():
-    try:
-        with socket.socket(socket.AF_INET6) as sock:
-            sock.bind(("::1", 0))
-    except OSError as e:
-        return f"no IPv6 loopback here: cannot bind [::1]: {e}"
-    return None
-
-
-@pytest.mark.skipif(ipv6_loopback_missing() is not None, reason=ipv6_loopback_missing() or "")
+@pytest.mark.skipif(not can_bind("::1"), reason="no IPv6 loopback here: cannot bind [::1]")
 @pytest.mark.parametrize("allow_from, served", [("::1/128", True), ("127.0.0.0/8", False)])
 def test_ipv6_client_is_checked_against_allow_from(start, backend, allow_from, served):
     relay, service = start(always(*ok(backend)), "--allow-from", allow_from, listen="[::1]:0")
@@ -725,7 +671,7 @@ def test_ipv6_client_is_checked_against_allow_from(start, backend, allow_from, s
         return
     assert client.reply().code == 220
     assert client.say("EHLO client.example").code == 250
-    assert send_message(client).code == 250
+    assert send_message(client, BODY).code == 250
     assert service.requests == [none_headers("client.example", "MAIL FROM:<a@example.org>",
                                              "RCPT TO:<b@example.net>", client_ip="::1")]
 
@@ -773,7 +719,7 @@ def test_debug_log_holds_no_password_and_no_base64_of_auth_data(start, scripted_
     client = greeted(relay)
     assert client.say(f"AUTH PLAIN {b64(chr(0) + 'alice' + chr(0) + 'Wrong-Secret-3')}").code == 535
     assert client.say(f"AUTH PLAIN {b64(chr(0) + 'alice' + chr(0) + password)}").code == 235
-    assert send_message(client).code == 250
+    assert send_message(client, BODY).code == 250
     assert client.say("QUIT").code == 221
     wait_for_session_end(relay, client)
     client = greeted(relay)
@@ -799,7 +745,7 @@ def test_relay_delivers_where_a_real_nginx_auth_http_answer_says(smtprelay, ngin
     relay = smtprelay("--server-name", SERVER_NAME, "--auth-http", server.url)
     client = greeted(relay)
     assert client.say("EHLO client.example").code == 250
-    assert send_message(client).code == 250
+    assert send_message(client, BODY).code == 250
     [message] = sink.wait_for_messages(1)
     assert (message.mail_args, message.rcpt_args) == ("<a@example.org>", ["<b@example.net>"])
     assert message.body_crlf == BODY

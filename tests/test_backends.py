@@ -10,12 +10,11 @@ the back-end's record of the message is complete: no waiting is needed.
 import mailbox
 import os
 import re
-import socket
 import subprocess
 
 import pytest
 
-from helpers import free_port
+from helpers import begin_data, can_bind, free_port, greeted, send_message, verbs, xclient_attributes
 
 SENDER = "sender@example.org"
 RECIPIENT = "rcpt@example.net"
@@ -54,54 +53,10 @@ def transaction(client, body=BODY, sender=SENDER, rcpts=(RECIPIENT,)):
     return client.data(body)
 
 
-class RawClient:
-    """An SMTP client on a plain socket, for tests where every byte matters."""
-
-    def __init__(self, sock):
-        self.sock, self.buf = sock, b""
-
-    def send(self, data):
-        self.sock.sendall(data)
-
-    def reply(self):
-        """The next reply -> (code, text), its lines joined by LF as smtplib does."""
-        lines = []
-        while not lines or lines[-1][3:4] == b"-":
-            while b"\r\n" not in self.buf:
-                chunk = self.sock.recv(65536)
-                if not chunk:
-                    raise AssertionError(f"connection closed; unparsed: {self.buf!r}")
-                self.buf += chunk
-            line, self.buf = self.buf.split(b"\r\n", 1)
-            lines.append(line)
-        return int(lines[0][:3]), b"\n".join(line[4:] for line in lines)
-
-    def command(self, line):
-        """Send one command line (str or bytes, CRLF added) -> its reply."""
-        self.send((line.encode() if isinstance(line, str) else line) + b"\r\n")
-        return self.reply()
-
-
-def raw_client(relay, helo=CLIENT_HELO):
-    client = RawClient(relay.connect())
-    assert client.reply()[0] == 220
-    assert client.command(f"EHLO {helo}")[0] == 250
-    return client
-
-
-def raw_transaction(client, data, mail_params=""):
-    """MAIL, RCPT, DATA, then `data` (already dot-stuffed) and CRLF.CRLF -> the final reply."""
-    assert client.command(f"MAIL FROM:<{SENDER}>{mail_params}")[0] == 250
-    assert client.command(f"RCPT TO:<{RECIPIENT}>")[0] == 250
-    assert client.command("DATA")[0] == 354
-    client.send(data + b".\r\n")
-    return client.reply()
-
-
 def deliver_raw(relay, backend, data, mail_params=""):
     """Send `data` byte for byte through a fresh relay -> the one Message the back-end got."""
-    client = raw_client(start_relay(relay, backend))
-    code, text = raw_transaction(client, data, mail_params)
+    client = greeted(start_relay(relay, backend), ehlo=CLIENT_HELO)
+    code, text = send_message(client, data, SENDER, RECIPIENT, mail_params).tuple()
     assert code == 250 and text.startswith(b"2.0.0 Ok: queued as SCRIPTED"), (code, text)
     [message] = backend.delivered
     return message
@@ -114,26 +69,6 @@ def assert_same_bytes(got, wanted):
         near = slice(max(0, at - 20), at + 20)
         pytest.fail(f"{len(got)} bytes, wanted {len(wanted)}; first difference at byte {at}: "
                     f"got {got[near]!r}, wanted {wanted[near]!r}")
-
-
-def verbs(session):
-    """The verbs a back-end session received, upper-cased, in order."""
-    return [line.split(b" ", 1)[0].upper() for line in session.commands]
-
-
-def xclient_attributes(session):
-    """The relay's XCLIENT line in a back-end session -> {NAME: value}."""
-    assert session.xclient is not None, f"no XCLIENT in {session.commands}"
-    return dict(item.decode().split("=", 1) for item in session.xclient.split()[1:])
-
-
-def has_ipv6_loopback():
-    try:
-        with socket.socket(socket.AF_INET6) as sock:
-            sock.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
 
 
 def maildir_relay(relay, tmp_path, *args):
@@ -201,12 +136,10 @@ def test_body_without_final_crlf_arrives_with_the_crlf_smtplib_adds(relay, scrip
 
 def test_smtputf8_envelope_reaches_the_backend_in_utf8(relay, scripted_backend):
     backend = scripted_backend()
-    client = raw_client(start_relay(relay, backend))
-    assert client.command("MAIL FROM:<jörg@example.org> SMTPUTF8")[0] == 250
-    assert client.command("RCPT TO:<zoë@example.net>")[0] == 250
-    assert client.command("DATA")[0] == 354
+    client = greeted(start_relay(relay, backend), ehlo=CLIENT_HELO)
+    begin_data(client, "jörg@example.org", "zoë@example.net", " SMTPUTF8")
     client.send(b"hi\r\n.\r\n")
-    assert client.reply()[0] == 250
+    assert client.reply().code == 250
     [message] = backend.delivered
     assert message.mail_from == "MAIL FROM:<jörg@example.org> SMTPUTF8".encode()
     assert message.rcpt_to == ["RCPT TO:<zoë@example.net>".encode()]
@@ -323,7 +256,7 @@ def test_xclient_helo_is_xtext_encoded_and_proto_is_smtp_after_helo(relay, scrip
     assert (attributes["HELO"], attributes["PROTO"]) == ("mx+2B1+3Da.example", "SMTP")
 
 
-@pytest.mark.skipif(not has_ipv6_loopback(), reason="this host has no IPv6 loopback address")
+@pytest.mark.skipif(not can_bind("::1"), reason="this host has no IPv6 loopback address")
 def test_xclient_address_of_an_ipv6_client_is_prefixed_ipv6(relay, scripted_backend):
     backend = scripted_backend()
     r = relay("--backend", backend.address, listen="[::1]:0")
@@ -383,21 +316,20 @@ def test_backend_receives_only_the_relays_own_commands_on_one_connection(relay, 
 
 def test_clients_xclient_auth_and_junk_never_reach_the_backend(relay, scripted_backend):
     backend = scripted_backend()
-    client = raw_client(start_relay(relay, backend, args=["--max-errors", "20"]))
-    assert client.command(f"MAIL FROM:<{SENDER}>")[0] == 250       # the back-end is open now
+    client = greeted(start_relay(relay, backend, args=["--max-errors", "20"]), ehlo=CLIENT_HELO)
+    assert client.say(f"MAIL FROM:<{SENDER}>").code == 250       # the back-end is open now
     hostile = [b"XCLIENT ADDR=192.0.2.66 NAME=spoofed.example",
                b"AUTH PLAIN AHNwb29mZWQAc2VjcmV0",
                b"xyzzy 192.0.2.66",
                b"\x00\xff\xfe junk",
                b"RCPT TO:<" + RECIPIENT.encode() + b">\rXCLIENT ADDR=192.0.2.66"]
     for line in hostile:
-        code, _ = client.command(line)
-        assert 500 <= code < 600, line
-    assert client.command(f"RCPT TO:<{RECIPIENT}>")[0] == 250
-    assert client.command("DATA")[0] == 354
+        assert 500 <= client.say(line).code < 600, line
+    assert client.say(f"RCPT TO:<{RECIPIENT}>").code == 250
+    assert client.say("DATA").code == 354
     client.send(b"hi\r\n.\r\n")
-    assert client.reply()[0] == 250
-    assert client.command("QUIT")[0] == 221
+    assert client.reply().code == 250
+    assert client.say("QUIT").code == 221
     [session] = backend.wait_for_sessions_closed(1)
     assert set(verbs(session)) <= RELAY_VERBS, session.commands
     assert not [c for c in session.commands if b"192.0.2.66" in c or b"AUTH" in c.upper() or b"junk" in c]
@@ -529,10 +461,8 @@ def test_message_over_the_size_limit_never_completes_at_the_backend(relay, scrip
 def test_client_vanishing_mid_data_leaves_no_message_at_the_backend(relay, scripted_backend):
     backend = scripted_backend()
     r = start_relay(relay, backend)
-    client = raw_client(r)
-    assert client.command(f"MAIL FROM:<{SENDER}>")[0] == 250
-    assert client.command(f"RCPT TO:<{RECIPIENT}>")[0] == 250
-    assert client.command("DATA")[0] == 354
+    client = greeted(r, ehlo=CLIENT_HELO)
+    begin_data(client, SENDER, RECIPIENT)
     sent = b"Subject: cut short\r\n\r\nfirst line\r\nsecond li"
     client.send(sent)
     client.sock.close()
@@ -632,10 +562,8 @@ def test_maildir_message_refused_mid_way_leaves_no_file(relay, tmp_path):
 
 def test_maildir_client_vanishing_mid_data_leaves_no_file(relay, tmp_path):
     r, path = maildir_relay(relay, tmp_path)
-    client = raw_client(r)
-    assert client.command(f"MAIL FROM:<{SENDER}>")[0] == 250
-    assert client.command(f"RCPT TO:<{RECIPIENT}>")[0] == 250
-    assert client.command("DATA")[0] == 354
+    client = greeted(r, ehlo=CLIENT_HELO)
+    begin_data(client, SENDER, RECIPIENT)
     client.send(b"Subject: cut short\r\n\r\nfirst line\r\nsecond li")
     client.sock.close()
     r.wait_for_log(r"disconnect from 127\.0\.0\.1")     # logged after the back-end is closed

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import RELAY, relay_env, run_relay
+from helpers import RELAY, can_bind, relay_env, run_relay
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -98,17 +98,6 @@ def wait_until_refused(host, port, timeout=5):
         if time.monotonic() > deadline:
             raise AssertionError(f"{host}:{port} still accepts connections {timeout}s after the signal")
         time.sleep(0.02)  # poll interval, not a synchronisation
-
-
-def ipv6_loopback_available():
-    if not socket.has_ipv6:
-        return False
-    try:
-        with socket.socket(socket.AF_INET6) as sock:
-            sock.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
 
 
 # --- --check-config ------------------------------------------------------------
@@ -377,7 +366,7 @@ def test_two_listen_options_give_two_listeners_both_serving(relay, tmp_path):
     assert len(maildir_messages(tmp_path / "mail")) == 2
 
 
-@pytest.mark.skipif(not ipv6_loopback_available(), reason="this machine has no IPv6 loopback address ::1")
+@pytest.mark.skipif(not can_bind("::1"), reason="this machine has no IPv6 loopback address ::1")
 def test_listen_on_ipv6_loopback_serves_over_ipv6(relay, tmp_path):
     r = relay("--backend", f"maildir:{tmp_path / 'mail'}", listen="[::1]:0")
     assert r.host == "::1"

@@ -4,16 +4,11 @@ import socket
 
 import pytest
 
+from helpers import SMTPClient, codes
+
 
 def smtp_to(server, timeout=5):
     return smtplib.SMTP(server.host, server.port, timeout=timeout)
-
-
-def read_reply(sock_file):
-    lines = [sock_file.readline()]
-    while lines[-1][3:4] == b"-":
-        lines.append(sock_file.readline())
-    return b"".join(lines)
 
 
 def test_scripted_backend_records_raw_dot_stuffed_data(scripted_backend):
@@ -33,24 +28,25 @@ def test_scripted_backend_records_raw_dot_stuffed_data(scripted_backend):
 
 def test_scripted_backend_finds_terminator_split_across_reads(scripted_backend):
     backend = scripted_backend()
-    with socket.create_connection((backend.host, backend.port), timeout=5) as sock, sock.makefile("rb") as f:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        read_reply(f)
-        sock.sendall(b"MAIL FROM:<a@x>\r\nRCPT TO:<b@x>\r\nDATA\r\n")
-        assert [read_reply(f)[:3] for _ in range(3)] == [b"250", b"250", b"354"]
-        for byte in b"a\r\n.\r\n":
-            sock.sendall(bytes([byte]))
-        assert read_reply(f).startswith(b"250 2.0.0 Ok: queued as ")
+    with socket.create_connection((backend.host, backend.port), timeout=5) as sock:
+        client = SMTPClient(sock, nodelay=True)
+        client.reply()
+        client.send(b"MAIL FROM:<a@x>\r\nRCPT TO:<b@x>\r\nDATA\r\n")
+        assert codes(client.reply() for _ in range(3)) == [250, 250, 354]
+        client.send(*(bytes([byte]) for byte in b"a\r\n.\r\n"))
+        queued = client.reply()
+        assert queued.code == 250 and len(queued.lines) == 1 and queued.lines[0].startswith("2.0.0 Ok: queued as ")
     assert [m.raw for m in backend.delivered] == [b"a\r\n"]
 
 
 def test_scripted_backend_ends_empty_data_and_keeps_pipelined_command(scripted_backend):
     backend = scripted_backend()
-    with socket.create_connection((backend.host, backend.port), timeout=5) as sock, sock.makefile("rb") as f:
-        read_reply(f)
-        sock.sendall(b"MAIL FROM:<a@x>\r\nRCPT TO:<b@x>\r\nDATA\r\n.\r\nQUIT\r\n")
-        replies = [read_reply(f)[:3] for _ in range(5)]
-    assert replies == [b"250", b"250", b"354", b"250", b"221"]
+    with socket.create_connection((backend.host, backend.port), timeout=5) as sock:
+        client = SMTPClient(sock)
+        client.reply()
+        client.send(b"MAIL FROM:<a@x>\r\nRCPT TO:<b@x>\r\nDATA\r\n.\r\nQUIT\r\n")
+        replies = codes(client.reply() for _ in range(5))
+    assert replies == [250, 250, 354, 250, 221]
     [session] = backend.wait_for_sessions_closed(1)
     assert [m.raw for m in session.messages] == [b""]
     assert session.commands[-1] == b"QUIT"

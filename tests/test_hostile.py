@@ -7,8 +7,8 @@ dot-stuffed as needed, so the data a back-end gets holds no bare CR or LF and
 no CRLF.CRLF but its final one; with `reject` the message gets `554 5.6.0`
 and the back-end transaction is abandoned, so nothing is delivered.
 
-Everything hostile is sent as raw bytes on a plain socket (RawClient). The
-back-end is ScriptedBackend, which records each message's exact bytes
+Everything hostile is sent as raw bytes on a plain socket (helpers.SMTPClient).
+The back-end is ScriptedBackend, which records each message's exact bytes
 (Message.raw), or Postfix's smtp-sink for the 200 MB message.
 """
 import itertools
@@ -20,88 +20,17 @@ import time
 
 import pytest
 
-from helpers import parse_sink_dump
+from helpers import begin_data, codes, greeted, parse_sink_dump, stopped_on_exit, verbs
 
 CRLF = b"\r\n"
-SENDER, RECIPIENT = b"alice@example.org", b"bob@example.org"
+SENDER, RECIPIENT = "alice@example.org", "bob@example.org"
 
 
-# --- A raw-socket SMTP client -------------------------------------------------
-
-class ConnectionClosed(Exception):
-    """The relay closed the connection (EOF or reset); args[0] is any unterminated rest."""
-
-
-class RawClient:
-    """An SMTP client on a plain socket: sends exactly the bytes given, reads replies one by one."""
-
-    def __init__(self, sock):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # each sendall leaves at once
-        self.sock, self.buf = sock, b""
-
-    def send(self, *writes):
-        """Each argument in its own sendall; the relay may still read them as one (see Tap)."""
-        for data in writes:
-            self.sock.sendall(data)
-
-    def read_line(self):
-        while (end := self.buf.find(b"\n")) < 0:
-            try:
-                chunk = self.sock.recv(65536)
-            except ConnectionResetError:    # the relay closed with our input unread
-                chunk = b""
-            if not chunk:
-                raise ConnectionClosed(self.buf)
-            self.buf += chunk
-        line, self.buf = self.buf[:end + 1], self.buf[end + 1:]
-        return line
-
-    def reply(self):
-        """The next reply -> (code, text), text being its lines after the code joined by LF."""
-        lines = []
-        while not lines or lines[-1][3:4] == b"-":
-            try:
-                line = self.read_line()
-            except ConnectionClosed:
-                assert not lines, f"relay closed in the middle of a reply: {lines}"
-                raise
-            assert re.fullmatch(rb"[2-5]\d\d[ -][^\r\n]*\r\n", line), f"malformed reply line {line!r}"
-            assert not lines or line[:3] == lines[0][:3], f"reply code changed within {lines + [line]}"
-            lines.append(line)
-        return int(lines[0][:3]), b"\n".join(line[4:-2] for line in lines)
-
-    def command(self, line):
-        self.send(line + CRLF)
-        return self.reply()
-
-    def replies_until_closed(self):
-        """Every reply up to the relay's closing the connection -> [(code, text)]."""
-        replies = []
-        while True:
-            try:
-                replies.append(self.reply())
-            except ConnectionClosed as closed:
-                assert not closed.args[0], f"relay closed after a partial line {closed.args[0]!r}"
-                return replies
-
-
-def codes(replies):
-    return [code for code, _ in replies]
-
+# --- Starting things ---------------------------------------------------------------
 
 def start_session(relay_process):
-    """A RawClient greeted by the relay and past EHLO."""
-    client = RawClient(relay_process.connect())
-    assert client.reply()[0] == 220
-    assert client.command(b"EHLO client.example")[0] == 250
-    return client
-
-
-def begin_data(client):
-    """MAIL, RCPT and DATA, each answered; what the client sends next is message data."""
-    assert client.command(b"MAIL FROM:<%s>" % SENDER)[0] == 250
-    assert client.command(b"RCPT TO:<%s>" % RECIPIENT)[0] == 250
-    assert client.command(b"DATA")[0] == 354
+    """An SMTPClient (TCP_NODELAY: each send leaves at once) greeted by the relay and past EHLO."""
+    return greeted(relay_process, ehlo="client.example", nodelay=True)
 
 
 def start_relay(relay, backend, mode=None):
@@ -188,15 +117,8 @@ class Tap:
 @pytest.fixture
 def tap():
     """Factory start(backend) -> a Tap in front of it; all stopped at teardown."""
-    taps = []
-
-    def start(backend):
-        taps.append(Tap(backend))
-        return taps[-1]
-
-    yield start
-    for started in taps:
-        started.stop()
+    with stopped_on_exit(Tap) as start:
+        yield start
 
 
 def send_in_separate_reads(client, tap, writes, mode="normalize"):
@@ -235,9 +157,9 @@ def assert_one_end_and_no_bare_newline(raw):
 
 def transaction_verbs(session):
     """A back-end session's command verbs from its first MAIL on (the relay's EHLO/XCLIENT cut off)."""
-    verbs = [command.split(b" ", 1)[0].upper() for command in session.commands]
-    assert b"MAIL" in verbs, f"no MAIL in {session.commands}"
-    return verbs[verbs.index(b"MAIL"):]
+    said = verbs(session)
+    assert b"MAIL" in said, f"no MAIL in {session.commands}"
+    return said[said.index(b"MAIL"):]
 
 
 def intended_lines(data):
@@ -294,7 +216,7 @@ def test_smuggled_transaction_reaches_the_backend_as_data_of_the_one_message(
         relay, scripted_backend, before, payload, normalized):
     backend = scripted_backend()
     client = start_session(start_relay(relay, backend))     # the default: --bare-newline normalize
-    begin_data(client)
+    begin_data(client, SENDER, RECIPIENT)
     client.send(before + payload + SMUGGLED + b"\r\n.\r\n")
     client.send(b"QUIT\r\n")
 
@@ -315,9 +237,9 @@ def test_smuggling_payload_is_refused_with_554_in_reject_mode_and_session_goes_o
         relay, scripted_backend, before, payload, normalized):
     backend = scripted_backend()
     client = start_session(start_relay(relay, backend, "reject"))
-    begin_data(client)
+    begin_data(client, SENDER, RECIPIENT)
     client.send(before + payload + SMUGGLED + b"\r\n.\r\n")
-    code, text = client.reply()
+    code, text = client.reply().tuple()
     assert code == 554 and text.startswith(b"5.6.0 "), (code, text)
 
     # The relay abandoned that back-end session without an end of data: no message, no second MAIL.
@@ -327,7 +249,7 @@ def test_smuggling_payload_is_refused_with_554_in_reject_mode_and_session_goes_o
     assert backend.delivered == []
 
     # The client's session goes on; its next message goes out on a new back-end session.
-    begin_data(client)
+    begin_data(client, SENDER, RECIPIENT)
     client.send(b"Subject: clean\r\n\r\nclean\r\n.\r\n", b"QUIT\r\n")
     assert codes(client.replies_until_closed()) == [250, 221]
     backend.wait_for_sessions_closed(2)
@@ -338,7 +260,7 @@ def test_smuggling_payload_is_refused_with_554_in_reject_mode_and_session_goes_o
 def test_nul_before_dot_is_plain_data_in_reject_mode(relay, scripted_backend):
     backend = scripted_backend()
     client = start_session(start_relay(relay, backend, "reject"))
-    begin_data(client)
+    begin_data(client, SENDER, RECIPIENT)
     client.send(BODY + b"\r\n\x00.\r\n" + SMUGGLED + b"\r\n.\r\n", b"QUIT\r\n")
     assert codes(client.replies_until_closed()) == [250, 221]
     [session] = backend.wait_for_sessions_closed(1)
@@ -362,9 +284,9 @@ def test_smuggling_payloads_split_across_two_reads_at_every_edge_end_each_messag
         data = before + payload + SMUGGLED + b"\r\n.\r\n"
         around_payload = range(max(1, len(before) - 2), len(before) + len(payload) + 3)
         for cut in [*around_payload, *range(len(data) - 7, len(data))]:
-            begin_data(client)
+            begin_data(client, SENDER, RECIPIENT)
             send_in_separate_reads(client, tapped, [data[:cut], data[cut:]], mode)
-            code, text = client.reply()
+            code, text = client.reply().tuple()
             sent += 1
             if mode == "reject" and has_bare_newline(payload):
                 assert code == 554 and text.startswith(b"5.6.0 "), (case.id, cut, code, text)
@@ -383,7 +305,7 @@ def test_smuggling_payloads_split_across_two_reads_at_every_edge_end_each_messag
 def test_client_leaving_before_the_terminator_gets_nothing_delivered(relay, scripted_backend, tail):
     backend = scripted_backend()
     client = start_session(start_relay(relay, backend))
-    begin_data(client)
+    begin_data(client, SENDER, RECIPIENT)
     client.send(b"Subject: unfinished\r\n\r\nunfinished" + tail)
     client.sock.shutdown(socket.SHUT_WR)
     assert client.replies_until_closed() == []
@@ -398,7 +320,7 @@ def test_cr_inside_a_command_line_gets_500_and_nothing_reaches_the_backend(relay
     client = start_session(start_relay(relay, backend))
     for line in [b"MAIL FROM:<a@example.org>\rRCPT TO:<victim@example.org>",
                  b'MAIL FROM:<"a\rDATA"@example.org>', b"NOOP\r\rQUIT"]:
-        assert client.command(line)[0] == 500, line
+        assert client.say(line).code == 500, line
     client.send(b"QUIT\r\n")
     assert codes(client.replies_until_closed()) == [221]
     assert backend.connections == 0
@@ -425,9 +347,9 @@ NORMALIZATION = [
 def test_bare_newlines_are_made_crlf_with_the_dots_kept_right(relay, scripted_backend, sent, received):
     backend = scripted_backend()
     client = start_session(start_relay(relay, backend, "normalize"))
-    begin_data(client)
+    begin_data(client, SENDER, RECIPIENT)
     client.send(sent + b".\r\n")
-    assert client.reply()[0] == 250
+    assert client.reply().code == 250
     [message] = backend.delivered
     assert message.raw == received
     assert_one_end_and_no_bare_newline(message.raw)
@@ -441,12 +363,12 @@ def test_conformant_message_passes_byte_for_byte(relay, scripted_backend, mode):
     data = (b"From: alice@example.org\r\nSubject: dots\r\n\r\n"
             b"..dotted\r\n...two dots\r\n..\r\n.x\r\nNUL \x00 and 8 bits \xff\xfe\r\n"
             b"\r\n \r\nend.\r\n")
-    begin_data(client)
+    begin_data(client, SENDER, RECIPIENT)
     client.send(data + b".\r\n")
-    assert client.reply()[0] == 250
-    begin_data(client)
+    assert client.reply().code == 250
+    begin_data(client, SENDER, RECIPIENT)
     client.send(b".\r\n")       # the empty message
-    assert client.reply()[0] == 250
+    assert client.reply().code == 250
     assert [m.raw for m in backend.delivered] == [data, b""]
 
 
@@ -472,9 +394,9 @@ def test_random_dots_and_newlines_reach_the_backend_as_the_lines_meant(relay, sc
     client = start_session(start_relay(relay, tapped, "normalize"))
     sent = [random_data(rng) for _ in range(100)]
     for data in sent:
-        begin_data(client)
+        begin_data(client, SENDER, RECIPIENT)
         send_in_separate_reads(client, tapped, random_writes(rng, data))
-        assert client.reply()[0] == 250, data
+        assert client.reply().code == 250, data
     client.send(b"QUIT\r\n")
     assert codes(client.replies_until_closed()) == [221]
     [session] = backend.wait_for_sessions_closed(1)
@@ -495,9 +417,9 @@ def test_random_messages_with_bare_newlines_are_refused_and_the_others_delivered
     sent = [random_data(rng)[:rng.randrange(6)] for _ in range(100)]
     sent = [data for data in sent if ends_only_at_its_terminator(data)]
     for data in sent:
-        begin_data(client)
+        begin_data(client, SENDER, RECIPIENT)
         send_in_separate_reads(client, tapped, random_writes(rng, data), "reject")
-        code, text = client.reply()
+        code, text = client.reply().tuple()
         if has_bare_newline(data + CRLF):
             assert code == 554 and text.startswith(b"5.6.0 "), (data, code, text)
         else:
@@ -518,9 +440,9 @@ def test_terminator_split_across_reads_at_every_position_ends_the_message(relay,
 
     def deliver(writes):
         data = b"".join(writes)
-        begin_data(client)
+        begin_data(client, SENDER, RECIPIENT)
         send_in_separate_reads(client, tapped, writes, mode)
-        assert client.reply()[0] == 250, writes
+        assert client.reply().code == 250, writes
         expected.append(data[:-3])      # all but the final ".\r\n"
 
     # One cut anywhere in the message.
@@ -545,10 +467,10 @@ def test_cr_at_the_end_of_a_read_and_lf_at_the_start_of_the_next_are_one_crlf(re
     backend = scripted_backend()
     tapped = tap(backend)
     client = start_session(start_relay(relay, tapped, mode))
-    begin_data(client)
+    begin_data(client, SENDER, RECIPIENT)
     send_in_separate_reads(client, tapped, [b"Subject: cr\r", b"\n\r", b"\nfirst\r", b"\n.second\r", b"\n.\r", b"\n"],
                            mode)
-    code, text = client.reply()
+    code, text = client.reply().tuple()
     assert code == 250, (code, text)     # a bare CR would give 554 in reject mode
     # A bare CR would have given "first\r\n\r\n" and "...second" in normalize mode.
     assert [m.raw for m in backend.delivered] == [b"Subject: cr\r\n\r\nfirst\r\n.second\r\n"]
@@ -557,7 +479,7 @@ def test_cr_at_the_end_of_a_read_and_lf_at_the_start_of_the_next_are_one_crlf(re
 def test_commands_pipelined_after_the_terminator_are_answered_in_order(relay, scripted_backend):
     backend = scripted_backend()
     client = start_session(start_relay(relay, backend))
-    begin_data(client)
+    begin_data(client, SENDER, RECIPIENT)
     client.send(b"Subject: pipelined\r\n\r\nbody\r\n.\r\nQUIT\r\n")
     replies = client.replies_until_closed()
     assert codes(replies) == [250, 221], replies
@@ -588,9 +510,9 @@ def test_100_kb_data_line_passes_intact(relay, scripted_backend):
     backend = scripted_backend()
     client = start_session(start_relay(relay, backend))
     data = b"Subject: long\r\n\r\n" + LONG + b"\r\n.." + LONG + b"\r\nend\r\n"
-    begin_data(client)
+    begin_data(client, SENDER, RECIPIENT)
     client.send(data + b".\r\n")
-    assert client.reply()[0] == 250
+    assert client.reply().code == 250
     [message] = backend.delivered
     assert len(message.raw) == len(data) and message.raw == data
 
@@ -617,12 +539,12 @@ def test_long_line_passed_on_in_parts_keeps_its_line_ends_and_dots_right(
     backend = scripted_backend()
     tapped = tap(backend)
     client = start_session(start_relay(relay, tapped))
-    begin_data(client)
+    begin_data(client, SENDER, RECIPIENT)
     start = tapped.sent
     client.send(first)
     tapped.wait(sent=start + len(first.rstrip(b"\r")))
     client.send(rest)
-    assert client.reply()[0] == 250
+    assert client.reply().code == 250
     [message] = backend.delivered
     assert len(message.raw) == len(received) and message.raw == received
     assert_one_end_and_no_bare_newline(message.raw)
@@ -636,14 +558,13 @@ JUNK = [b"\x00", b"\xff\xfe\xfd\xfc", b"GET / HTTP/1.1", b"\x16\x03\x01\x00\xa5\
 
 def test_binary_garbage_commands_get_500_until_max_errors_then_421_and_close(relay, scripted_backend):
     backend = scripted_backend()
-    client = RawClient(start_relay(relay, backend).connect())
-    assert client.reply()[0] == 220
+    client = greeted(start_relay(relay, backend), nodelay=True)
     for junk in JUNK[:4]:
-        assert client.command(junk)[0] == 500, junk
+        assert client.say(junk).code == 500, junk
     client.send(JUNK[4] + CRLF)         # the fifth error, --max-errors' default
     replies = client.replies_until_closed()
     assert codes(replies) == [500, 421], replies
-    assert replies[1][1].startswith(b"4.7.0 ")
+    assert replies[1].lines[0].startswith("4.7.0 ")
     assert backend.connections == 0
 
 
@@ -651,9 +572,9 @@ def test_nul_bytes_in_commands_get_500_and_the_session_goes_on(relay, scripted_b
     backend = scripted_backend()
     client = start_session(start_relay(relay, backend))
     for line in [b"\x00", b"NOOP\x00", b"MAIL FROM:<a@example.org>\x00", b"EHLO a\x00b"]:
-        assert client.command(line)[0] == 500, line
-    assert client.command(b"NOOP")[0] == 250
-    begin_data(client)      # the NUL MAIL was not taken: this MAIL is not nested
+        assert client.say(line).code == 500, line
+    assert client.say(b"NOOP").code == 250
+    begin_data(client, SENDER, RECIPIENT)      # the NUL MAIL was not taken: this MAIL is not nested
     client.send(b"ok\r\n.\r\nQUIT\r\n")
     assert codes(client.replies_until_closed()) == [250, 221]
     [session] = backend.wait_for_sessions_closed(1)
@@ -663,8 +584,7 @@ def test_nul_bytes_in_commands_get_500_and_the_session_goes_on(relay, scripted_b
 def test_burst_of_bad_commands_is_cut_off_and_the_relay_serves_the_next_client(relay, scripted_backend):
     backend = scripted_backend()
     proxy = start_relay(relay, backend)
-    hostile = RawClient(proxy.connect())
-    assert hostile.reply()[0] == 220
+    hostile = greeted(proxy, nodelay=True)
     burst = b"".join(JUNK[i % len(JUNK)] + b" %d\r\n" % i for i in range(20000)) * 10    # 3.5 MB
 
     def flood():
@@ -695,10 +615,10 @@ def test_second_client_is_served_while_a_hostile_client_sends_an_endless_line(re
         assert client.sendmail("a@example.org", ["b@example.org"], b"Subject: meanwhile\r\n\r\nhi\r\n") == {}
     assert [m.raw for m in backend.delivered] == [b"Subject: meanwhile\r\n\r\nhi\r\n"]
     # The hostile session stayed in step: its line is refused once it ends, and it goes on.
-    code, text = hostile.command(b"")
+    code, text = hostile.say(b"").tuple()
     assert code == 500 and text.startswith(b"5.5.6 "), (code, text)
-    assert hostile.command(b"NOOP")[0] == 250
-    assert hostile.command(b"QUIT")[0] == 221
+    assert hostile.say(b"NOOP").code == 250
+    assert hostile.say(b"QUIT").code == 221
 
 
 # --- A 200 MB message ------------------------------------------------------------------
@@ -717,10 +637,8 @@ def test_200_mb_message_streams_through_the_relay_to_smtp_sink_in_bounded_memory
     # dump's size is checked, never its content read into memory.
     sink = smtp_sink()
     proxy = relay("--backend", sink.address)
-    client = RawClient(proxy.connect(timeout=120))
-    assert client.reply()[0] == 220
-    assert client.command(b"EHLO client.example")[0] == 250
-    begin_data(client)
+    client = greeted(proxy, timeout=120, ehlo="client.example", nodelay=True)
+    begin_data(client, SENDER, RECIPIENT)
     started = time.monotonic()
     header = b"Subject: 200 MB\r\n\r\n"
     client.send(header)
@@ -730,13 +648,13 @@ def test_200_mb_message_streams_through_the_relay_to_smtp_sink_in_bounded_memory
         client.send(chunk)
         sent, lines = sent + len(chunk), lines + chunk.count(CRLF)
     client.send(b".\r\n")
-    code, text = client.reply()
+    code, text = client.reply().tuple()
     elapsed = time.monotonic() - started
     peak_kb = proxy.peak_rss_kb()
     print(f"200 MB message: {sent} bytes in {elapsed:.2f}s, relay peak RSS {peak_kb} kB")
     assert code == 250, (code, text)
     assert peak_kb < 64 * 1024, f"relay peak RSS {peak_kb} kB for a {sent}-byte message"
-    assert client.command(b"QUIT")[0] == 221
+    assert client.say(b"QUIT").code == 221
 
     # The dump: smtp-sink's header, the message with LF line ends, one empty line.
     [dump] = sink.dumpdir.glob("msg.*")

@@ -8,95 +8,22 @@ import re
 import socket
 import subprocess
 import time
-from dataclasses import dataclass
 
 import pytest
+
+from helpers import SMTPClient, codes, greeted, send_message
 
 SERVER_NAME = "mx.test"
 BODY = b"Subject: wire test\r\n\r\nHello.\r\n"
 
 
-# --- A raw SMTP client: exact bytes out, whole replies in ---------------------
-
-@dataclass
-class Reply:
-    code: int
-    lines: list     # the text of each line, after "250-" or "250 "
-
-    def __str__(self):
-        return "\n".join(f"{self.code} {line}" for line in self.lines)
-
-
-class Client:
-    """One socket to the relay; replies are read whole, each line must end in CRLF."""
-
-    def __init__(self, sock):
-        self.sock, self.buf = sock, b""
-
-    def send(self, data):
-        self.sock.sendall(data)
-
-    def line(self):
-        while b"\r\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            assert chunk, f"connection closed in the middle of a reply; unread {self.buf!r}"
-            self.buf += chunk
-        line, _, self.buf = self.buf.partition(b"\r\n")
-        return line.decode("utf-8")
-
-    def reply(self):
-        """One full reply, multi-line ones included (RFC 5321 §4.2.1)."""
-        raw = []
-        while not raw or raw[-1][3] == "-":
-            line = self.line()
-            assert re.match(r"\d{3}[ -]", line), f"not an SMTP reply line: {line!r}"
-            assert not raw or line[:3] == raw[0][:3], f"code changed within a reply: {raw + [line]}"
-            raw.append(line)
-        return Reply(int(raw[0][:3]), [line[4:] for line in raw])
-
-    def talk(self, *commands):
-        """Send the commands in one write (pipelined); their replies, one each, in order."""
-        self.send(b"".join(c.encode("utf-8") + b"\r\n" for c in commands))
-        return [self.reply() for _ in commands]
-
-    def rest(self):
-        """Everything the relay still sends until it closes the connection."""
-        data = self.buf
-        while True:
-            try:
-                chunk = self.sock.recv(65536)
-            except ConnectionResetError:    # closed with our unread bytes in its buffer
-                return data
-            if not chunk:
-                return data
-            data += chunk
-
-
-def codes(replies):
-    return [r.code for r in replies]
-
-
-def greeted(relay, timeout=10):
-    """A Client connected to the relay, its 220 greeting read."""
-    client = Client(relay.connect(timeout=timeout))
-    assert client.reply().code == 220
-    return client
-
+# --- Checking replies, starting the relay ----------------------------------------
 
 def assert_enhanced(reply):
     """RFC 2034 §3: every line starts with a status code whose class is the reply's."""
     for line in reply.lines:
         assert re.match(rf"{str(reply.code)[0]}\.\d{{1,3}}\.\d{{1,3}}(?: |$)", line), \
             f"no enhanced status code in {reply}"
-
-
-def send_message(client, body=BODY, sender="a@example.org", recipient="b@example.org"):
-    """A whole transaction, step by step -> the reply to the end of data."""
-    assert codes(client.talk(f"MAIL FROM:<{sender}>")) == [250]
-    assert codes(client.talk(f"RCPT TO:<{recipient}>")) == [250]
-    assert codes(client.talk("DATA")) == [354]
-    client.send(body + b".\r\n")
-    return client.reply()
 
 
 @pytest.fixture
@@ -115,7 +42,7 @@ def start_relay(relay, backend):
 # --- Greeting, HELO and EHLO ---------------------------------------------------
 
 def test_greeting_is_220_server_name_esmtp(start_relay):
-    client = Client(start_relay().connect())
+    client = SMTPClient(start_relay().connect())
     assert client.line() == "220 mx.test ESMTP"
 
 
@@ -156,7 +83,7 @@ def test_helo_and_ehlo_without_argument_are_refused_with_501(start_relay):
 def test_mail_rcpt_data_deliver_the_message_to_the_backend(start_relay, backend):
     client = greeted(start_relay())
     assert codes(client.talk("EHLO client.example")) == [250]
-    assert send_message(client).code == 250
+    assert send_message(client, BODY, recipient="b@example.org").code == 250
     [message] = backend.delivered
     assert message.mail_from == b"MAIL FROM:<a@example.org>"
     assert message.rcpt_to == [b"RCPT TO:<b@example.org>"]
@@ -243,7 +170,7 @@ def test_nested_mail_is_refused_with_503(start_relay):
 def test_rset_mid_transaction_lets_a_new_mail_start(start_relay, backend):
     client = greeted(start_relay())
     assert codes(client.talk("MAIL FROM:<old@example.org>", "RCPT TO:<b@example.org>", "RSET")) == [250, 250, 250]
-    assert send_message(client, sender="new@example.org", recipient="c@example.org").code == 250
+    assert send_message(client, BODY, "new@example.org", "c@example.org").code == 250
     [message] = backend.delivered
     assert (message.mail_from, message.rcpt_to) == (b"MAIL FROM:<new@example.org>", [b"RCPT TO:<c@example.org>"])
 
@@ -384,7 +311,7 @@ def test_idle_client_gets_421_and_is_disconnected_after_the_timeout(start_relay)
 def test_client_beyond_max_clients_gets_421_and_is_closed_until_a_slot_frees(start_relay):
     relay = start_relay("--max-clients", "2")
     first, second = greeted(relay), greeted(relay)
-    third = Client(relay.connect(timeout=5))
+    third = SMTPClient(relay.connect(timeout=5))
     refusal = third.reply()
     assert refusal.code == 421
     assert refusal.lines[0].startswith("4.3.2")
@@ -399,13 +326,13 @@ def test_client_beyond_max_clients_gets_421_and_is_closed_until_a_slot_frees(sta
 def test_client_beyond_max_clients_per_ip_gets_421_while_other_addresses_are_served(start_relay):
     relay = start_relay("--max-clients-per-ip", "1")
     first = greeted(relay)
-    second = Client(relay.connect(timeout=5))
+    second = SMTPClient(relay.connect(timeout=5))
     refusal = second.reply()
     assert refusal.code == 421
     assert_enhanced(refusal)
     assert second.rest() == b""
     with socket.create_connection((relay.host, relay.port), timeout=5, source_address=("127.0.0.2", 0)) as sock:
-        other = Client(sock)
+        other = SMTPClient(sock)
         assert other.reply().code == 220
         assert codes(other.talk("QUIT")) == [221]
     assert codes(first.talk("QUIT")) == [221]
@@ -436,18 +363,19 @@ def test_mail_declaring_a_size_over_the_limit_gets_552(start_relay):
 def test_message_growing_over_the_limit_gets_552_is_not_delivered_and_session_continues(start_relay, backend):
     client = greeted(start_relay("--max-message-size", "1000"))
     assert codes(client.talk("EHLO client.example")) == [250]
-    reply = send_message(client, body=b"Subject: big\r\n\r\n" + (b"x" * 78 + b"\r\n") * 20)
+    reply = send_message(client, b"Subject: big\r\n\r\n" + (b"x" * 78 + b"\r\n") * 20,
+                         recipient="b@example.org")
     assert reply.code == 552
     assert reply.lines[0].startswith("5.3.4")
     backend.wait_for_sessions_closed(1)     # the back-end connection was dropped, no terminator sent
     assert backend.delivered == []
-    assert send_message(client, body=b"Subject: small\r\n\r\nfits\r\n").code == 250
+    assert send_message(client, b"Subject: small\r\n\r\nfits\r\n", recipient="b@example.org").code == 250
     assert [m.content for m in backend.delivered] == [b"Subject: small\r\n\r\nfits\r\n"]
 
 
 def test_client_talking_before_the_greeting_is_refused_without_220(start_relay):
     relay = start_relay("--greeting-delay", "30")      # the client speaks at once; 30 s only bounds a failure
-    client = Client(relay.connect(timeout=10))
+    client = SMTPClient(relay.connect(timeout=10))
     client.send(b"EHLO client.example\r\n")
     everything = client.rest()
     assert re.fullmatch(rb"5\d\d 5\.\d+\.\d+ [^\r\n]*\r\n", everything), everything
@@ -456,7 +384,7 @@ def test_client_talking_before_the_greeting_is_refused_without_220(start_relay):
 def test_patient_client_gets_220_after_the_greeting_delay(start_relay):
     relay = start_relay("--greeting-delay", "0.5")
     started = time.monotonic()
-    client = Client(relay.connect(timeout=10))
+    client = SMTPClient(relay.connect(timeout=10))
     assert client.line() == "220 mx.test ESMTP"
     assert time.monotonic() - started >= 0.5
     assert codes(client.talk("EHLO client.example")) == [250]

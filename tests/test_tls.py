@@ -6,7 +6,6 @@ exact exchange matters, smtplib, swaks and openssl s_client where a real
 client is the point. Back-ends are ScriptedBackends, which speak TLS and
 AUTH when asked to; the auth service is contrib/auth_http_example.py.
 """
-import base64
 import contextlib
 import re
 import signal
@@ -20,9 +19,10 @@ import warnings
 import pytest
 import trustme
 
-from auth_fixtures import SMTPClient, auth_service  # noqa: F401  (fixture)
+from auth_fixtures import always, auth_service, ok  # noqa: F401  (fixture)
 from auth_http_example import Policy, unescape      # contrib/, put on sys.path by auth_fixtures
-from helpers import run_relay
+from helpers import (SMTPClient, b64, can_bind, greeted, killed_on_exit, run_relay, send_message, session_id,
+                     session_lines, verbs)
 from scripted_backend import DEFAULT_EXTENSIONS, Auth
 from tls_fixtures import TLSMaterial, handshake_in_memory, serial_of, tls  # noqa: F401  (fixture)
 
@@ -44,17 +44,9 @@ def smtprelay(relay, tls):
     sockets a test left open would hold it up, and stopping is not this
     file's subject.
     """
-    started = []
-
-    def start(*options, listen="127.0.0.1:0"):
-        started.append(relay("--server-name", SERVER_NAME, "--tls-cert", tls.server.cert_path,
-                             "--tls-key", tls.server.key_path, *options, listen=listen))
-        return started[-1]
-
-    yield start
-    for process in started:
-        process.close_clients()
-        process.stop(signal.SIGKILL)
+    with killed_on_exit(relay, "--server-name", SERVER_NAME, "--tls-cert", tls.server.cert_path,
+                        "--tls-key", tls.server.key_path) as start:
+        yield start
 
 
 @pytest.fixture
@@ -72,13 +64,6 @@ def backend(scripted_backend):
 def tls_port(relay):
     """The port of the relay's --tls-listen listener, once it is listening."""
     return int(relay.wait_for_log(r"listening on \S+:(\d+) \(TLS\)")[1])
-
-
-def greeted(relay):
-    """An SMTPClient connected to the relay's plain listener, its 220 read."""
-    client = SMTPClient(relay.connect())
-    assert client.reply().code == 220
-    return client
 
 
 def wrap(client, context, opened, server_hostname="127.0.0.1", **kwargs):
@@ -105,38 +90,8 @@ def auth_line(reply):
     return next((line for line in reply.lines if line.upper().startswith("AUTH ")), None)
 
 
-def deliver(client, sender="a@example.org", recipient="b@example.net"):
-    """MAIL, RCPT, DATA, each expecting success -> the reply to the end of data."""
-    assert client.say(f"MAIL FROM:<{sender}>").code == 250
-    assert client.say(f"RCPT TO:<{recipient}>").code == 250
-    assert client.say("DATA").code == 354
-    client.send(BODY + b".\r\n")
-    return client.reply()
-
-
-def b64(text):
-    return base64.b64encode(text.encode()).decode()
-
-
 def plain(user, password):
     return f"AUTH PLAIN {b64(chr(0) + user + chr(0) + password)}"
-
-
-def ok(backend):
-    """An auth service policy sending every client to `backend`."""
-    return lambda request: [("Auth-Status", "OK"), ("Auth-Server", backend.host), ("Auth-Port", str(backend.port))]
-
-
-def session_id(relay, sock):
-    """The relay's id for the session of a client socket (found by its source port)."""
-    port = sock.getsockname()[1]
-    return relay.wait_for_log(rf"(\w+) connect from 127\.0\.0\.1:{port}$")[1]
-
-
-def session_lines(relay, sid):
-    """The log lines of a session, once it has ended."""
-    relay.wait_for_log(rf"{sid} disconnect from")
-    return [line for line in relay.log_text().splitlines() if f" {sid} " in line]
 
 
 def handshake_refused(client, context, opened):
@@ -176,7 +131,7 @@ def test_starttls_is_offered_in_clear_and_not_once_tls_is_up(smtprelay, backend,
     assert reply.code == 250 and reply.lines[0] == SERVER_NAME
     assert "STARTTLS" not in keywords(reply)
     assert client.say("STARTTLS").text == "503 5.5.1 Error: TLS already active"
-    assert deliver(client).code == 250
+    assert send_message(client, BODY).code == 250
     assert len(backend.delivered) == 1
     assert relay.wait_for_log(r"TLS (TLSv1\.[23]) ")
 
@@ -204,7 +159,7 @@ def test_session_starts_over_after_starttls_forgetting_helo_and_mail(smtprelay, 
     upgrade(client, tls.client_context(), opened)
     assert client.say("RCPT TO:<b@example.net>").text == "503 5.5.1 Error: need MAIL command"
     assert client.say("EHLO after.example").code == 250
-    assert deliver(client).code == 250
+    assert send_message(client, BODY).code == 250
     first, second = backend.sessions
     assert first.closed.wait(5) and first.messages == []   # the back-end chosen in clear was let go
     assert b"HELO=after.example" in second.xclient
@@ -221,7 +176,7 @@ def test_mail_right_after_starttls_waits_for_a_new_ehlo_and_the_helo_sent_in_cle
     upgrade(client, tls.client_context(), opened)
     assert client.say("MAIL FROM:<a@example.org>").text == "503 5.5.1 Error: send EHLO first after STARTTLS"
     assert client.say("EHLO after.example").code == 250
-    assert deliver(client).code == 250
+    assert send_message(client, BODY).code == 250
     [session] = backend.sessions
     assert not [c for c in session.commands if b"before.example" in c]
     assert b"PROTO=ESMTP" in session.xclient and b"HELO=after.example" in session.xclient
@@ -237,7 +192,7 @@ def test_auth_from_before_starttls_is_forgotten_after_the_handshake(smtprelay, a
     assert client.say("EHLO client.example").code == 250
     assert client.say("MAIL FROM:<a@example.org>").text == "530 5.7.0 Authentication required"
     assert client.say(plain("alice", USERS["alice"])).code == 235
-    assert deliver(client).code == 250
+    assert send_message(client, BODY).code == 250
     in_clear, in_tls = (dict(request) for request in service.requests)
     assert "Auth-SSL" not in in_clear
     assert in_tls["Auth-SSL"] == "on"
@@ -259,7 +214,7 @@ def test_starttls_only_hides_auth_and_refuses_mail_and_auth_until_tls(smtprelay,
     reply = client.say("EHLO client.example")
     assert auth_line(reply) == "AUTH PLAIN LOGIN" and "STARTTLS" not in keywords(reply)
     assert client.say(plain("alice", USERS["alice"])).code == 235
-    assert deliver(client).code == 250
+    assert send_message(client, BODY).code == 250
     assert len(backend.delivered) == 1
 
 
@@ -271,15 +226,7 @@ def test_starttls_only_refuses_mail_in_clear_also_without_auth(smtprelay, backen
     assert backend.connections == 0
     upgrade(client, tls.client_context(), opened)
     assert client.say("EHLO client.example").code == 250
-    assert deliver(client).code == 250
-
-
-def can_bind(host):
-    try:
-        with socket.create_server((host, 0), family=socket.AF_INET6 if ":" in host else socket.AF_INET):
-            return True
-    except OSError:
-        return False
+    assert send_message(client, BODY).code == 250
 
 
 @pytest.mark.parametrize("listen, client_ip", [
@@ -356,7 +303,7 @@ def test_commands_pipelined_behind_starttls_are_discarded_not_run_inside_tls(smt
     client.sock.settimeout(10)
     reply = client.say("EHLO client.example")
     assert reply.code == 250 and reply.lines[0] == SERVER_NAME        # the first thing read inside TLS
-    assert deliver(client).code == 250                                 # no MAIL was left open
+    assert send_message(client, BODY).code == 250                                 # no MAIL was left open
     assert [m.mail_from for m in backend.delivered] == [b"MAIL FROM:<a@example.org>"]
     assert "injected" not in relay.log_text()
     assert not re.search(r" C: RSET", relay.log_text())
@@ -402,7 +349,7 @@ def test_swaks_delivers_with_starttls_where_the_relay_insists_on_it(smtprelay, b
 
 def test_tls_listener_greets_inside_tls_and_delivers_with_no_starttls_needed(smtprelay, auth_service, backend, tls,
                                                                              opened):
-    service = auth_service(ok(backend))
+    service = auth_service(always(*ok(backend)))
     relay = smtprelay("--auth-http", service.url, "--starttls", "only", "--tls-listen", "127.0.0.1:0")
     client = smtplib.SMTP_SSL("127.0.0.1", tls_port(relay), context=tls.client_context(), timeout=10)   # 220 read
     opened.callback(client.close)
@@ -420,7 +367,7 @@ def test_plain_listener_stays_plain_next_to_a_tls_listener(smtprelay, backend, t
     tls_port(relay)
     client = greeted(relay)
     assert "STARTTLS" not in keywords(client.say("EHLO client.example"))
-    assert deliver(client).code == 250
+    assert send_message(client, BODY).code == 250
 
 
 # --- Bad certificate and key files ----------------------------------------------------
@@ -535,7 +482,7 @@ def test_tls_1_2_client_is_served_without_compression(smtprelay, backend, tls, o
     assert client.sock.version() == "TLSv1.2"
     assert client.sock.compression() is None
     assert client.say("EHLO client.example").code == 250
-    assert deliver(client).code == 250
+    assert send_message(client, BODY).code == 250
 
 
 def test_garbage_after_starttls_is_logged_in_one_line_and_the_relay_goes_on(smtprelay, backend, tls, opened):
@@ -549,7 +496,7 @@ def test_garbage_after_starttls_is_logged_in_one_line_and_the_relay_goes_on(smtp
     assert "Traceback" not in relay.log_text()
     again = upgrade(greeted(relay), tls.client_context(), opened)
     assert again.say("EHLO client.example").code == 250
-    assert deliver(again).code == 250
+    assert send_message(again, BODY).code == 250
 
 
 def test_plaintext_on_the_tls_port_is_logged_in_one_line_and_the_relay_goes_on(smtprelay, backend, tls, opened):
@@ -620,16 +567,16 @@ def test_client_certificate_missing_where_required_or_untrusted_or_expired_gets_
     assert backend.connections == 0
     again = upgrade(greeted(relay), tls.client_context(tls.client), opened)
     assert again.say("EHLO client.example").code == 250
-    assert deliver(again).code == 250
+    assert send_message(again, BODY).code == 250
 
 
 def test_optional_client_certificate_may_be_left_out_and_the_service_hears_verify_none(smtprelay, auth_service,
                                                                                        backend, tls, opened):
-    service = auth_service(ok(backend))
+    service = auth_service(always(*ok(backend)))
     relay = client_cert_relay(smtprelay, tls, "optional", "--auth-http", service.url)
     client = upgrade(greeted(relay), tls.client_context(), opened)
     assert client.say("EHLO client.example").code == 250
-    assert deliver(client).code == 250
+    assert send_message(client, BODY).code == 250
     [request] = service.requests
     ssl_headers = [(name, value) for name, value in request if name.startswith("Auth-SSL")]
     assert ssl_headers == [("Auth-SSL", "on"), ("Auth-SSL-Protocol", client.sock.version()),
@@ -639,11 +586,11 @@ def test_optional_client_certificate_may_be_left_out_and_the_service_hears_verif
 @pytest.mark.parametrize("mode", ["on", "optional"])
 def test_client_certificate_details_go_to_the_auth_service_as_nginx_sends_them(mode, smtprelay, auth_service,
                                                                                backend, tls, opened):
-    service = auth_service(ok(backend))
+    service = auth_service(always(*ok(backend)))
     relay = client_cert_relay(smtprelay, tls, mode, "--auth-http", service.url)
     client = upgrade(greeted(relay), tls.client_context(tls.client), opened)
     assert client.say("EHLO client.example").code == 250
-    assert deliver(client).code == 250
+    assert send_message(client, BODY).code == 250
     [request] = service.requests
     names = [name for name, _ in request]
     headers = dict(request)
@@ -672,7 +619,7 @@ def test_auth_external_authenticates_as_the_certificate_subject(smtprelay, auth_
     client = upgrade(greeted(relay), tls.client_context(tls.client), opened)
     assert auth_line(client.say("EHLO client.example")) == "AUTH EXTERNAL"
     assert client.say("AUTH EXTERNAL =").code == 235
-    assert deliver(client).code == 250
+    assert send_message(client, BODY).code == 250
     [request] = service.requests
     headers = dict(request)
     assert (headers["Auth-Method"], headers["Auth-Pass"]) == ("external", "")
@@ -713,16 +660,12 @@ def backend_tls_options(tls, mode="starttls"):
     return ["--backend-tls", mode, "--backend-tls-ca", tls.ca_path]
 
 
-def verbs(session):
-    return [command.split(b" ")[0].upper() for command in session.commands]
-
-
 def test_backend_starttls_carries_the_client_and_its_mail_only_inside_tls(smtprelay, scripted_backend, tls):
     backend = scripted_backend(starttls_context=tls.server_context(tls.backend))
     relay = smtprelay("--backend", backend.address, *backend_tls_options(tls))
     client = greeted(relay)
     assert client.say("EHLO client.example").code == 250
-    assert deliver(client).code == 250
+    assert send_message(client, BODY).code == 250
     [session] = backend.sessions
     assert session.tls_version in ("TLSv1.2", "TLSv1.3")
     said = verbs(session)
@@ -737,7 +680,7 @@ def test_backend_implicit_tls_delivers(smtprelay, scripted_backend, tls):
     relay = smtprelay("--backend", backend.address, *backend_tls_options(tls, "on"))
     client = greeted(relay)
     assert client.say("EHLO client.example").code == 250
-    assert deliver(client).code == 250
+    assert send_message(client, BODY).code == 250
     [session] = backend.sessions
     assert session.tls and b"STARTTLS" not in verbs(session)
     assert len(backend.delivered) == 1
@@ -749,7 +692,7 @@ def test_backend_without_starttls_is_down_and_the_next_one_takes_over(smtprelay,
     relay = smtprelay("--backend", clear.address, "--backend", secure.address, *backend_tls_options(tls))
     client = greeted(relay)
     assert client.say("EHLO client.example").code == 250
-    assert deliver(client).code == 250
+    assert send_message(client, BODY).code == 250
     [session] = clear.wait_for_sessions_closed(1)
     assert verbs(session) == [b"EHLO"]                  # no XCLIENT, no MAIL: nothing of the client in clear
     assert len(secure.delivered) == 1
@@ -814,7 +757,7 @@ def test_backend_tls_verify_off_accepts_any_certificate_and_warns_at_start(mode,
     [warning] = [i for i, line in enumerate(lines) if "WARNING --backend-tls-verify off" in line]
     assert warning < min(i for i, line in enumerate(lines) if "listening on" in line)
     client = greeted(relay)
-    assert deliver(client).code == 250
+    assert send_message(client, BODY).code == 250
     assert backend.sessions[0].tls
 
 
@@ -829,7 +772,7 @@ def test_backend_auth_runs_inside_tls_with_plain_or_with_login_where_only_login_
                       "--backend-auth", "relay:Relay-Secret-9")
     client = greeted(relay)
     assert client.say("EHLO client.example").code == 250
-    assert deliver(client).code == 250
+    assert send_message(client, BODY).code == 250
     [session] = backend.sessions
     assert session.auths == [Auth(used, "relay", "Relay-Secret-9", tls=True, accepted=True)]
     said = verbs(session)
@@ -859,8 +802,8 @@ def test_sighup_loads_a_new_certificate_for_new_sessions_and_open_sessions_keep_
     after = upgrade(greeted(relay), tls.client_context(), opened)
     assert peer_serial(after) == renewed.serial
     assert after.say("EHLO client.example").code == 250
-    assert deliver(after).code == 250
-    assert deliver(before).code == 250
+    assert send_message(after, BODY).code == 250
+    assert send_message(before, BODY).code == 250
     assert len(backend.delivered) == 2
 
 
@@ -883,7 +826,7 @@ def test_sighup_with_a_bad_new_certificate_keeps_the_old_one_and_logs_why(replac
     client = upgrade(greeted(relay), tls.client_context(), opened)
     assert peer_serial(client) == tls.server.serial
     assert client.say("EHLO client.example").code == 250
-    assert deliver(client).code == 250
+    assert send_message(client, BODY).code == 250
     assert relay.proc.poll() is None
 
 
@@ -891,14 +834,14 @@ def test_sighup_with_a_bad_new_certificate_keeps_the_old_one_and_logs_why(replac
 
 def test_tls_sessions_are_marked_auth_ssl_on_and_xclient_proto_stays_esmtp(smtprelay, auth_service, backend, tls,
                                                                            opened):
-    service = auth_service(ok(backend))
+    service = auth_service(always(*ok(backend)))
     relay = smtprelay("--auth-http", service.url, "--starttls", "on")
     in_clear = greeted(relay)
     assert in_clear.say("EHLO clear.example").code == 250
-    assert deliver(in_clear).code == 250
+    assert send_message(in_clear, BODY).code == 250
     in_tls = upgrade(greeted(relay), tls.client_context(), opened)
     assert in_tls.say("EHLO secure.example").code == 250
-    assert deliver(in_tls).code == 250
+    assert send_message(in_tls, BODY).code == 250
     clear_request, tls_request = (dict(request) for request in service.requests)
     assert not [name for name in clear_request if name.startswith("Auth-SSL")]
     assert {name: value for name, value in tls_request.items() if name.startswith("Auth-SSL")} == {
