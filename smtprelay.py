@@ -1696,7 +1696,7 @@ class AuthService:
 
     def request(self, headers):
         with self.lock:
-            http = self.idle.pop() if self.idle else requests.Session()
+            http = self.idle.pop() if self.idle else self.new_session()
         try:
             response = http.get(self.url, headers=headers, timeout=self.timeout, allow_redirects=False)
         except requests.RequestException as e:
@@ -1705,6 +1705,14 @@ class AuthService:
         with self.lock:
             self.idle.append(http)
         return response.headers
+
+    @staticmethod
+    def new_session():
+        http = requests.Session()
+        # Straight to the service, as nginx: no proxy or .netrc from the
+        # environment, which also halves the cost of a lookup.
+        http.trust_env = False
+        return http
 
     def lookup(self, session, method, user="", password="", salt=None, mail=None, rcpt=None):
         """Ask about one client -> AuthAnswer; raises AuthServiceError."""
