@@ -26,6 +26,7 @@ import base64
 import binascii
 import collections
 import datetime
+import errno
 import ipaddress
 import hashlib
 import itertools
@@ -66,6 +67,7 @@ DEFAULT_CONFIG_FILE = "/etc/smtprelay.conf"
 ENV_PREFIX = "SMTPRELAY_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 AUTH_METHODS = ("none", "plain", "login", "cram-md5", "external")
+MAX_SECONDS = 86400 * 7     # timeouts beyond a week overflow the OS's timers
 
 
 class ConfigError(Exception):
@@ -85,6 +87,9 @@ class SettingsParser(configargparse.ArgParser):
 
     def convert_item_to_command_line_arg(self, action, key, value):
         self.source = action.option_strings[0] if action else None     # None: an unknown key
+        if action and key.startswith("no-"):
+            # configargparse would read "no-xclient = true" as --xclient.
+            raise ConfigError(self.source, f"{key}: write '{key[3:]} = false' instead")
         try:
             return super().convert_item_to_command_line_arg(action, key, value)
         finally:
@@ -184,14 +189,20 @@ def is_number(text):
     return re.fullmatch(r"[0-9]+", text) is not None
 
 
-def parse_number(option, text, minimum=0, kind=int):
+def parse_number(option, text, minimum=0, kind=int, maximum=None):
     try:
         value = kind(text)
     except (TypeError, ValueError):
         raise ConfigError(option, f"{text!r}: not a number") from None
     if value < minimum or value != value or value == float("inf"):
         raise ConfigError(option, f"{text!r}: must be at least {minimum}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(option, f"{text!r}: must be at most {maximum:g}")
     return value
+
+
+def parse_seconds(option, text, minimum=0.001):
+    return parse_number(option, text, minimum, float, maximum=MAX_SECONDS)
 
 
 def parse_choice(option, text, choices):
@@ -228,9 +239,25 @@ def parse_address(option, text, default_port=None):
         raise ConfigError(option, f"{text!r}: port is not a number")
     if not 0 <= int(port) <= 65535:
         raise ConfigError(option, f"{text!r}: port out of range")
-    if host and not re.fullmatch(r"[A-Za-z0-9.:_-]+", host):
+    if host and not is_host(host):
         raise ConfigError(option, f"{text!r}: bad host name")
     return host, int(port)
+
+
+def is_host(text):
+    """An IP address, or a DNS name whose labels are 1 to 63 letters, digits, - or _."""
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        labels = text[:-1].split(".") if text.endswith(".") else text.split(".")
+        return len(text) <= 253 and all(re.fullmatch(r"[A-Za-z0-9_-]{1,63}", label) for label in labels)
+
+
+def client_ip(peer):
+    """A peer's address as text; a v4 client on a dual-stack listener as plain v4."""
+    ip = ipaddress.ip_address(peer[0].split("%")[0])
+    return str(getattr(ip, "ipv4_mapped", None) or ip)
 
 
 def format_address(host, port):
@@ -346,7 +373,9 @@ def make_server_tls(cert, key, client_ca, verify_client):
             context.load_verify_locations(cafile=client_ca)
         except ssl.SSLError:
             raise ConfigError("--tls-client-ca", f"{client_ca}: no PEM certificates") from None
-    context.verify_mode = {"off": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "on": ssl.CERT_REQUIRED}[verify_client]
+    # "on" asks like "optional", so that a client without a certificate
+    # finishes the handshake and hears why it is turned away (nginx).
+    context.verify_mode = ssl.CERT_NONE if verify_client == "off" else ssl.CERT_OPTIONAL
     return context
 
 
@@ -406,7 +435,7 @@ def validate(args):
         backend=backends,
         auth_http=parse_auth_http(args.auth_http) if args.auth_http else None,
         auth_http_header=[parse_header(h) for h in args.auth_http_header or []],
-        auth_http_timeout=parse_number("--auth-http-timeout", args.auth_http_timeout, 0.001, float),
+        auth_http_timeout=parse_seconds("--auth-http-timeout", args.auth_http_timeout),
         auth=auth,
         xclient=args.xclient,
         starttls=starttls,
@@ -419,9 +448,9 @@ def validate(args):
         backend_tls_verify=backend_tls_verify,
         backend_tls_context=make_backend_tls(args.backend_tls_ca, backend_tls_verify) if backend_tls != "off" else None,
         backend_auth=backend_auth,
-        timeout=parse_number("--timeout", args.timeout, 0.001, float),
-        proxy_timeout=parse_number("--proxy-timeout", args.proxy_timeout, 0.001, float),
-        greeting_delay=parse_number("--greeting-delay", args.greeting_delay, 0, float),
+        timeout=parse_seconds("--timeout", args.timeout),
+        proxy_timeout=parse_seconds("--proxy-timeout", args.proxy_timeout),
+        greeting_delay=parse_seconds("--greeting-delay", args.greeting_delay, 0),
         max_errors=parse_number("--max-errors", args.max_errors),
         max_clients=parse_number("--max-clients", args.max_clients, 1),
         max_clients_per_ip=parse_number("--max-clients-per-ip", args.max_clients_per_ip),
@@ -477,9 +506,10 @@ def load_config(argv=None):
 # replace run in C). Replies are written from one place, format_reply.
 
 COMMAND_LINE_LIMIT = 2048   # RFC 5321 §4.5.3.1.4 says 512; parameters outgrow it
-AUTH_LINE_LIMIT = 12288     # RFC 4954 §4: an AUTH line may be this long
+AUTH_LINE_LIMIT = 12288     # RFC 4954 §4: an AUTH line (initial response included) may be this long
 RECV_SIZE = 65536           # one read; DATA moves at most this much at a time
 LONG_LINE_PART = 65536      # a data line without LF is passed on in parts this long
+LINGER_SECONDS = 1          # at most this long reading a closing client's last bytes
 ERROR_CODES = {500, 501, 502, 503, 504, 555}   # client mistakes, counted for --max-errors
 
 # Where the next byte of message data stands; decides what a leading dot means.
@@ -544,6 +574,13 @@ def normalize_newlines(segment, at):
         at, pos = (BARE_BREAK if bare else LINE_START), m.end()
     out.append(restuff(segment[pos:], at, False))
     return b"".join(out)
+
+
+def unstuffed_size(segment, at_line_start):
+    """The message bytes in a (CRLF-normalized) segment, without the dots
+    that quote lines starting with a dot (RFC 1870 §3: they are no part of
+    the size)."""
+    return len(segment) - segment.count(b"\r\n.") - (at_line_start and segment.startswith(b"."))
 
 
 def line_state_after(segment, at):
@@ -628,12 +665,22 @@ class Channel:
             raise ClientGone(f"TLS handshake failed: {getattr(e, 'reason', None) or e}") from None
 
     def close(self):
-        if isinstance(self.sock, ssl.SSLSocket):
-            try:
+        """Close the connection so that the last reply reaches the client."""
+        try:
+            if isinstance(self.sock, ssl.SSLSocket):
                 self.sock.setblocking(False)    # send our close_notify (RFC 8446 §6.1), don't wait for theirs
                 self.sock.unwrap()
-            except (OSError, ValueError):
-                pass
+            else:
+                # Input left unread at close() makes the kernel answer with a
+                # reset, which can destroy a 421 still on its way: send our
+                # FIN, then read what the client still sends, for a moment.
+                self.sock.shutdown(socket.SHUT_WR)
+                self.sock.settimeout(LINGER_SECONDS)
+                deadline = time.monotonic() + LINGER_SECONDS
+                while self.sock.recv(RECV_SIZE) and time.monotonic() < deadline:
+                    pass
+        except (OSError, ValueError):
+            pass
         try:
             self.sock.close()
         except OSError:
@@ -720,6 +767,18 @@ class Channel:
 
 # Parsing command arguments (RFC 5321 §4.1.2) ---------------------------------
 
+# RFC 5321 §4.1.2 Mailbox, loosely: a dot-string or quoted local part, one
+# @, a domain or an address literal; UTF-8 passes (RFC 6531). Exactly one
+# unquoted @ matters: "v@evil@allowed" must not pass --allow-recipient.
+MAILBOX = re.compile(r"""
+    (?: [^\x00-\x20\x7f"@<>()\[\]\\,;:]+
+      | "(?: [^"\\\x00-\x1f\x7f] | \\[\x20-\x7e] )*" )
+    @
+    (?: [^\x00-\x20\x7f"@<>()\[\]\\,;:]+
+      | \[ [^\[\]\\\x00-\x20\x7f]+ \] )
+""", re.VERBOSE)
+
+
 def parse_path(arg, keyword):
     """'FROM:<addr> PARAM=V ...' -> (addr, {PARAM: value or None}).
 
@@ -745,10 +804,8 @@ def parse_path(arg, keyword):
         if ":" not in address:
             raise SMTPError(501, "5.1.7 Bad address syntax: bad source route")
         address = address.split(":", 1)[1]
-    if re.search(r"[\x00-\x20\x7f<>]", address) and not address.startswith('"'):
-        raise SMTPError(501, "5.1.7 Bad address syntax")
-    if address and (address.count("@") == 0 and address.lower() != "postmaster"):
-        raise SMTPError(501, "5.1.3 Bad address syntax: no domain")
+    if address and not MAILBOX.fullmatch(address) and address.lower() != "postmaster":
+        raise SMTPError(501, "5.1.3 Bad address syntax")
     parsed = {}
     for param in params.split():
         name, eq, value = param.partition("=")
@@ -831,9 +888,7 @@ class Session:
         self.implicit_tls = implicit_tls
         self.tls = False            # the connection is TLS now
         self.certificate = None     # the client's verified certificate (Auth-SSL-* headers)
-        ip = ipaddress.ip_address(peer[0].split("%")[0])
-        ip = getattr(ip, "ipv4_mapped", None) or ip   # a v4 client on a dual-stack listener
-        self.peer_ip, self.peer_port = str(ip), peer[1]
+        self.peer_ip, self.peer_port = client_ip(peer), peer[1]
         self.sid = secrets.token_hex(4)
         self.helo = None            # the client's HELO/EHLO argument
         self.esmtp = False          # the client said EHLO
@@ -884,6 +939,9 @@ class Session:
         self.channel.start_tls(self.relay.tls_context)
         self.tls = True
         self.certificate = client_certificate(self.channel.sock)
+        if self.cfg.tls_verify_client == "on" and not self.certificate:
+            self.say_last(421, "4.7.1 No required SSL certificate")
+            raise ClientGone("refused: no client certificate (--tls-verify-client on)")
         log.info("%s TLS %s %s%s", self.sid, self.channel.sock.version(), self.channel.sock.cipher()[0],
                  f", client certificate {self.certificate['Auth-SSL-Subject']}" if self.certificate else "")
 
@@ -917,7 +975,8 @@ class Session:
         headers = {"Auth-SSL": "on", "Auth-SSL-Protocol": sock.version(), "Auth-SSL-Cipher": sock.cipher()[0]}
         if self.cfg.tls_verify_client != "off":
             headers["Auth-SSL-Verify"] = "SUCCESS" if self.certificate else "NONE"
-            headers.update(self.certificate or {})
+            # Certificate names may hold any Unicode, even control characters.
+            headers.update({k: header_value(v) for k, v in (self.certificate or {}).items()})
         return headers
 
     def allowed_in(self):
@@ -926,12 +985,17 @@ class Session:
 
     def greet(self):
         """Send the greeting; False if the client spoke first during --greeting-delay."""
-        if self.cfg.greeting_delay and select.select([self.channel.sock], [], [], self.cfg.greeting_delay)[0]:
+        if self.cfg.greeting_delay and self.client_spoke_within(self.cfg.greeting_delay):
             log.info("%s client was rejected before greeting", self.sid)
             self.say_last(503, "5.5.0 Improper use of SMTP command pipelining")
             return False
         self.channel.reply(220, f"{self.cfg.server_name} ESMTP")
         return True
+
+    def client_spoke_within(self, seconds):
+        poller = select.poll()      # not select(): descriptors pass 1024 under load
+        poller.register(self.channel.sock, select.POLLIN)
+        return bool(poller.poll(seconds * 1000))
 
     def say_last(self, code, text):
         """A closing reply to a client that may no longer listen."""
@@ -943,7 +1007,9 @@ class Session:
 
     def handle_command(self):
         try:
-            line = self.channel.read_line()
+            line = self.channel.read_line(AUTH_LINE_LIMIT)
+            if len(line) + 2 > COMMAND_LINE_LIMIT and not re.match(rb"(?i)AUTH ", line):
+                raise SMTPError(500, "5.5.6 Line too long")
             if self.channel.debug_sid:
                 log.debug("%s C: %s", self.sid, printable(mask_secrets(line)))
             self.dispatch(line)
@@ -1030,6 +1096,11 @@ class Session:
             elif name == "SMTPUTF8":
                 if value is not None:
                     raise SMTPError(501, "5.5.4 SMTPUTF8 takes no value")
+            elif name == "AUTH":
+                # RFC 4954 §5: accepted as we advertise AUTH; the identity the
+                # back-end knows is the relay's own business, so it stays here.
+                if value is None or value != "<>" and not re.fullmatch(r"[!-~]+", value):
+                    raise SMTPError(501, "5.5.4 Bad AUTH parameter")
             else:
                 raise SMTPError(555, f"5.5.4 Unsupported option: {printable(name)}")
         if not address.isascii() and "SMTPUTF8" not in params:
@@ -1090,7 +1161,7 @@ class Session:
             return
         self.channel.reply(code, text)
         sender, rcpts, started = self.mail_from, len(self.rcpt_to), self.started
-        failure, size = None, 0
+        failure, size, at_line_start = None, 0, True
         limit = self.cfg.max_message_size
         try:
             for segment in self.channel.read_data(self.cfg.bare_newline == "normalize"):
@@ -1099,7 +1170,8 @@ class Session:
                 if segment is BARE_NEWLINE:
                     failure = (554, "5.6.0 Message contains a bare CR or LF; refused")
                     continue
-                size += len(segment)
+                size += unstuffed_size(segment, at_line_start)
+                at_line_start = segment.endswith(b"\r\n") if segment else at_line_start
                 if limit and size > limit:
                     failure = (552, "5.3.4 Message size exceeds fixed limit")
                     continue
@@ -1137,6 +1209,8 @@ class Session:
         if self.mail_from is not None:
             raise SMTPError(503, "5.5.1 Error: MAIL transaction in progress")
         mechanism, _, initial = arg.partition(" ")
+        if not mechanism:
+            raise SMTPError(501, "5.5.4 Syntax: AUTH mechanism [initial-response]")
         if self.tls_required:
             raise SMTPError(530, "5.7.0 Must issue a STARTTLS command first")
         if self.ehlo_required:
@@ -1207,7 +1281,9 @@ class Session:
         answer = self.ask_auth_service("none", mail=self.mail_line, rcpt=rcpt_line)
         if not answer.ok:
             self.refuse(answer)
-        if self.backend and self.route and self.route.backend != answer.backend:
+        # The connection carries the previous answer's identity too (its AUTH,
+        # its XCLIENT LOGIN): reuse it only for the very same answer.
+        if self.backend and (not self.route or self.route.identity() != answer.identity()):
             self.close_backend(quit=True)
         self.route = answer
 
@@ -1226,8 +1302,8 @@ class Session:
         if answer.wait:
             self.channel.flush()
             time.sleep(min(answer.wait, self.cfg.timeout))
-        code, text = answer.error_code or (535, "5.7.0")
-        raise SMTPError(code, f"{text} {answer.text}", counted=counted)
+        code, enhanced = answer.error_code or (535, "5.7.0")
+        raise SMTPError(code, f"{enhanced} {answer.text}" if enhanced else answer.text, counted=counted)
 
     def smtp_STARTTLS(self, arg):
         if self.cfg.starttls == "off":
@@ -1321,6 +1397,7 @@ class Session:
 # BackendGone, so the session never sees smtplib's or the OS's exceptions.
 
 XCLIENT_ATTRIBUTES = ("ADDR", "PORT", "NAME", "HELO", "PROTO", "LOGIN")
+DATA_END_TIMEOUT = 600      # RFC 5321 §4.5.3.2.6, the shortest a client may wait for it
 
 
 class BackendDown(Exception):
@@ -1391,7 +1468,7 @@ class SMTPConnection(smtplib.SMTP):
                 self.send_xclient(session, helo, login=None if credentials else session.login())
             if credentials:
                 self.authenticate(*credentials)
-        except (OSError, smtplib.SMTPException) as e:
+        except (OSError, smtplib.SMTPException, UnicodeError) as e:
             self.close()
             raise BackendDown(printable(str(e)) or type(e).__name__) from None
         except BackendDown:
@@ -1529,7 +1606,15 @@ class SMTPConnection(smtplib.SMTP):
 
     def data_end(self):
         self.data_write(b".\r\n")
-        return self.checked("end of data", self.getreply)
+        # RFC 5321 §4.5.3.2.6: the reply to the end of data may take 10
+        # minutes (content filters); giving up sooner turns a message the
+        # back-end accepted into a 4xx, and the client's retry into a copy.
+        self.sock.settimeout(max(self.timeout, DATA_END_TIMEOUT))
+        try:
+            return self.checked("end of data", self.getreply)
+        finally:
+            if self.sock:
+                self.sock.settimeout(self.timeout)
 
     def rset(self):
         return self.command("RSET")
@@ -1671,6 +1756,10 @@ class AuthAnswer:
         self.ok, self.backend, self.user, self.password = ok, backend, user, password
         self.text, self.wait, self.error_code = text, wait, error_code
 
+    def identity(self):
+        """What a back-end connection opened for this answer stands for."""
+        return (str(self.backend), self.user, self.password)
+
 
 def escape_auth_value(text):
     """nginx's escaping of Auth-User and Auth-Pass: control bytes, space and % as %XX."""
@@ -1750,7 +1839,7 @@ class AuthService:
             raise AuthServiceError("did not send server or port")
         if not is_number(port) or not 0 < int(port) < 65536:
             raise AuthServiceError(f"sent a bad Auth-Port {port!r}")
-        if not re.fullmatch(r"[A-Za-z0-9.:_-]+", server.strip("[]")):
+        if not is_host(server.strip("[]")):
             raise AuthServiceError(f"sent a bad Auth-Server {server!r}")
         return AuthAnswer(True, SMTPBackend(server.strip("[]"), int(port)),     # a host name is resolved at connect
                           user=h.get("Auth-User") or None, password=h.get("Auth-Pass") or None)
@@ -1821,7 +1910,7 @@ class SessionHandler(socketserver.BaseRequestHandler):
         finally:
             # The slot is free before the client sees the close, so a client
             # that reconnects at once is never refused for its own old session.
-            relay.release(self.client_address[0])
+            relay.release(client_ip(self.client_address))
             if channel:
                 channel.close()
 
@@ -1850,9 +1939,10 @@ class RelayServer(socketserver.ThreadingTCPServer):
         super().server_bind()
 
     def process_request(self, request, client_address):
-        refusal = self.relay.admit(client_address[0])
+        ip = client_ip(client_address)
+        refusal = self.relay.admit(ip)
         if refusal:
-            log.warning("refused %s: %s", client_address[0], refusal.decode().strip())
+            log.warning("refused %s: %s", ip, refusal.decode().strip())
             try:
                 request.settimeout(1)
                 request.sendall(refusal)
@@ -1863,7 +1953,18 @@ class RelayServer(socketserver.ThreadingTCPServer):
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self.relay.release(client_address[0])
+            self.relay.release(ip)
+            raise
+
+    def get_request(self):
+        try:
+            return super().get_request()
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                # The connection waits in the backlog; without a pause the
+                # listener would spin on it until a descriptor frees up.
+                log.error("accept failed: %s; pausing new connections for 0.1 s", e.strerror)
+                time.sleep(0.1)
             raise
 
     def handle_error(self, request, client_address):

@@ -291,14 +291,16 @@ def test_client_cannot_add_headers_through_helo_or_mail(start, backend):
                                              "RCPT TO:<b@example.net>")]
 
 
-def test_quoted_local_part_reaches_the_service_without_its_control_characters(start, backend):
+def test_quoted_local_part_reaches_the_service_and_control_characters_never_do(start, backend):
     relay, service = start(always(*ok(backend)))
     client = greeted(relay)
     assert client.say("EHLO client.example").code == 250
-    assert client.say('MAIL FROM:<"a\tb c%d+e:\\"q\\""@example.org>').code == 250
+    # RFC 5321 §4.1.2: no TAB inside a quoted string, only printable ASCII and quoted pairs.
+    assert client.say('MAIL FROM:<"a\tb"@example.org>').code == 501
+    assert client.say('MAIL FROM:<"a b c%d+e:\\"q\\""@example.org>').code == 250
     assert client.say("RCPT TO:<b@example.net>").code == 250
     [request] = service.requests
-    assert request == none_headers("client.example", 'MAIL FROM:<"ab c%d+e:\\"q\\""@example.org>',
+    assert request == none_headers("client.example", 'MAIL FROM:<"a b c%d+e:\\"q\\""@example.org>',
                                    "RCPT TO:<b@example.net>")
     assert not any(re.search(r"[\x00-\x1f\x7f]", value) for _, value in request)
 
@@ -750,3 +752,68 @@ def test_relay_delivers_where_a_real_nginx_auth_http_answer_says(smtprelay, ngin
     assert (message.mail_args, message.rcpt_args) == ("<a@example.org>", ["<b@example.net>"])
     assert message.body_crlf == BODY
     assert server.wait_for_access_log(1) == ["none|MAIL FROM:<a@example.org>|RCPT TO:<b@example.net>|127.0.0.1"]
+
+
+# --- Found in review: each message runs under its own answer's identity -------------------
+
+def test_a_later_message_with_another_answer_gets_a_new_backend_connection_not_the_old_login(start,
+                                                                                            scripted_backend):
+    backend = scripted_backend(**AUTH_BACKEND)
+
+    def policy(request):
+        if "alice@" in request["Auth-SMTP-From"]:
+            return ok(backend, ("Auth-User", "alice"), ("Auth-Pass", "alice-pw"))
+        return ok(backend)
+
+    relay, service = start(policy)
+    client = greeted(relay)
+    assert client.say("EHLO client.example").code == 250
+    assert send_message(client, BODY, "alice@example.org", "b@example.net").code == 250
+    assert send_message(client, BODY, "mallory@example.org", "b@example.net").code == 250
+    first, second = backend.sessions
+    assert [c for c in first.commands if c.upper().startswith(b"AUTH")] == [b"AUTH PLAIN " + b64("\0alice\0alice-pw").encode()]
+    assert [c for c in second.commands if c.upper().startswith(b"AUTH")] == []
+    assert [m.mail_from for m in first.messages] == [b"MAIL FROM:<alice@example.org>"]
+    assert [m.mail_from for m in second.messages] == [b"MAIL FROM:<mallory@example.org>"]
+
+
+def test_auth_error_code_without_an_enhanced_code_is_sent_with_one_space(start, backend):
+    relay, service = start(always(("Auth-Status", "Go away"), ("Auth-Error-Code", "550")))
+    client = greeted(relay)
+    assert client.say("EHLO client.example").code == 250
+    assert client.say("MAIL FROM:<a@example.org>").code == 250
+    assert client.say("RCPT TO:<b@example.net>").text == "550 Go away"
+
+
+def test_auth_without_a_mechanism_is_a_syntax_error_and_a_long_initial_response_fits(start, backend):
+    relay, service = start(Policy([backend.address], {"alice": "x" * 6000}), "--auth", "plain")
+    client = greeted(relay)
+    assert client.say("EHLO client.example").code == 250
+    assert client.say("AUTH").code == 501
+    # RFC 4954 §4: an AUTH line may be 12288 octets, beyond the 2048 of other commands.
+    assert client.say(f"AUTH PLAIN {b64(chr(0) + 'alice' + chr(0) + 'x' * 6000)}").code == 235
+    assert client.say("NOOP " + "y" * 5000).code == 500
+
+
+def test_mail_auth_parameter_of_rfc_4954_is_accepted_and_not_passed_on(start, backend):
+    relay, service = start(Policy([backend.address], USERS), "--auth", "plain")
+    client = greeted(relay)
+    assert client.say("EHLO client.example").code == 250
+    assert client.say(f"AUTH PLAIN {b64(chr(0) + 'alice' + chr(0) + USERS['alice'])}").code == 235
+    assert client.say("MAIL FROM:<a@example.org> AUTH=<>").code == 250
+    assert client.say("RCPT TO:<b@example.net>").code == 250
+    assert client.say("DATA").code == 354
+    client.send(BODY + b".\r\n")
+    assert client.reply().code == 250
+    [message] = backend.delivered
+    assert message.mail_from == b"MAIL FROM:<a@example.org>"
+
+
+def test_allow_recipient_cannot_be_passed_with_a_second_at_sign(start, backend):
+    relay, service = start(always(*ok(backend)), "--allow-recipient", r".*@allowed\.example")
+    client = greeted(relay)
+    assert client.say("EHLO client.example").code == 250
+    assert client.say("MAIL FROM:<a@example.org>").code == 250
+    assert client.say("RCPT TO:<victim@evil.example@allowed.example>").code == 501
+    assert client.say('RCPT TO:<"victim@allowed.example>').code == 501
+    assert service.requests == []

@@ -154,6 +154,11 @@ BAD_VALUES = [
     # str.isdigit() is true for superscript digits, which int() refuses
     ("--listen", ["--backend", "a:1", "--listen", "127.0.0.1:\u00b2"]),
     ("--backend", ["--backend", "a:\u00b3"]),
+    # found in review: each passed --check-config, then failed every session
+    ("--backend", ["--backend", "a..b:25"]),
+    ("--timeout", ["--backend", "a:1", "--timeout", "1e308"]),
+    ("--proxy-timeout", ["--backend", "a:1", "--proxy-timeout", "1e308"]),
+    ("--greeting-delay", ["--backend", "a:1", "--greeting-delay", "1e10"]),
 ]
 
 
@@ -170,12 +175,14 @@ BAD_SOURCES = [
     ("--timeout", dict(config="backend = a:1\ntimeout = [1, 2]\n")),
     ("--xclient", dict(config="backend = a:1\nxclient = maybe\n")),
     ("--xclient", dict(config="backend = a:1\n", env={"SMTPRELAY_XCLIENT": "maybe"})),
+    ("--xclient", dict(config="backend = a:1\nno-xclient = true\n")),      # read as --xclient otherwise
 ]
 
 
 @pytest.mark.parametrize("option,source", BAD_SOURCES,
                          ids=["config timeout=abc", "env MAX_CLIENTS=0", "env LISTEN list", "config backend list",
-                              "config timeout=[list]", "config xclient=maybe", "env XCLIENT=maybe"])
+                              "config timeout=[list]", "config xclient=maybe", "env XCLIENT=maybe",
+                              "config no-xclient=true"])
 def test_a_bad_value_from_the_config_file_or_environment_exits_1_naming_the_option(option, source):
     assert_config_error(run_relay(**source), option)
 

@@ -373,6 +373,18 @@ def test_message_growing_over_the_limit_gets_552_is_not_delivered_and_session_co
     assert [m.content for m in backend.delivered] == [b"Subject: small\r\n\r\nfits\r\n"]
 
 
+def test_size_limit_counts_the_message_not_the_dots_that_quote_its_lines(start_relay, backend):
+    # RFC 1870 §3: the dots added by dot-stuffing are no part of the size.
+    client = greeted(start_relay("--max-message-size", "100"))
+    assert codes(client.talk("EHLO client.example")) == [250]
+    message = b"Subject: dots\r\n\r\n" + b".line\r\n" * 11 + b"x" * 4 + b"\r\n"     # exactly 100 octets
+    assert len(message) == 100
+    stuffed = message.replace(b"\r\n.", b"\r\n..")
+    assert send_message(client, stuffed, recipient="b@example.org").code == 250
+    assert send_message(client, stuffed[:-2] + b"x\r\n", recipient="b@example.org").code == 552
+    assert [m.content for m in backend.delivered] == [message]
+
+
 def test_client_talking_before_the_greeting_is_refused_without_220(start_relay):
     relay = start_relay("--greeting-delay", "30")      # the client speaks at once; 30 s only bounds a failure
     client = SMTPClient(relay.connect(timeout=10))

@@ -550,7 +550,22 @@ def test_required_client_certificate_means_mail_waits_for_tls(smtprelay, backend
     assert client.say("MAIL FROM:<a@example.org>").text == STARTTLS_FIRST
 
 
-@pytest.mark.parametrize("mode, certificate", [("on", "none"), ("on", "from another CA"), ("on", "expired"),
+def test_client_without_a_certificate_where_one_is_required_hears_421_and_gets_no_session(smtprelay, backend,
+                                                                                          tls, opened):
+    # nginx (NGINX.md §5): the handshake ends, then "421 4.7.1 No required SSL certificate".
+    relay = client_cert_relay(smtprelay, tls, "on", "--backend", backend.address)
+    client = greeted(relay)
+    assert client.say("STARTTLS").code == 220
+    wrap(client, tls.client_context(None), opened)
+    assert client.reply().text == "421 4.7.1 No required SSL certificate"
+    assert client.sock.recv(100) == b""
+    assert backend.connections == 0
+    again = upgrade(greeted(relay), tls.client_context(tls.client), opened)
+    assert again.say("EHLO client.example").code == 250
+    assert send_message(again, BODY).code == 250
+
+
+@pytest.mark.parametrize("mode, certificate", [("on", "from another CA"), ("on", "expired"),
                                                ("optional", "from another CA"), ("optional", "expired")])
 def test_client_certificate_missing_where_required_or_untrusted_or_expired_gets_no_session(mode, certificate,
                                                                                            smtprelay, backend,
@@ -611,6 +626,20 @@ def test_client_certificate_details_go_to_the_auth_service_as_nginx_sends_them(m
     # Certificate data goes to the auth service only, never to the back-end (NGINX.md §5).
     assert not [c for c in backend.sessions[0].commands if b"Inc." in c or tls.client.fingerprint.encode() in c]
     assert relay.wait_for_log(rf"TLS TLSv1\.[23] \S+, client certificate {re.escape(tls.client.subject)}$")
+
+
+def test_client_certificate_with_a_unicode_name_reaches_the_auth_service_as_utf8(smtprelay, auth_service, backend,
+                                                                                  tls, opened):
+    # Found in review: a subject beyond Latin-1 made every lookup an internal error.
+    unicode_client = tls.issue("unicode-client", "client.example", ca=tls.client_ca, common_name="\u03a9mega \u2603")
+    service = auth_service(always(*ok(backend)))
+    relay = client_cert_relay(smtprelay, tls, "on", "--auth-http", service.url)
+    client = upgrade(greeted(relay), tls.client_context(unicode_client), opened)
+    assert client.say("EHLO client.example").code == 250
+    assert send_message(client, BODY).code == 250
+    [request] = service.requests
+    subject = dict(request)["Auth-SSL-Subject"].encode("latin-1").decode("utf-8")    # http.server reads latin-1
+    assert subject.startswith("CN=\u03a9mega \u2603")
 
 
 def test_auth_external_authenticates_as_the_certificate_subject(smtprelay, auth_service, backend, tls, opened):
