@@ -64,6 +64,7 @@ log = logging.getLogger("smtprelay")
 # gives one line naming the option and exit status 1 (INTERFACE.md).
 
 DEFAULT_CONFIG_FILE = "/etc/smtprelay.conf"
+DEFAULT_LISTEN = "127.0.0.1:2525"
 ENV_PREFIX = "SMTPRELAY_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 AUTH_METHODS = ("none", "plain", "login", "cram-md5", "external")
@@ -120,7 +121,7 @@ def build_parser():
     )
     add = p.add_argument
     add("--listen", action="append", metavar="ADDR",
-        help="plain SMTP listener, HOST:PORT, [V6]:PORT or PORT (default 127.0.0.1:2525)")
+        help=f"plain SMTP listener, HOST:PORT, [V6]:PORT or PORT (default {DEFAULT_LISTEN})")
     add("--tls-listen", action="append", metavar="ADDR", help="implicit-TLS listener (SMTPS, port 465 style)")
     add("--server-name", metavar="NAME", help="name in the greeting and EHLO reply (default: the FQDN)")
     add("--backend", action="append", metavar="BACKEND",
@@ -252,12 +253,6 @@ def is_host(text):
     except ValueError:
         labels = text[:-1].split(".") if text.endswith(".") else text.split(".")
         return len(text) <= 253 and all(re.fullmatch(r"[A-Za-z0-9_-]{1,63}", label) for label in labels)
-
-
-def client_ip(peer):
-    """A peer's address as text; a v4 client on a dual-stack listener as plain v4."""
-    ip = ipaddress.ip_address(peer[0].split("%")[0])
-    return str(getattr(ip, "ipv4_mapped", None) or ip)
 
 
 def format_address(host, port):
@@ -407,15 +402,15 @@ def validate(args):
     starttls = parse_choice("--starttls", args.starttls, ("off", "on", "only"))
     verify_client = parse_choice("--tls-verify-client", args.tls_verify_client, ("off", "on", "optional"))
     tls_listen = [parse_address("--tls-listen", a) for a in args.tls_listen or []]
+    missing_tls = "--tls-key" if args.tls_cert else "--tls-cert"
     if (starttls != "off" or tls_listen) and not (args.tls_cert and args.tls_key):
-        raise ConfigError("--tls-key" if args.tls_cert else "--tls-cert",
-                          "TLS (--starttls, --tls-listen) needs --tls-cert and --tls-key")
+        raise ConfigError(missing_tls, "TLS (--starttls, --tls-listen) needs --tls-cert and --tls-key")
     if verify_client != "off" and not args.tls_client_ca:
         raise ConfigError("--tls-client-ca", f"--tls-verify-client {verify_client} needs the CAs to verify against")
     tls_context = None
     if args.tls_cert or args.tls_key:
         if not (args.tls_cert and args.tls_key):
-            raise ConfigError("--tls-key" if args.tls_cert else "--tls-cert", "--tls-cert and --tls-key go together")
+            raise ConfigError(missing_tls, "--tls-cert and --tls-key go together")
         tls_context = make_server_tls(args.tls_cert, args.tls_key, args.tls_client_ca, verify_client)
     backend_tls = parse_choice("--backend-tls", args.backend_tls, ("off", "starttls", "on"))
     backend_tls_verify = parse_choice("--backend-tls-verify", args.backend_tls_verify, ("on", "off"))
@@ -429,7 +424,7 @@ def validate(args):
     if not re.fullmatch(r"[\x21-\x7e]+", server_name):
         raise ConfigError("--server-name", f"{server_name!r}: must be one word of printable ASCII")
     return Config(
-        listen=[parse_address("--listen", a) for a in args.listen or ["127.0.0.1:2525"]],
+        listen=[parse_address("--listen", a) for a in args.listen or [DEFAULT_LISTEN]],
         tls_listen=tls_listen,
         server_name=server_name,
         backend=backends,
@@ -437,6 +432,8 @@ def validate(args):
         auth_http_header=[parse_header(h) for h in args.auth_http_header or []],
         auth_http_timeout=parse_seconds("--auth-http-timeout", args.auth_http_timeout),
         auth=auth,
+        auth_mechanisms=[m for m in auth if m != "none"],   # what AUTH may offer
+        auth_required="none" not in auth,                  # MAIL waits for AUTH
         xclient=args.xclient,
         starttls=starttls,
         tls_cert=args.tls_cert,
@@ -485,7 +482,7 @@ def load_config(argv=None):
     for action in setting_actions(parser):
         value = getattr(args, action.dest)
         if action.dest == "listen" and value is None:
-            value = ["127.0.0.1:2525"]
+            value = [DEFAULT_LISTEN]
         if action.dest == "server_name" and value is None:
             value = cfg.server_name
         if action.dest == "backend_auth" and value is not None:
@@ -512,6 +509,12 @@ LONG_LINE_PART = 65536      # a data line without LF is passed on in parts this 
 LINGER_SECONDS = 1          # at most this long reading a closing client's last bytes
 ERROR_CODES = {500, 501, 502, 503, 504, 555}   # client mistakes, counted for --max-errors
 
+# Replies sent from more than one place.
+LINE_TOO_LONG = (500, "5.5.6 Line too long")
+NEED_MAIL = (503, "5.5.1 Error: need MAIL command")
+TOO_BIG = (552, "5.3.4 Message size exceeds fixed limit")
+BACKEND_LOST = (451, "4.4.2 Error: mail server connection lost; try again later")
+
 # Where the next byte of message data stands; decides what a leading dot means.
 LINE_START, BARE_BREAK, MID_LINE = "line start", "after bare newline", "mid line"
 BARE_NEWLINE = object()     # read_data's signal: a bare CR or LF, in reject mode
@@ -526,9 +529,9 @@ class SMTPError(Exception):
     mistakes of ERROR_CODES; failed AUTH attempts count too).
     """
 
-    def __init__(self, code, text, close=False, counted=None):
+    def __init__(self, code, text, counted=None):
         super().__init__(code, text)
-        self.code, self.text, self.close = code, text, close
+        self.code, self.text = code, text
         self.counted = code in ERROR_CODES if counted is None else counted
 
 
@@ -576,6 +579,13 @@ def normalize_newlines(segment, at):
     return b"".join(out)
 
 
+def unstuff(segment, at_line_start):
+    """A CRLF-normalized segment without the dots that quote lines (RFC 5321 §4.5.2)."""
+    if at_line_start and segment.startswith(b"."):
+        segment = segment[1:]
+    return segment.replace(b"\r\n.", b"\r\n")
+
+
 def unstuffed_size(segment, at_line_start):
     """The message bytes in a (CRLF-normalized) segment, without the dots
     that quote lines starting with a dot (RFC 1870 §3: they are no part of
@@ -597,15 +607,15 @@ def set_nodelay(sock):
     message, waits ~40 ms for the peer's delayed ACK (Nagle)."""
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except OSError:         # not TCP (a UNIX socket or a pipe under inetd)
+    except OSError:         # not a TCP socket
         pass
 
 
 class Channel:
-    """The client's end of the wire, over any socket-like object.
+    """The client's end of the wire, over a socket, plain or TLS.
 
-    It needs only recv, sendall and settimeout, so a session runs the same
-    on an accepted socket, an inherited one, or a TLS-wrapped one. Replies
+    It keeps to the socket calls that an accepted, an inherited and a
+    TLS-wrapped socket share, so a session runs the same on each. Replies
     are queued and written when the session next waits for input, so a
     pipelined burst gets its replies in one write (RFC 2920 §3.1).
     """
@@ -707,11 +717,11 @@ class Channel:
             if end >= 0:
                 line, self.inpos = self.inbuf[self.inpos:end], end + 1
                 if len(line) + 1 > limit:
-                    raise SMTPError(500, "5.5.6 Line too long")
+                    raise SMTPError(*LINE_TOO_LONG)
                 return line[:-1] if line.endswith(b"\r") else line
             if len(self.inbuf) - self.inpos >= limit:
                 self.inbuf, self.inpos, self.skipping = b"", 0, True
-                raise SMTPError(500, "5.5.6 Line too long")
+                raise SMTPError(*LINE_TOO_LONG)
             self.fill()
 
     def skip_line(self):
@@ -841,36 +851,6 @@ def decode_utf8(data):
         raise SMTPError(501, "5.5.2 Not UTF-8") from None
 
 
-def xtext(value):
-    """RFC 3461 §4 xtext, as Postfix's XCLIENT wants its values."""
-    return "".join(c if "!" <= c <= "~" and c not in "+=" else
-                   "".join(f"+{b:02X}" for b in c.encode("utf-8")) for c in value)
-
-
-RDN_NAMES = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU", "countryName": "C",
-             "localityName": "L", "stateOrProvinceName": "ST", "streetAddress": "STREET",
-             "domainComponent": "DC", "userId": "UID"}
-
-
-def rfc2253(name):
-    """A certificate name as ssl gives it -> RFC 2253 text, most specific part first (as nginx)."""
-    def escape(value):
-        value = re.sub(r'([,+"\\<>;])', r"\\\1", value)
-        return re.sub(r"^([ #])|( )$", r"\\\1\2", value)
-    return ",".join("+".join(f"{RDN_NAMES.get(k, k)}={escape(v)}" for k, v in rdn) for rdn in reversed(name))
-
-
-def client_certificate(sock):
-    """The verified client certificate's details for Auth-SSL-* headers, or None."""
-    der = sock.getpeercert(binary_form=True)
-    if not der:
-        return None
-    cert = sock.getpeercert()
-    return {"Auth-SSL-Subject": rfc2253(cert.get("subject", ())), "Auth-SSL-Issuer": rfc2253(cert.get("issuer", ())),
-            "Auth-SSL-Serial": cert.get("serialNumber", "").upper(),
-            "Auth-SSL-Fingerprint": hashlib.sha1(der).hexdigest()}
-
-
 # --- 3. Client session: the state machine, one method per verb ---------------
 # A Session runs one client's SMTP dialogue on a Channel. Its state is a few
 # attributes set in reset(); each smtp_VERB method checks its guards (which
@@ -878,6 +858,12 @@ def client_certificate(sock):
 # replies to MAIL, RCPT and DATA pass to the client verbatim.
 
 HELP_TEXT = "2.0.0 Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP"
+
+
+def client_ip(peer):
+    """A peer's address as text; a v4 client on a dual-stack listener as plain v4."""
+    ip = ipaddress.ip_address(peer[0].split("%")[0])
+    return str(getattr(ip, "ipv4_mapped", None) or ip)
 
 
 class Session:
@@ -889,22 +875,24 @@ class Session:
         self.tls = False            # the connection is TLS now
         self.certificate = None     # the client's verified certificate (Auth-SSL-* headers)
         self.peer_ip, self.peer_port = client_ip(peer), peer[1]
+        self.peer_address = ipaddress.ip_address(self.peer_ip)
         self.sid = secrets.token_hex(4)
-        self.helo = None            # the client's HELO/EHLO argument
-        self.esmtp = False          # the client said EHLO
         self.backend = None         # open back-end connection, for the rest of the session
-        self.user = None            # the login the client authenticated as
-        self.route = None           # the auth service's OK answer that applies now
         self.login_attempt = 0      # Auth-Login-Attempt
         self.ehlo_required = False  # after STARTTLS, MAIL and AUTH wait for a new EHLO
         self.errors = 0
         self.done = False
-        self.reset()
+        self.reset(forget_helo=True)
         if log.isEnabledFor(logging.DEBUG):
             channel.debug_sid = self.sid
 
-    def reset(self):
-        """Forget the mail transaction (RFC 5321 §4.1.1.5)."""
+    def reset(self, forget_helo=False):
+        """Forget the mail transaction (RFC 5321 §4.1.1.5); with forget_helo, who the client said it was too."""
+        if forget_helo:
+            self.helo = None        # the client's HELO/EHLO argument
+            self.esmtp = False      # the client said EHLO
+            self.user = None        # the login the client authenticated as
+            self.route = None       # the auth service's OK answer that applies now
         self.mail_from = None
         self.mail_params = {}
         self.mail_line = None       # the MAIL command as sent, for Auth-SMTP-From
@@ -932,7 +920,7 @@ class Session:
             log.info("%s client timed out after %gs", self.sid, self.cfg.timeout)
             self.say_last(421, f"4.4.2 {self.cfg.server_name} Error: timeout exceeded")
         finally:
-            self.close_backend(quit=True)
+            self.close_backend()
             log.info("%s disconnect from %s", self.sid, self.peer_ip)
 
     def begin_tls(self):
@@ -943,12 +931,19 @@ class Session:
             self.say_last(421, "4.7.1 No required SSL certificate")
             raise ClientGone("refused: no client certificate (--tls-verify-client on)")
         log.info("%s TLS %s %s%s", self.sid, self.channel.sock.version(), self.channel.sock.cipher()[0],
-                 f", client certificate {self.certificate['Auth-SSL-Subject']}" if self.certificate else "")
+                 f", client certificate {printable(self.certificate['Auth-SSL-Subject'])}" if self.certificate else "")
 
     @property
     def tls_required(self):
         """MAIL and AUTH wait for TLS: --starttls only, or client certificates required."""
         return not self.tls and (self.cfg.starttls == "only" or self.cfg.tls_verify_client == "on")
+
+    def check_tls_and_ehlo(self):
+        """MAIL and AUTH: raises 530 until TLS where it is required, 503 until EHLO after STARTTLS."""
+        if self.tls_required:
+            raise SMTPError(530, "5.7.0 Must issue a STARTTLS command first")
+        if self.ehlo_required:
+            raise SMTPError(503, "5.5.1 Error: send EHLO first after STARTTLS")
 
     def offered_mechanisms(self):
         """The AUTH mechanisms EHLO lists now.
@@ -958,12 +953,12 @@ class Session:
         except for loopback clients; without TLS configured the
         administrator has chosen clear text.
         """
-        methods = [m for m in self.cfg.auth if m != "none"]
+        methods = self.cfg.auth_mechanisms
         if self.tls or not self.relay.tls_context:
             return methods
         if self.tls_required:
             return []
-        if ipaddress.ip_address(self.peer_ip).is_loopback:
+        if self.peer_address.is_loopback:
             return [m for m in methods if m != "external"]
         return [m for m in methods if m not in ("plain", "login", "external")]
 
@@ -980,8 +975,7 @@ class Session:
         return headers
 
     def allowed_in(self):
-        ip = ipaddress.ip_address(self.peer_ip)
-        return not self.cfg.allow_from or any(ip in net for net in self.cfg.allow_from)
+        return not self.cfg.allow_from or any(self.peer_address in net for net in self.cfg.allow_from)
 
     def greet(self):
         """Send the greeting; False if the client spoke first during --greeting-delay."""
@@ -1009,7 +1003,7 @@ class Session:
         try:
             line = self.channel.read_line(AUTH_LINE_LIMIT)
             if len(line) + 2 > COMMAND_LINE_LIMIT and not re.match(rb"(?i)AUTH ", line):
-                raise SMTPError(500, "5.5.6 Line too long")
+                raise SMTPError(*LINE_TOO_LONG)
             if self.channel.debug_sid:
                 log.debug("%s C: %s", self.sid, printable(mask_secrets(line)))
             self.dispatch(line)
@@ -1021,15 +1015,13 @@ class Session:
                 if self.cfg.max_errors and self.errors >= self.cfg.max_errors:
                     self.channel.reply(421, "4.7.0 Too many errors, closing connection")
                     self.done = True
-            if e.close:
-                self.done = True
         except (ClientGone, TimeoutError):
             raise
         except Exception:
             # A bug of ours: the stream may be out of step, so close rather
             # than guess; 4xx tells the client to try again later.
             log.exception("%s internal error", self.sid)
-            self.close_backend()
+            self.drop_backend()
             self.channel.reply(421, "4.3.0 Internal error, closing connection")
             self.done = True
 
@@ -1076,11 +1068,8 @@ class Session:
     def smtp_MAIL(self, arg):
         if self.mail_from is not None:
             raise SMTPError(503, "5.5.1 Error: nested MAIL command")
-        if self.tls_required:
-            raise SMTPError(530, "5.7.0 Must issue a STARTTLS command first")
-        if self.ehlo_required:
-            raise SMTPError(503, "5.5.1 Error: send EHLO first after STARTTLS")
-        if self.user is None and "none" not in self.cfg.auth:
+        self.check_tls_and_ehlo()
+        if self.user is None and self.cfg.auth_required:
             raise SMTPError(530, "5.7.0 Authentication required")
         address, params = parse_path(arg, "FROM:")
         for name, value in params.items():
@@ -1088,7 +1077,7 @@ class Session:
                 if value is None or not is_number(value) or len(value) > 20:
                     raise SMTPError(501, "5.5.4 Bad SIZE parameter")
                 if self.cfg.max_message_size and int(value) > self.cfg.max_message_size:
-                    raise SMTPError(552, "5.3.4 Message size exceeds fixed limit")
+                    raise SMTPError(*TOO_BIG)
             elif name == "BODY":
                 if value is None or value.upper() not in ("7BIT", "8BITMIME"):
                     raise SMTPError(501, "5.5.4 Bad BODY parameter, 7BIT or 8BITMIME")
@@ -1122,7 +1111,7 @@ class Session:
 
     def smtp_RCPT(self, arg):
         if self.mail_from is None:
-            raise SMTPError(503, "5.5.1 Error: need MAIL command")
+            raise SMTPError(*NEED_MAIL)
         address, params = parse_path(arg, "TO:")
         if params:
             raise SMTPError(555, f"5.5.4 Unsupported option: {printable(next(iter(params)))}")
@@ -1152,14 +1141,13 @@ class Session:
         if arg:
             raise SMTPError(501, "5.5.4 Syntax: DATA")
         if self.mail_from is None:
-            raise SMTPError(503, "5.5.1 Error: need MAIL command")
+            raise SMTPError(*NEED_MAIL)
         if not self.rcpt_to:
             raise SMTPError(554, "5.5.1 Error: no valid recipients")
         code, text = self.backend_call("data_start")
-        if code != 354:
-            self.channel.reply(code, text)
-            return
         self.channel.reply(code, text)
+        if code != 354:
+            return
         sender, rcpts, started = self.mail_from, len(self.rcpt_to), self.started
         failure, size, at_line_start = None, 0, True
         limit = self.cfg.max_message_size
@@ -1171,15 +1159,15 @@ class Session:
                     failure = (554, "5.6.0 Message contains a bare CR or LF; refused")
                     continue
                 size += unstuffed_size(segment, at_line_start)
-                at_line_start = segment.endswith(b"\r\n") if segment else at_line_start
+                at_line_start = segment.endswith(b"\r\n")
                 if limit and size > limit:
-                    failure = (552, "5.3.4 Message size exceeds fixed limit")
+                    failure = TOO_BIG
                     continue
                 try:
                     self.backend.data_write(segment)
                 except BackendGone as e:
                     log.warning("%s backend %s failed during DATA: %s", self.sid, self.backend.name, e)
-                    failure = (451, "4.4.2 Error: mail server connection lost; try again later")
+                    failure = BACKEND_LOST
         except (ClientGone, TimeoutError):
             # No terminator reaches the back-end: it keeps no message.
             log.warning("%s client lost during DATA after %d bytes; message abandoned", self.sid, size)
@@ -1201,7 +1189,7 @@ class Session:
 
     def smtp_AUTH(self, arg):
         """RFC 4954; the auth service checks the credentials and names the back-end."""
-        mechanisms = [m for m in self.cfg.auth if m != "none"]
+        mechanisms = self.cfg.auth_mechanisms
         if not mechanisms:
             raise SMTPError(502, "5.5.1 Error: authentication not enabled")
         if self.user is not None:
@@ -1211,21 +1199,18 @@ class Session:
         mechanism, _, initial = arg.partition(" ")
         if not mechanism:
             raise SMTPError(501, "5.5.4 Syntax: AUTH mechanism [initial-response]")
-        if self.tls_required:
-            raise SMTPError(530, "5.7.0 Must issue a STARTTLS command first")
-        if self.ehlo_required:
-            raise SMTPError(503, "5.5.1 Error: send EHLO first after STARTTLS")
+        self.check_tls_and_ehlo()
         if mechanism.lower() not in mechanisms:
             raise SMTPError(504, "5.5.4 Unrecognized authentication type")
         if mechanism.lower() not in self.offered_mechanisms():
             raise SMTPError(538, "5.7.11 Encryption required for requested authentication mechanism")
-        initial = initial.strip().encode() if initial.strip() else None
+        initial = initial.strip().encode() or None
         credentials = getattr(self, "auth_" + mechanism.upper().replace("-", "_"))(initial)
         answer = self.ask_auth_service(**credentials)
         if not answer.ok:
             self.refuse(answer, counted=True)
         self.user, self.route = credentials["user"], answer
-        self.close_backend(quit=True)       # a back-end chosen before AUTH no longer applies
+        self.close_backend()       # a back-end chosen before AUTH no longer applies
         log.info("%s authenticated as %s with %s; backend %s", self.sid, printable(self.user),
                  mechanism.upper(), answer.backend)
         self.channel.reply(235, "2.7.0 Authentication successful")
@@ -1235,15 +1220,19 @@ class Session:
         self.channel.reply(334, text)
         return decode_auth_response(self.channel.read_line(AUTH_LINE_LIMIT))
 
+    def first_response(self, initial, prompt):
+        """The client's first AUTH answer: its initial response, or its answer to a 334 prompt."""
+        return decode_auth_response(initial) if initial is not None else self.challenge(prompt)
+
     def auth_PLAIN(self, initial):
-        response = decode_auth_response(initial) if initial is not None else self.challenge("")
+        response = self.first_response(initial, "")
         parts = response.split(b"\0")
         if len(parts) != 3 or not parts[1]:
             raise SMTPError(501, "5.5.2 Bad PLAIN response: authzid NUL authcid NUL password")
         return dict(method="plain", user=decode_utf8(parts[1]), password=decode_utf8(parts[2]))
 
     def auth_LOGIN(self, initial):
-        user = decode_auth_response(initial) if initial is not None else self.challenge("VXNlcm5hbWU6")
+        user = self.first_response(initial, "VXNlcm5hbWU6")
         password = self.challenge("UGFzc3dvcmQ6")
         return dict(method="plain", user=decode_utf8(user), password=decode_utf8(password))   # as nginx
 
@@ -1259,7 +1248,7 @@ class Session:
     def auth_EXTERNAL(self, initial):
         # RFC 4422 appendix A: the client may name an authorization identity;
         # with TLS it authenticates as its certificate's subject.
-        identity = decode_utf8(decode_auth_response(initial) if initial is not None else self.challenge(""))
+        identity = decode_utf8(self.first_response(initial, ""))
         if self.relay.tls_context:
             if not self.certificate:
                 raise SMTPError(535, "5.7.0 No client certificate", counted=True)
@@ -1284,7 +1273,7 @@ class Session:
         # The connection carries the previous answer's identity too (its AUTH,
         # its XCLIENT LOGIN): reuse it only for the very same answer.
         if self.backend and (not self.route or self.route.identity() != answer.identity()):
-            self.close_backend(quit=True)
+            self.close_backend()
         self.route = answer
 
     def ask_auth_service(self, method, user="", password="", salt=None, mail=None, rcpt=None):
@@ -1316,9 +1305,8 @@ class Session:
         self.begin_tls()
         # RFC 3207 §4.2: the session starts over; nothing learned in clear
         # (HELO, AUTH, a back-end chosen for the plaintext client) carries on.
-        self.close_backend(quit=True)
-        self.reset()
-        self.helo, self.esmtp, self.user, self.route = None, False, None, None
+        self.close_backend()
+        self.reset(forget_helo=True)
         self.ehlo_required = True           # "The client SHOULD send an EHLO command as the first command"
 
     def smtp_RSET(self, arg):
@@ -1363,7 +1351,7 @@ class Session:
             if method == "mail" and not fresh:
                 return self.backend_call(method, *args)
             self.reset()
-            raise SMTPError(451, "4.4.2 Error: mail server connection lost; try again later") from None
+            raise SMTPError(*BACKEND_LOST) from None
 
     def abort_transaction(self):
         if self.mail_from is not None and self.backend:
@@ -1378,7 +1366,7 @@ class Session:
         """Close the back-end at once, with no terminator and no QUIT."""
         self.close_backend(quit=False)
 
-    def close_backend(self, quit=False):
+    def close_backend(self, quit=True):
         if self.backend:
             backend, self.backend = self.backend, None
             backend.close(quit)
@@ -1393,11 +1381,18 @@ class Session:
 # --- 4. Back-ends: failover, the smtplib handshake, XCLIENT, Maildir ---------
 # A back-end spec (SMTPBackend, MaildirBackend) opens a connection for one
 # session. Connections share one small interface: mail, rcpt, data_start,
-# data_write, data_end, rset, close; each returns (code, text) or raises
-# BackendGone, so the session never sees smtplib's or the OS's exceptions.
+# data_end and rset return (code, text), data_write and close nothing; any
+# may raise BackendGone, so the session never sees smtplib's or the OS's
+# exceptions.
 
 XCLIENT_ATTRIBUTES = ("ADDR", "PORT", "NAME", "HELO", "PROTO", "LOGIN")
 DATA_END_TIMEOUT = 600      # RFC 5321 §4.5.3.2.6, the shortest a client may wait for it
+
+
+def xtext(value):
+    """RFC 3461 §4 xtext, as Postfix's XCLIENT wants its values."""
+    return "".join(c if "!" <= c <= "~" and c not in "+=" else
+                   "".join(f"+{b:02X}" for b in c.encode("utf-8")) for c in value)
 
 
 class BackendDown(Exception):
@@ -1430,8 +1425,8 @@ class SMTPBackend:
     def __str__(self):
         return format_address(self.host, self.port)
 
-    def __eq__(self, other):
-        return isinstance(other, SMTPBackend) and (self.host, self.port) == (other.host, other.port)
+    def create(self):
+        """Nothing to make: a server is reached when a session needs it."""
 
     def open(self, session):
         return SMTPConnection(self, session)
@@ -1519,7 +1514,7 @@ class SMTPConnection(smtplib.SMTP):
     def send_xclient(self, session, helo, login):
         """Postfix XCLIENT_README: the client's attributes the back-end asked for."""
         wanted = self.esmtp_features["xclient"].upper().split()
-        ip = ipaddress.ip_address(session.peer_ip)
+        ip = session.peer_address
         values = {
             "ADDR": f"IPV6:{ip}" if ip.version == 6 else str(ip),
             "PORT": str(session.peer_port),
@@ -1542,8 +1537,10 @@ class SMTPConnection(smtplib.SMTP):
     def putcmd(self, cmd, args=""):
         if self.debug:
             shown = f"{cmd} {args}".strip()
-            if cmd.upper() == "AUTH" or self.authenticating:        # never log secrets
-                shown = "AUTH ****" if cmd.upper() == "AUTH" else "****"
+            if cmd.upper() == "AUTH":          # never log secrets
+                shown = "AUTH ****"
+            elif self.authenticating:
+                shown = "****"
             log.debug("%s S>B: %s", self.sid, shown)
         super().putcmd(cmd, args)
 
@@ -1637,15 +1634,22 @@ class MaildirBackend:
 
     def __init__(self, path):
         self.path = path
+        # The host part of Maildir file names, with / and : escaped as Maildir asks.
+        self.hostname = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
 
     def __str__(self):
         return f"maildir:{self.path}"
 
     def create(self):
-        mailbox.Maildir(self.path, create=True)     # makes cur/, new/ and tmp/
+        """Make the Maildir (cur/, new/, tmp/) if it is missing; raises OSError."""
+        mailbox.Maildir(self.path, create=True)
 
     def open(self, session):
         return MaildirDelivery(self, session)
+
+
+def maildir_failure(error):
+    return 451, f"4.3.0 Error: cannot write to the Maildir: {error.strerror}"
 
 
 class MaildirDelivery:
@@ -1654,7 +1658,7 @@ class MaildirDelivery:
     counter = itertools.count()
 
     def __init__(self, backend, session):
-        self.name, self.path, self.session = str(backend), backend.path, session
+        self.name, self.path, self.hostname, self.session = str(backend), backend.path, backend.hostname, session
         self.file = None
 
     def mail(self, address, params):
@@ -1667,13 +1671,13 @@ class MaildirDelivery:
 
     def data_start(self):
         now = time.time()
-        host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
-        self.filename = f"{int(now)}.M{int(now % 1 * 1e6)}P{os.getpid()}Q{next(self.counter)}R{secrets.token_hex(4)}.{host}"
+        self.filename = (f"{int(now)}.M{int(now % 1 * 1e6)}P{os.getpid()}Q{next(self.counter)}"
+                         f"R{secrets.token_hex(4)}.{self.hostname}")
         self.tmp_path = os.path.join(self.path, "tmp", self.filename)
         try:
             self.file = open(self.tmp_path, "xb")
         except OSError as e:
-            return 451, f"4.3.0 Error: cannot write to the Maildir: {e.strerror}"
+            return maildir_failure(e)
         s = self.session
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%a, %d %b %Y %H:%M:%S +0000")
         header = (f"Return-Path: <{self.sender}>\n"
@@ -1685,12 +1689,10 @@ class MaildirDelivery:
         return self.write(header.encode("utf-8")) or (354, "End data with <CR><LF>.<CR><LF>")
 
     def data_write(self, segment):
-        # Unstuff the dots (RFC 5321 §4.5.2) and store LF line ends, as
-        # local delivery does; segments come CRLF-normalized.
-        if self.at_line_start and segment.startswith(b"."):
-            segment = segment[1:]
-        self.at_line_start = segment.endswith(b"\r\n") or (self.at_line_start and not segment)
-        error = self.write(segment.replace(b"\r\n.", b"\r\n").replace(b"\r\n", b"\n"))
+        # Unstuffed, with LF line ends, as local delivery stores mail.
+        text = unstuff(segment, self.at_line_start)
+        self.at_line_start = segment.endswith(b"\r\n")
+        error = self.write(text.replace(b"\r\n", b"\n"))
         if error:
             raise BackendGone(error[1])
 
@@ -1699,7 +1701,7 @@ class MaildirDelivery:
             self.file.write(data)
         except OSError as e:
             self.abort()
-            return 451, f"4.3.0 Error: cannot write to the Maildir: {e.strerror}"
+            return maildir_failure(e)
 
     def data_end(self):
         try:
@@ -1715,7 +1717,7 @@ class MaildirDelivery:
                 os.close(directory)
         except OSError as e:
             self.abort()
-            return 451, f"4.3.0 Error: cannot write to the Maildir: {e.strerror}"
+            return maildir_failure(e)
         return 250, f"2.0.0 Ok: queued as {self.filename}"
 
     def rset(self):
@@ -1743,6 +1745,7 @@ class MaildirDelivery:
 # connection per lookup).
 
 AUTH_WAIT_ROUNDS = 10       # Auth-Status: WAIT is asked again at most this often
+AUTH_WAIT_MAX = 3600        # seconds; a longer Auth-Wait would outlast any client
 
 
 class AuthServiceError(Exception):
@@ -1769,6 +1772,30 @@ def escape_auth_value(text):
 def header_value(text):
     """A client-supplied value made safe for an HTTP header: no control bytes at all."""
     return re.sub(rb"[\x00-\x1f\x7f]", b"", text.encode("utf-8"))
+
+
+RDN_NAMES = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU", "countryName": "C",
+             "localityName": "L", "stateOrProvinceName": "ST", "streetAddress": "STREET",
+             "domainComponent": "DC", "userId": "UID"}
+
+
+def rfc2253(name):
+    """A certificate name as ssl gives it -> RFC 2253 text, most specific part first (as nginx)."""
+    def escape(value):
+        value = re.sub(r'([,+"\\<>;])', r"\\\1", value)
+        return re.sub(r"^([ #])|( )$", r"\\\1\2", value)
+    return ",".join("+".join(f"{RDN_NAMES.get(k, k)}={escape(v)}" for k, v in rdn) for rdn in reversed(name))
+
+
+def client_certificate(sock):
+    """The verified client certificate's details for Auth-SSL-* headers, or None."""
+    der = sock.getpeercert(binary_form=True)
+    if not der:
+        return None
+    cert = sock.getpeercert()
+    return {"Auth-SSL-Subject": rfc2253(cert.get("subject", ())), "Auth-SSL-Issuer": rfc2253(cert.get("issuer", ())),
+            "Auth-SSL-Serial": cert.get("serialNumber", "").upper(),
+            "Auth-SSL-Fingerprint": hashlib.sha1(der).hexdigest()}
 
 
 class AuthService:
@@ -1817,58 +1844,67 @@ class AuthService:
         headers.update(session.tls_headers())
         headers.update(self.extra_headers)
         for _ in range(AUTH_WAIT_ROUNDS):
-            answer = self.read_answer(self.request(headers))
-            if answer != "WAIT":
-                return answer
+            h = self.request(headers)
+            if h.get("Auth-Status", "").strip() != "WAIT":
+                return self.read_answer(h)
+            time.sleep(min(auth_wait(h), self.timeout) or 1)    # asked again, same attempt (nginx)
         raise AuthServiceError(f"still said WAIT after {AUTH_WAIT_ROUNDS} rounds")
 
-    def read_answer(self, h):
-        """The response headers -> AuthAnswer, or "WAIT" after waiting Auth-Wait seconds."""
+    @staticmethod
+    def read_answer(h):
+        """The response headers -> AuthAnswer; raises AuthServiceError for an unusable OK."""
         status = h.get("Auth-Status", "OK").strip()     # absent means OK (nginx)
-        wait = h.get("Auth-Wait", "").strip()
-        wait = min(int(wait), 3600) if is_number(wait) else 0
-        if status == "WAIT":
-            time.sleep(min(wait, self.timeout) or 1)
-            return "WAIT"
         if status != "OK":
             code = re.fullmatch(r"([45]\d\d)(?: +(\d\.\d{1,3}\.\d{1,3}))?", h.get("Auth-Error-Code", "").strip())
             error_code = (int(code[1]), code[2] or "") if code else None
-            return AuthAnswer(False, text=re.sub(r"[\x00-\x1f\x7f]", "", status), wait=wait, error_code=error_code)
-        server, port = h.get("Auth-Server", "").strip(), h.get("Auth-Port", "").strip()
-        if not server or not port:
+            return AuthAnswer(False, text=re.sub(r"[\x00-\x1f\x7f]", "", status), wait=auth_wait(h),
+                              error_code=error_code)
+        host, port = h.get("Auth-Server", "").strip().strip("[]"), h.get("Auth-Port", "").strip()
+        if not host or not port:
             raise AuthServiceError("did not send server or port")
         if not is_number(port) or not 0 < int(port) < 65536:
             raise AuthServiceError(f"sent a bad Auth-Port {port!r}")
-        if not is_host(server.strip("[]")):
-            raise AuthServiceError(f"sent a bad Auth-Server {server!r}")
-        return AuthAnswer(True, SMTPBackend(server.strip("[]"), int(port)),     # a host name is resolved at connect
+        if not is_host(host):
+            raise AuthServiceError(f"sent a bad Auth-Server {host!r}")
+        return AuthAnswer(True, SMTPBackend(host, int(port)),     # a host name is resolved at connect
                           user=h.get("Auth-User") or None, password=h.get("Auth-Pass") or None)
 
 
-# --- 6. Server and lifecycle: listeners, limits, signals ---------------------
+def auth_wait(h):
+    """Auth-Wait in whole seconds, at most AUTH_WAIT_MAX; 0 when absent or not a number."""
+    wait = h.get("Auth-Wait", "").strip()
+    return min(int(wait), AUTH_WAIT_MAX) if is_number(wait) else 0
+
+
+# --- 6. Server and lifecycle: listeners, limits, logging, signals ------------
 # One RelayServer (a ThreadingTCPServer) per listening socket, each serving
 # in its own thread; they share one Relay, which holds the configuration and
 # counts sessions for --max-clients and --max-clients-per-ip. The main
 # thread only waits for signals.
 
+REFUSAL_TIMEOUT = 1          # seconds to hand a refused client its 421
+ACCEPT_PAUSE = 0.1          # seconds the listener rests when out of descriptors
+
+
 class Relay:
-    """What every listener shares: the configuration and the session counts."""
+    """What every listener shares: the configuration, the session counts, the auth
+    service's client and the current TLS context."""
 
     def __init__(self, cfg):
         self.cfg = cfg
         self.auth_service = AuthService(cfg) if cfg.auth_http else None
-        self.tls_context = cfg.tls_context     # replaced on SIGHUP; sessions keep the one they began with
+        self.tls_context = cfg.tls_context     # replaced on SIGHUP; each handshake after that uses the new one
         self.lock = threading.Condition()
         self.sessions = 0
         self.per_ip = collections.Counter()
 
     def admit(self, ip):
-        """Count a new session in -> None, or the refusal to send it (one line)."""
+        """Count a new session in -> None, or the refusal (code, text) to send instead."""
         with self.lock:
             if self.sessions >= self.cfg.max_clients:
-                return format_reply(421, "4.3.2 Too many connections, try again later")
+                return 421, "4.3.2 Too many connections, try again later"
             if self.cfg.max_clients_per_ip and self.per_ip[ip] >= self.cfg.max_clients_per_ip:
-                return format_reply(421, "4.7.0 Too many connections from your address, try again later")
+                return 421, "4.7.0 Too many connections from your address, try again later"
             self.sessions += 1
             self.per_ip[ip] += 1
         return None
@@ -1921,7 +1957,7 @@ class RelayServer(socketserver.ThreadingTCPServer):
     daemon_threads = True       # a stuck session must not keep the process alive at exit
     block_on_close = False      # shutdown waits for sessions itself, bounded by --timeout
     allow_reuse_address = True  # restart at once on the same port
-    request_queue_size = 128
+    request_queue_size = 128    # connections the kernel holds while threads start
 
     def __init__(self, address, relay, sock=None, tls=False):
         self.relay, self.tls = relay, tls
@@ -1942,10 +1978,10 @@ class RelayServer(socketserver.ThreadingTCPServer):
         ip = client_ip(client_address)
         refusal = self.relay.admit(ip)
         if refusal:
-            log.warning("refused %s: %s", ip, refusal.decode().strip())
+            log.warning("refused %s: %d %s", ip, *refusal)
             try:
-                request.settimeout(1)
-                request.sendall(refusal)
+                request.settimeout(REFUSAL_TIMEOUT)
+                request.sendall(format_reply(*refusal))
             except OSError:
                 pass
             self.shutdown_request(request)
@@ -1963,8 +1999,8 @@ class RelayServer(socketserver.ThreadingTCPServer):
             if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                 # The connection waits in the backlog; without a pause the
                 # listener would spin on it until a descriptor frees up.
-                log.error("accept failed: %s; pausing new connections for 0.1 s", e.strerror)
-                time.sleep(0.1)
+                log.error("accept failed: %s; pausing new connections for %g s", e.strerror, ACCEPT_PAUSE)
+                time.sleep(ACCEPT_PAUSE)
             raise
 
     def handle_error(self, request, client_address):
@@ -1976,13 +2012,13 @@ class RelayServer(socketserver.ThreadingTCPServer):
 
 
 def make_servers(cfg):
-    """Bind every --listen address -> [RelayServer]; raises ConfigError if one cannot be bound."""
+    """Make the Maildirs and bind every --listen and --tls-listen address -> [RelayServer];
+    raises ConfigError naming the option at fault."""
     for backend in cfg.backend:
-        if isinstance(backend, MaildirBackend):
-            try:
-                backend.create()
-            except OSError as e:
-                raise ConfigError("--backend", f"{backend}: {e.strerror or e}") from None
+        try:
+            backend.create()
+        except OSError as e:
+            raise ConfigError("--backend", f"{backend}: {e.strerror or e}") from None
     relay = Relay(cfg)
     servers = []
     for (host, port), tls in [(a, False) for a in cfg.listen] + [(a, True) for a in cfg.tls_listen]:
