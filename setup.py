@@ -9,6 +9,6 @@ setup(
     py_modules=["smtprelay"],
     python_requires=">=3.9",
     install_requires=["requests", "ConfigArgParse"],
-    extras_require={"test": ["pytest", "trustme"]},
+    extras_require={"test": ["pytest", "trustme", "hypothesis"]},
     entry_points={"console_scripts": ["smtprelay = smtprelay:main"]},
 )
