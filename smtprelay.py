@@ -17,8 +17,7 @@ Every option also reads from SMTPRELAY_<OPTION> and from the config file
 (-c FILE, default /etc/smtprelay.conf); see README.md.
 
 XXX To do: the PROXY protocol, inetd and systemd socket activation, reload of
-the whole config on SIGHUP, --user, metrics; no DNS lookups are made, so
-Client-Host and XCLIENT NAME are always [UNAVAILABLE].
+the whole config on SIGHUP, --user, metrics.
 """
 
 import argparse
@@ -129,11 +128,15 @@ def build_parser():
     add("--auth-http", metavar="URL",
         help="nginx-compatible auth service that decides who may send and names the back-end")
     add("--auth-http-header", action="append", metavar="'NAME: VALUE'", help="extra header on every auth request")
-    add("--auth-http-timeout", default="60", metavar="SECONDS", help="auth service timeout (default 60)")
+    add("--auth-http-timeout", default="60", metavar="SECONDS", help="deadline for the auth service's whole answer (default 60)")
     add("--auth", default="none", metavar="METHODS",
         help="comma list of none, plain, login, cram-md5, external; without none, AUTH is required (default none)")
     add("--xclient", action=argparse.BooleanOptionalAction, default=True,
-        help="pass the client's address and HELO name to back-ends that offer XCLIENT (default on)")
+        help="pass the client on with XCLIENT; a back-end that refuses it counts as down (default on)")
+    add("--resolve", default="on", metavar="{on,off}",
+        help="look up the client's name (PTR, confirmed by a forward lookup) for XCLIENT and the auth service (default on)")
+    add("--resolve-timeout", default="5", metavar="SECONDS",
+        help="the longest a name lookup may delay a session; then [TEMPUNAVAIL] (default 5)")
     add("--starttls", default="off", metavar="{off,on,only}",
         help="offer STARTTLS; only: MAIL and AUTH need TLS first (default off)")
     add("--tls-cert", metavar="FILE", help="server certificate (chain), PEM")
@@ -147,8 +150,11 @@ def build_parser():
     add("--backend-tls-verify", default="on", metavar="{on,off}",
         help="verify the back-end's certificate and name; off only for lab set-ups (default on)")
     add("--backend-auth", metavar="USER:PASSWORD", help="AUTH towards the back-end, PLAIN or LOGIN")
-    add("--timeout", default="60", metavar="SECONDS", help="client idle timeout (default 60)")
-    add("--proxy-timeout", default="60", metavar="SECONDS", help="back-end reply timeout (default 60)")
+    add("--timeout", default="60", metavar="SECONDS",
+        help="deadline for each whole command line and for idle time between commands (default 60)")
+    add("--proxy-timeout", default="60", metavar="SECONDS", help="deadline for each whole back-end reply (default 60)")
+    add("--data-timeout", default="600", metavar="SECONDS",
+        help="deadline for the back-end's reply to the end of data (default 600, RFC 5321's 10 minutes)")
     add("--greeting-delay", default="0", metavar="SECONDS",
         help="hold the greeting back; a client that talks first is refused (default 0)")
     add("--max-errors", default="5", metavar="N", help="protocol errors before the session is closed (default 5)")
@@ -435,6 +441,8 @@ def validate(args):
         auth_mechanisms=[m for m in auth if m != "none"],   # what AUTH may offer
         auth_required="none" not in auth,                  # MAIL waits for AUTH
         xclient=args.xclient,
+        resolve=parse_choice("--resolve", args.resolve, ("on", "off")),
+        resolve_timeout=parse_seconds("--resolve-timeout", args.resolve_timeout),
         starttls=starttls,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
@@ -447,6 +455,7 @@ def validate(args):
         backend_auth=backend_auth,
         timeout=parse_seconds("--timeout", args.timeout),
         proxy_timeout=parse_seconds("--proxy-timeout", args.proxy_timeout),
+        data_timeout=parse_seconds("--data-timeout", args.data_timeout),
         greeting_delay=parse_seconds("--greeting-delay", args.greeting_delay, 0),
         max_errors=parse_number("--max-errors", args.max_errors),
         max_clients=parse_number("--max-clients", args.max_clients, 1),
@@ -539,10 +548,16 @@ class ClientGone(Exception):
     """The client closed the connection or it broke; nobody to reply to."""
 
 
+class Stopping(Exception):
+    """The relay is stopping and the session is between transactions: it gets 421."""
+
+
 def format_reply(code, text):
     """One reply as bytes; text lines become `250-` continuation lines."""
     lines = text.replace("\r", "").split("\n")
-    out = "".join(f"{code}-{line}\r\n" for line in lines[:-1]) + f"{code} {lines[-1]}\r\n"
+    # RFC 5321 §4.2: the text is optional; an empty AUTH challenge keeps its space (RFC 4954 §4).
+    last = f"{code} {lines[-1]}" if lines[-1] or code == 334 else str(code)
+    out = "".join(f"{code}-{line}\r\n" for line in lines[:-1]) + last + "\r\n"
     return out.encode("utf-8", "surrogateescape")
 
 
@@ -620,14 +635,15 @@ class Channel:
     pipelined burst gets its replies in one write (RFC 2920 §3.1).
     """
 
-    def __init__(self, sock, timeout):
-        self.sock = sock
+    def __init__(self, sock, timeout, stop_fd=None):
+        self.sock, self.timeout, self.stop_fd = sock, timeout, stop_fd
         self.sock.settimeout(timeout)
         set_nodelay(sock)
         self.inbuf, self.inpos = b"", 0
         self.outbuf = []
         self.skipping = False       # the rest of an overlong line is still to be dropped
         self.debug_sid = None       # set to log each line at debug level
+        self.interruptible = False  # a stop may cut the wait for input (no transaction open)
 
     def reply(self, code, text):
         data = format_reply(code, text)
@@ -646,10 +662,20 @@ class Channel:
             except OSError as e:
                 raise ClientGone(f"write failed: {e}") from None
 
-    def receive(self):
-        """More bytes from the client; queued replies are written first."""
+    def receive(self, deadline=None):
+        """More bytes from the client by deadline (default: one --timeout from now);
+        queued replies are written first.
+
+        Raises TimeoutError past the deadline, and Stopping when the relay
+        stops while the wait is interruptible.
+        """
         self.flush()
+        deadline = deadline or time.monotonic() + self.timeout
+        pending = isinstance(self.sock, ssl.SSLSocket) and self.sock.pending()
+        if not pending:
+            self.wait_readable(deadline)
         try:
+            self.sock.settimeout(max(deadline - time.monotonic(), 0.001))
             data = self.sock.recv(RECV_SIZE)
         except TimeoutError:
             raise
@@ -658,6 +684,22 @@ class Channel:
         if not data:
             raise ClientGone("client closed the connection")
         return data
+
+    def wait_readable(self, deadline, events=select.POLLIN):
+        """Wait for the socket (not select(): descriptors pass 1024 under load) or the stop."""
+        poller = select.poll()
+        poller.register(self.sock, events)
+        if self.stop_fd is not None and self.interruptible:
+            poller.register(self.stop_fd, select.POLLIN)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("deadline passed")
+            ready = dict(poller.poll(remaining * 1000))
+            if self.stop_fd in ready and self.interruptible:
+                raise Stopping()
+            if ready:
+                return
 
     def start_tls(self, context):
         """Run the server side of a TLS handshake on the connection.
@@ -669,10 +711,30 @@ class Channel:
         """
         self.flush()
         self.inbuf, self.inpos = b"", 0
+        deadline = time.monotonic() + self.timeout     # the whole handshake, not each read
+        interruptible, self.interruptible = self.interruptible, False
         try:
-            self.sock = context.wrap_socket(self.sock, server_side=True)
+            self.sock = context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
+            while True:
+                try:
+                    self.handshake_step()
+                    break
+                except ssl.SSLWantReadError:
+                    self.wait_readable(deadline)
+                except ssl.SSLWantWriteError:
+                    self.wait_readable(deadline, select.POLLOUT)
         except (ssl.SSLError, OSError) as e:
             raise ClientGone(f"TLS handshake failed: {getattr(e, 'reason', None) or e}") from None
+        finally:
+            self.interruptible = interruptible
+        self.sock.settimeout(self.timeout)
+
+    def handshake_step(self):
+        self.sock.setblocking(False)
+        try:
+            self.sock.do_handshake()
+        finally:
+            self.sock.settimeout(self.timeout)
 
     def close(self):
         """Close the connection so that the last reply reaches the client."""
@@ -696,8 +758,8 @@ class Channel:
         except OSError:
             pass
 
-    def fill(self):
-        data = self.receive()
+    def fill(self, deadline=None):
+        data = self.receive(deadline)
         self.inbuf = self.inbuf[self.inpos:] + data if self.inpos < len(self.inbuf) else data
         self.inpos = 0
 
@@ -712,6 +774,7 @@ class Channel:
         if self.skipping:
             self.skip_line()
             self.skipping = False
+        deadline = time.monotonic() + self.timeout     # for the whole line (Postfix's smtpd_per_record_deadline)
         while True:
             end = self.inbuf.find(b"\n", self.inpos)
             if end >= 0:
@@ -722,7 +785,7 @@ class Channel:
             if len(self.inbuf) - self.inpos >= limit:
                 self.inbuf, self.inpos, self.skipping = b"", 0, True
                 raise SMTPError(*LINE_TOO_LONG)
-            self.fill()
+            self.fill(deadline)
 
     def skip_line(self):
         while (end := self.inbuf.find(b"\n", self.inpos)) < 0:
@@ -800,7 +863,9 @@ def parse_path(arg, keyword):
         raise SMTPError(501, f"5.5.4 Syntax: {'MAIL FROM' if keyword == 'FROM:' else 'RCPT TO'}:<address>")
     rest = arg[len(keyword):].lstrip(" ")
     if rest.startswith("<"):
-        end = rest.find(">")
+        # The first ">" outside a quoted local part ends the path: "a>b"@d is one mailbox.
+        quoted = re.match(r'<(?:[^"<>]*"(?:[^"\\]|\\.)*")?[^">]*', rest)
+        end = rest.find(">", quoted.end())
         if end < 0:
             raise SMTPError(501, "5.1.7 Bad address syntax: missing >")
         address, params = rest[1:end], rest[end + 1:]
@@ -866,6 +931,65 @@ def client_ip(peer):
     return str(getattr(ip, "ipv4_mapped", None) or ip)
 
 
+def valid_hostname(name):
+    """A PTR name fit to pass on: a DNS name, not an address in disguise (Postfix's valid_hostname)."""
+    try:
+        ipaddress.ip_address(name)
+        return False
+    except ValueError:
+        return is_host(name)
+
+
+def lookup_client_names(ip):
+    """The system resolver's names for ip -> (name, reverse_name), as Postfix's smtpd has them.
+
+    reverse_name is the PTR name; name is that name only when a forward
+    lookup of it gives ip back (FCrDNS); else [UNAVAILABLE], or
+    [TEMPUNAVAIL] for a temporary failure. A PTR name that is no host name
+    (CR, spaces, "=" or worse, as nginx's CVE-2026-28753) counts as none.
+    """
+    try:
+        reverse_name = socket.gethostbyaddr(ip)[0]
+    except socket.herror as e:
+        return (TEMPUNAVAIL,) * 2 if e.errno == 2 else (UNAVAILABLE,) * 2     # 2: TRY_AGAIN
+    except OSError:
+        return (TEMPUNAVAIL,) * 2
+    if not valid_hostname(reverse_name):
+        return (UNAVAILABLE,) * 2
+    try:
+        found = {client_ip(info[4]) for info in socket.getaddrinfo(reverse_name, None, proto=socket.IPPROTO_TCP)}
+    except socket.gaierror as e:
+        return (TEMPUNAVAIL if e.errno == socket.EAI_AGAIN else UNAVAILABLE), reverse_name
+    except (OSError, UnicodeError, ValueError):
+        return UNAVAILABLE, reverse_name
+    return (reverse_name if ip in found else UNAVAILABLE), reverse_name
+
+
+class ClientNames:
+    """A client's names, looked up in a thread of their own from the start of
+    the session; get() waits at most --resolve-timeout from that start."""
+
+    def __init__(self, ip, timeout):
+        self.deadline = time.monotonic() + timeout
+        self.names = None
+        self.done = threading.Event()
+        threading.Thread(target=self.lookup, args=(ip,), name=f"resolve {ip}", daemon=True).start()
+
+    def lookup(self, ip):
+        self.names = lookup_client_names(ip)
+        self.done.set()
+
+    def get(self):
+        """(name, reverse_name); [TEMPUNAVAIL] for both past the deadline."""
+        if self.done.wait(max(self.deadline - time.monotonic(), 0)):
+            return self.names
+        return TEMPUNAVAIL, TEMPUNAVAIL
+
+    @property
+    def name(self):
+        return self.get()[0]
+
+
 class Session:
     """One client's SMTP session: run() serves it until QUIT, EOF or an error."""
 
@@ -885,6 +1009,9 @@ class Session:
         self.reset(forget_helo=True)
         if log.isEnabledFor(logging.DEBUG):
             channel.debug_sid = self.sid
+        # The client's name is looked up from the start, beside the greeting,
+        # where anyone will ask for it (XCLIENT, the auth service).
+        self.names = ClientNames(self.peer_ip, self.cfg.resolve_timeout) if relay.needs_names else None
 
     def reset(self, forget_helo=False):
         """Forget the mail transaction (RFC 5321 §4.1.1.5); with forget_helo, who the client said it was too."""
@@ -914,6 +1041,8 @@ class Session:
                 while not self.done:
                     self.handle_command()
             self.channel.flush()
+        except Stopping:
+            self.say_last(*self.shutting_down)
         except ClientGone as e:
             log.info("%s client gone: %s", self.sid, e)
         except TimeoutError:
@@ -999,7 +1128,15 @@ class Session:
         except (ClientGone, OSError):
             pass
 
+    @property
+    def shutting_down(self):
+        return 421, f"4.3.2 {self.cfg.server_name} Service shutting down, closing connection"
+
     def handle_command(self):
+        idle = self.mail_from is None       # a stop ends the session here, never inside a transaction
+        if idle and self.relay.stopping.is_set():
+            raise Stopping()
+        self.channel.interruptible = idle
         try:
             line = self.channel.read_line(AUTH_LINE_LIMIT)
             if len(line) + 2 > COMMAND_LINE_LIMIT and not re.match(rb"(?i)AUTH ", line):
@@ -1015,7 +1152,7 @@ class Session:
                 if self.cfg.max_errors and self.errors >= self.cfg.max_errors:
                     self.channel.reply(421, "4.7.0 Too many errors, closing connection")
                     self.done = True
-        except (ClientGone, TimeoutError):
+        except (ClientGone, TimeoutError, Stopping):
             raise
         except Exception:
             # A bug of ours: the stream may be out of step, so close rather
@@ -1047,6 +1184,10 @@ class Session:
             raise SMTPError(501, f"5.5.4 Syntax: {'EHLO' if esmtp else 'HELO'} hostname")
         if not re.fullmatch(r"[\x21-\x7e]+", words[0]):
             raise SMTPError(501, "5.5.2 Bad host name: printable ASCII only")
+        # RFC 5321 §4.5.3.1.2: a domain is at most 255 octets; Postfix takes
+        # no longer XCLIENT value, and xtext may triple it.
+        if len(xtext(words[0])) > XCLIENT_VALUE_LIMIT:
+            raise SMTPError(501, "5.5.2 Bad host name: too long")
         self.abort_transaction()        # RFC 5321 §4.1.4: like RSET
         self.helo, self.esmtp, self.ehlo_required = words[0], esmtp, False
         if not esmtp:
@@ -1292,6 +1433,8 @@ class Session:
             self.channel.flush()
             time.sleep(min(answer.wait, self.cfg.timeout))
         code, enhanced = answer.error_code or (535, "5.7.0")
+        if code == 421:
+            self.done = True        # RFC 5321 §3.8: 421 closes the session
         raise SMTPError(code, f"{enhanced} {answer.text}" if enhanced else answer.text, counted=counted)
 
     def smtp_STARTTLS(self, arg):
@@ -1344,7 +1487,7 @@ class Session:
         if fresh:
             self.backend = open_backend(self, [self.route.backend] if self.route else self.cfg.backend)
         try:
-            return getattr(self.backend, method)(*args)
+            code, text = getattr(self.backend, method)(*args)
         except BackendGone as e:
             log.warning("%s backend %s failed at %s: %s", self.sid, self.backend.name, method, e)
             self.drop_backend()
@@ -1352,6 +1495,10 @@ class Session:
                 return self.backend_call(method, *args)
             self.reset()
             raise SMTPError(*BACKEND_LOST) from None
+        if code >= 400 and method != "data_end":       # the end of data has its own line, log_message
+            log.info("%s backend %s refused %s: %d %s", self.sid, self.backend.name,
+                     {"data_start": "DATA"}.get(method, method.upper()), code, printable(text))
+        return code, text
 
     def abort_transaction(self):
         if self.mail_from is not None and self.backend:
@@ -1385,8 +1532,15 @@ class Session:
 # may raise BackendGone, so the session never sees smtplib's or the OS's
 # exceptions.
 
-XCLIENT_ATTRIBUTES = ("ADDR", "PORT", "NAME", "HELO", "PROTO", "LOGIN")
-DATA_END_TIMEOUT = 600      # RFC 5321 §4.5.3.2.6, the shortest a client may wait for it
+XCLIENT_ATTRIBUTES = ("ADDR", "PORT", "NAME", "REVERSE_NAME", "HELO", "PROTO", "LOGIN")
+XCLIENT_VALUE_LIMIT = 255   # Postfix: "attribute value too long" past this, after xtext
+XCLIENT_LINE_LIMIT = 512    # RFC 5321 §4.5.3.1.4, CRLF included
+XCLIENT_FIX = ("add the relay's address to the back-end's smtpd_authorized_xclient_hosts, "
+               "or run with --no-xclient where it may see the relay as the client")
+REPLY_LINE_LIMIT = 8192     # bytes in one back-end reply line (smtplib's _MAXLINE)
+REPLY_LINES_LIMIT = 100     # lines in one back-end reply; Postfix's EHLO has about 15
+REPLY_BYTES_LIMIT = 65536   # a larger reply is a broken back-end
+UNAVAILABLE, TEMPUNAVAIL = "[UNAVAILABLE]", "[TEMPUNAVAIL]"   # XCLIENT_README's "no value"
 
 
 def xtext(value):
@@ -1399,6 +1553,10 @@ class BackendDown(Exception):
     """The back-end could not be used at all; the next one is tried."""
 
 
+class BackendUntrusted(BackendDown):
+    """The back-end would take the mail under the relay's own address (no XCLIENT)."""
+
+
 class BackendGone(Exception):
     """The back-end connection broke or timed out in the middle of things."""
 
@@ -1408,8 +1566,10 @@ def open_backend(session, candidates):
     for backend in candidates:
         try:
             connection = backend.open(session)
-            log.info("%s backend %s connected", session.sid, backend)
+            log.info("%s backend %s connected%s", session.sid, backend, connection.describe())
             return connection
+        except BackendUntrusted as e:
+            log.error("%s backend %s %s: %s", session.sid, backend, e, XCLIENT_FIX)
         except BackendDown as e:
             log.warning("%s backend %s is down: %s; trying next", session.sid, backend, e)
     log.error("%s all back-ends are down", session.sid)
@@ -1450,6 +1610,10 @@ class SMTPConnection(smtplib.SMTP):
         self.tls_mode, self.tls_context = session.cfg.backend_tls, session.cfg.backend_tls_context
         super().__init__(timeout=session.cfg.proxy_timeout, local_hostname=helo)
         self._host = backend.host       # smtplib's starttls() verifies this name; only __init__ sets it
+        self.inbuf = b""                # what the back-end sent beyond the last reply line read
+        self.reply_timeout = session.cfg.proxy_timeout
+        self.data_timeout = session.cfg.data_timeout
+        self.xclient = False            # XCLIENT was accepted on this connection
         try:
             code, text = self.connect(backend.host, backend.port)
             set_nodelay(self.sock)
@@ -1459,7 +1623,7 @@ class SMTPConnection(smtplib.SMTP):
             if self.tls_mode == "starttls":
                 self.start_tls(helo)
             credentials = session.backend_credentials()
-            if session.cfg.xclient and self.has_extn("xclient"):
+            if session.cfg.xclient:
                 self.send_xclient(session, helo, login=None if credentials else session.login())
             if credentials:
                 self.authenticate(*credentials)
@@ -1484,6 +1648,7 @@ class SMTPConnection(smtplib.SMTP):
             self.starttls(context=self.tls_context)
         except smtplib.SMTPResponseException as e:
             raise BackendDown(f"refused STARTTLS with {e.smtp_code} {printable(e.smtp_error)}") from None
+        self.inbuf = b""        # nothing sent in clear counts inside TLS (RFC 3207 §4.2)
         self.greet(helo)
 
     def greet(self, helo):
@@ -1512,26 +1677,24 @@ class SMTPConnection(smtplib.SMTP):
         log.info("%s backend %s: authenticated as %s", self.sid, self.name, printable(user))
 
     def send_xclient(self, session, helo, login):
-        """Postfix XCLIENT_README: the client's attributes the back-end asked for."""
+        """Postfix XCLIENT_README: the client's attributes the back-end asked for.
+
+        Required: a back-end that does not take it would judge the relay's
+        own address (which its mynetworks may trust), so it counts as down.
+        """
+        if not self.has_extn("xclient"):
+            raise BackendUntrusted("does not offer XCLIENT to this relay")
         wanted = self.esmtp_features["xclient"].upper().split()
-        ip = session.peer_address
-        values = {
-            "ADDR": f"IPV6:{ip}" if ip.version == 6 else str(ip),
-            "PORT": str(session.peer_port),
-            "NAME": "[UNAVAILABLE]",        # no reverse DNS lookup is made
-            "HELO": session.helo,
-            "PROTO": "ESMTP" if session.esmtp else "SMTP",
-            "LOGIN": login,     # left out when the relay itself authenticates (nginx)
-        }
-        args = " ".join(f"{k}={xtext(values[k])}" for k in XCLIENT_ATTRIBUTES if k in wanted and values[k])
-        if not args:
-            return
-        code, text = self.docmd("XCLIENT", args)
+        code, text = self.docmd("XCLIENT", xclient_arguments(session, wanted, login))
         if code not in (220, 250):      # Postfix greets anew with 220; some answer 250
-            log.warning("%s backend %s refused XCLIENT: %d %s; going on without it",
-                        self.sid, self.name, code, printable(text))
-            return
+            raise BackendUntrusted(f"refused XCLIENT with {code} {printable(text.decode('utf-8', 'replace'))}")
+        self.xclient = True
         self.greet(helo)        # XCLIENT starts a new session on the back-end
+
+    def describe(self):
+        """For the log: " (TLS TLSv1.3, XCLIENT)"."""
+        tls = f"TLS {self.sock.version()}" if isinstance(self.sock, ssl.SSLSocket) else "no TLS"
+        return f" ({tls}, {'XCLIENT' if self.xclient else 'no XCLIENT'})"
 
     # Logging of the dialogue at debug level.
     def putcmd(self, cmd, args=""):
@@ -1541,15 +1704,55 @@ class SMTPConnection(smtplib.SMTP):
                 shown = "AUTH ****"
             elif self.authenticating:
                 shown = "****"
-            log.debug("%s S>B: %s", self.sid, shown)
+            log.debug("%s S>B: %s", self.sid, printable(shown))
         super().putcmd(cmd, args)
 
     def getreply(self):
-        code, text = super().getreply()
+        """One whole reply -> (code, text lines joined by LF), as smtplib's, but
+        by a deadline for the whole reply (reply_timeout) and bounded in
+        lines and bytes: a back-end that trickles or floods is broken."""
+        deadline = time.monotonic() + self.reply_timeout
+        lines, size = [], 0
+        try:
+            while True:
+                line = self.reply_line(deadline)
+                size += len(line)
+                if len(lines) >= REPLY_LINES_LIMIT or size > REPLY_BYTES_LIMIT:
+                    raise smtplib.SMTPServerDisconnected(
+                        f"reply over {REPLY_LINES_LIMIT} lines or {REPLY_BYTES_LIMIT} bytes")
+                lines.append(line[4:].strip(b" \t\r\n"))
+                if line[3:4] != b"-":
+                    break
+        except (OSError, smtplib.SMTPException):
+            self.close()
+            raise
+        finally:
+            if self.sock:
+                self.sock.settimeout(self.timeout)
+        code = int(line[:3]) if line[:3].isdigit() else -1
+        text = b"\n".join(lines)
         if self.debug:
-            for line in text.split(b"\n"):
-                log.debug("%s B: %s %s", self.sid, code, printable(line))
+            for part in lines:
+                log.debug("%s B: %s %s", self.sid, code, printable(part))
         return code, text
+
+    def reply_line(self, deadline):
+        """The next line of the back-end's reply, by deadline."""
+        while (end := self.inbuf.find(b"\n")) < 0:
+            if len(self.inbuf) > REPLY_LINE_LIMIT:
+                raise smtplib.SMTPServerDisconnected("reply line too long")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no whole reply within {self.reply_timeout:g}s")
+            if not self.sock:
+                raise smtplib.SMTPServerDisconnected("connection closed")
+            self.sock.settimeout(remaining)
+            data = self.sock.recv(RECV_SIZE)
+            if not data:
+                raise smtplib.SMTPServerDisconnected("Connection unexpectedly closed")
+            self.inbuf += data
+        line, self.inbuf = self.inbuf[:end + 1], self.inbuf[end + 1:]
+        return line
 
     # The interface the session uses.
     def checked(self, what, exchange):
@@ -1606,12 +1809,11 @@ class SMTPConnection(smtplib.SMTP):
         # RFC 5321 §4.5.3.2.6: the reply to the end of data may take 10
         # minutes (content filters); giving up sooner turns a message the
         # back-end accepted into a 4xx, and the client's retry into a copy.
-        self.sock.settimeout(max(self.timeout, DATA_END_TIMEOUT))
+        self.reply_timeout = self.data_timeout
         try:
             return self.checked("end of data", self.getreply)
         finally:
-            if self.sock:
-                self.sock.settimeout(self.timeout)
+            self.reply_timeout = self.timeout
 
     def rset(self):
         return self.command("RSET")
@@ -1646,6 +1848,41 @@ class MaildirBackend:
 
     def open(self, session):
         return MaildirDelivery(self, session)
+
+
+def xclient_arguments(session, wanted, login):
+    """The XCLIENT arguments for the attributes in wanted, within Postfix's limits.
+
+    An attribute left out would keep the relay's own value on the back-end,
+    so every wanted one is sent; where the line would pass 512 octets, the
+    names give way to [UNAVAILABLE] (the stricter value), then LOGIN goes.
+    """
+    ip = session.peer_address
+    name, reverse_name = session.names.get() if session.names else (UNAVAILABLE, UNAVAILABLE)
+    values = {
+        "ADDR": f"IPV6:{ip}" if ip.version == 6 else str(ip),
+        "PORT": str(session.peer_port),
+        "NAME": name,
+        "REVERSE_NAME": reverse_name,
+        "HELO": session.helo or UNAVAILABLE,
+        "PROTO": "ESMTP" if session.esmtp else "SMTP",
+        "LOGIN": login,     # left out when the relay itself authenticates (nginx)
+    }
+    values = {k: xtext(v) for k, v in values.items() if k in wanted and v}
+    for key, value in values.items():
+        if len(value) > XCLIENT_VALUE_LIMIT:
+            values[key] = UNAVAILABLE
+
+    def line():
+        return " ".join(f"{k}={v}" for k, v in values.items())
+    for key in ("REVERSE_NAME", "NAME", "LOGIN"):
+        if len("XCLIENT " + line()) + 2 <= XCLIENT_LINE_LIMIT:
+            break
+        if key in values:
+            values[key] = UNAVAILABLE
+            if key == "LOGIN":
+                del values[key]
+    return line()
 
 
 def maildir_failure(error):
@@ -1736,6 +1973,9 @@ class MaildirDelivery:
     def close(self, quit=False):
         self.abort()
 
+    def describe(self):
+        return ""
+
 
 # --- 5. The auth lookup: nginx's auth_http protocol ----------------------------
 # One GET per lookup with the headers nginx sends (NGINX.md §3.2); the
@@ -1766,7 +2006,7 @@ class AuthAnswer:
 
 def escape_auth_value(text):
     """nginx's escaping of Auth-User and Auth-Pass: control bytes, space and % as %XX."""
-    return re.sub(rb"[\x00-\x20%]", lambda m: b"%%%02X" % m.group()[0], text.encode("utf-8"))
+    return re.sub(rb"[\x00-\x20%\x7f]", lambda m: b"%%%02X" % m.group()[0], text.encode("utf-8"))
 
 
 def header_value(text):
@@ -1798,6 +2038,68 @@ def client_certificate(sock):
             "Auth-SSL-Fingerprint": hashlib.sha1(der).hexdigest()}
 
 
+class AnswerDeadline:
+    """The deadline for one whole HTTP answer: requests' timeout bounds each
+    read, so a service trickling a byte at a time would hold a session for
+    ever. Past the deadline the connection's socket is shut down, which
+    ends any read on it at once."""
+
+    current = threading.local()     # the deadline of this thread's request, for its connection
+
+    def __init__(self, seconds):
+        self.sock, self.expired = None, False
+        self.timer = threading.Timer(seconds, self.cut)
+        self.timer.daemon = True
+
+    def __enter__(self):
+        AnswerDeadline.current.deadline = self
+        self.timer.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.timer.cancel()
+        AnswerDeadline.current.deadline = None
+
+    def watch(self, sock):
+        self.sock = sock
+        if self.expired:
+            self.cut()
+
+    def cut(self):
+        self.expired = True
+        try:
+            if self.sock:
+                self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+def deadline_adapter():
+    """A requests transport whose connections keep to AnswerDeadline."""
+    import requests.adapters
+    import urllib3
+
+    class Watched:
+        def getresponse(self, *args, **kwargs):
+            deadline = getattr(AnswerDeadline.current, "deadline", None)
+            if deadline:
+                deadline.watch(self.sock)
+            return super().getresponse(*args, **kwargs)
+
+    class HTTPPool(urllib3.HTTPConnectionPool):
+        ConnectionCls = type("HTTPConnection", (Watched, urllib3.connection.HTTPConnection), {})
+
+    class HTTPSPool(urllib3.HTTPSConnectionPool):
+        ConnectionCls = type("HTTPSConnection", (Watched, urllib3.connection.HTTPSConnection), {})
+
+    class Adapter(requests.adapters.HTTPAdapter):
+        def init_poolmanager(self, *args, **kwargs):
+            super().init_poolmanager(*args, **kwargs)
+            self.poolmanager.pool_classes_by_scheme = {"http": HTTPPool, "https": HTTPSPool}
+
+    return Adapter
+
+
 class AuthService:
     """The client of --auth-http: lookup() asks it about one client."""
 
@@ -1806,25 +2108,31 @@ class AuthService:
         import requests
         self.url, self.timeout = cfg.auth_http, cfg.auth_http_timeout
         self.extra_headers = cfg.auth_http_header
-        self.host = urllib.parse.urlsplit(self.url).hostname     # Host without the port, as nginx
+        host = urllib.parse.urlsplit(self.url).hostname     # Host without the port, as nginx
+        self.host = f"[{host}]" if ":" in host else host     # RFC 3986 §3.2.2: an IPv6 literal in brackets
         self.idle = []                  # requests.Sessions not in use by any thread
         self.lock = threading.Lock()
+        self.adapter = deadline_adapter()
 
     def request(self, headers):
         with self.lock:
             http = self.idle.pop() if self.idle else self.new_session()
         try:
-            response = http.get(self.url, headers=headers, timeout=self.timeout, allow_redirects=False)
+            with AnswerDeadline(self.timeout) as deadline:
+                response = http.get(self.url, headers=headers, timeout=self.timeout, allow_redirects=False)
         except requests.RequestException as e:
             http.close()
+            if deadline.expired:
+                raise AuthServiceError(f"timed out: no whole answer within {self.timeout:g}s") from None
             raise AuthServiceError(f"request failed: {e}") from None
         with self.lock:
             self.idle.append(http)
         return response.headers
 
-    @staticmethod
-    def new_session():
+    def new_session(self):
         http = requests.Session()
+        http.mount("http://", self.adapter())
+        http.mount("https://", self.adapter())
         # Straight to the service, as nginx: no proxy or .netrc from the
         # environment, which also halves the cost of a lookup.
         http.trust_env = False
@@ -1837,7 +2145,8 @@ class AuthService:
         if salt:
             headers["Auth-Salt"] = salt
         headers.update({"Auth-Protocol": "smtp", "Auth-Login-Attempt": str(session.login_attempt),
-                        "Client-IP": session.peer_ip, "Client-Host": "[UNAVAILABLE]"})
+                        "Client-IP": session.peer_ip,
+                        "Client-Host": session.names.name if session.names else UNAVAILABLE})
         if method == "none":
             headers.update({"Auth-SMTP-Helo": header_value(session.helo or ""),
                             "Auth-SMTP-From": header_value(mail or ""), "Auth-SMTP-To": header_value(rcpt or "")})
@@ -1883,6 +2192,18 @@ def auth_wait(h):
 # thread only waits for signals.
 
 REFUSAL_TIMEOUT = 1          # seconds to hand a refused client its 421
+
+
+def system_backlog():
+    """The kernel's cap on a listen backlog (net.core.somaxconn); listen() asks for all of it."""
+    try:
+        with open("/proc/sys/net/core/somaxconn") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return socket.SOMAXCONN
+
+
+LISTEN_BACKLOG = system_backlog()
 ACCEPT_PAUSE = 0.1          # seconds the listener rests when out of descriptors
 
 
@@ -1897,6 +2218,17 @@ class Relay:
         self.lock = threading.Condition()
         self.sessions = 0
         self.per_ip = collections.Counter()
+        # Names are looked up only where someone will read them.
+        self.needs_names = cfg.resolve == "on" and bool(
+            cfg.auth_http or cfg.xclient and any(isinstance(b, SMTPBackend) for b in cfg.backend))
+        # On stop, a byte in this pipe wakes every session waiting between
+        # transactions (Channel.wait_readable); it is never read, so it stays readable.
+        self.stopping = threading.Event()
+        self.stop_reader, self.stop_writer = os.pipe()
+
+    def stop(self):
+        self.stopping.set()
+        os.write(self.stop_writer, b"x")
 
     def admit(self, ip):
         """Count a new session in -> None, or the refusal (code, text) to send instead."""
@@ -1941,7 +2273,7 @@ class SessionHandler(socketserver.BaseRequestHandler):
     def handle(self):
         relay, channel = self.server.relay, None
         try:
-            channel = Channel(self.request, relay.cfg.timeout)
+            channel = Channel(self.request, relay.cfg.timeout, relay.stop_reader)
             Session(relay, channel, self.client_address, implicit_tls=self.server.tls).run()
         finally:
             # The slot is free before the client sees the close, so a client
@@ -1957,7 +2289,7 @@ class RelayServer(socketserver.ThreadingTCPServer):
     daemon_threads = True       # a stuck session must not keep the process alive at exit
     block_on_close = False      # shutdown waits for sessions itself, bounded by --timeout
     allow_reuse_address = True  # restart at once on the same port
-    request_queue_size = 128    # connections the kernel holds while threads start
+    request_queue_size = max(socket.SOMAXCONN, LISTEN_BACKLOG)    # a flood waits in the kernel, never dropped
 
     def __init__(self, address, relay, sock=None, tls=False):
         self.relay, self.tls = relay, tls
@@ -2040,6 +2372,17 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+def raise_open_files_limit():
+    """A session holds two descriptors; the soft limit (often 1024) would refuse a flood before --max-clients."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
 def setup_logging(cfg):
     handler = logging.StreamHandler(sys.stderr)
     if cfg.log_format == "json":
@@ -2074,12 +2417,18 @@ def serve(servers):
             relay.reload_tls()
         stopping = [s for s in signums if s != signal.SIGHUP]
         if stopping:
-            log.info("%s: stopping; sessions in flight may finish", signal.Signals(stopping[0]).name)
+            log.info("%s: stopping; messages in flight are finished first", signal.Signals(stopping[0]).name)
             break
+    for s in servers:       # no new connections from here on
+        s.server_close()
+    relay.stop()
     for s in servers:
         s.shutdown()
-        s.server_close()
-    if not relay.wait_idle(relay.cfg.timeout):
+    # Every wait of a session in flight has a deadline: the client's
+    # command lines (--timeout), the back-end's replies, the end of data.
+    cfg = relay.cfg
+    bound = cfg.data_timeout + cfg.timeout + 2 * cfg.proxy_timeout + cfg.auth_http_timeout
+    if not relay.wait_idle(bound):
         log.warning("stopping with %d sessions still open", relay.sessions)
     log.info("stopped")
     return 0
@@ -2095,6 +2444,10 @@ def main(argv=None):
             print(settings)
             return 0
         setup_logging(cfg)
+        if not cfg.xclient:
+            log.warning("--no-xclient: back-ends see the relay's own address, not the client's; they must "
+                        "not trust it for relaying (keep it out of Postfix's mynetworks)")
+        raise_open_files_limit()
         if cfg.backend_tls != "off" and cfg.backend_tls_verify == "off":
             log.warning("--backend-tls-verify off: back-end certificates are not checked; for lab set-ups only")
         servers = make_servers(cfg)

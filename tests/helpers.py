@@ -468,16 +468,16 @@ class SMTPClient:
     def reply(self):
         """The next whole reply, multi-line ones included (RFC 5321 §4.2.1) -> Reply."""
         raw = []
-        while not raw or raw[-1][3] == "-":
+        while not raw or raw[-1][3:4] == "-":
             try:
                 line = self.line()
             except ConnectionClosed:
                 assert not raw, f"connection closed in the middle of a reply: {raw}"
                 raise
-            assert re.fullmatch(r"[2-5]\d\d[ -].*", line), f"not an SMTP reply line: {line!r}"
+            assert re.fullmatch(r"[2-5]\d\d(?:[ -].*)?", line), f"not an SMTP reply line: {line!r}"
             assert not raw or line[:3] == raw[0][:3], f"code changed within a reply: {raw + [line]}"
             raw.append(line)
-        return Reply(int(raw[0][:3]), [line[4:] for line in raw])
+        return Reply(int(raw[0][:3]), [line[4:] for line in raw])   # "250" alone: text ""
 
     def say(self, command):
         """Send one command line (str or bytes; CRLF added) -> its Reply."""

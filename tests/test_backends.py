@@ -242,7 +242,7 @@ def test_backend_gets_xclient_with_the_clients_address_port_and_helo_then_ehlo_a
     assert transaction(client)[0] == 250
     [session] = backend.sessions
     assert xclient_attributes(session) == {"ADDR": "127.0.0.1", "PORT": str(client_port),
-                                           "NAME": "[UNAVAILABLE]", "HELO": CLIENT_HELO, "PROTO": "ESMTP"}
+                                           "NAME": "localhost", "HELO": CLIENT_HELO, "PROTO": "ESMTP"}
     assert verbs(session)[:4] == [b"EHLO", b"XCLIENT", b"EHLO", b"MAIL"]
     # Postfix takes the HELO name from the EHLO after XCLIENT, so it must be the client's.
     assert session.commands[2].split(b" ")[1:] == [CLIENT_HELO.encode()]
@@ -275,24 +275,39 @@ def test_no_xclient_option_sends_no_xclient(relay, scripted_backend):
 def test_only_the_xclient_attributes_the_backend_offers_are_sent(relay, scripted_backend):
     backend = scripted_backend(extensions=["PIPELINING", "8BITMIME", "XCLIENT NAME HELO"])
     assert transaction(smtp_client(start_relay(relay, backend)))[0] == 250
-    assert xclient_attributes(backend.sessions[0]) == {"NAME": "[UNAVAILABLE]", "HELO": CLIENT_HELO}
+    # 127.0.0.1 is localhost in /etc/hosts, both ways: a confirmed name.
+    assert xclient_attributes(backend.sessions[0]) == {"NAME": "localhost", "HELO": CLIENT_HELO}
 
 
-def test_backend_without_xclient_gets_none_and_mail_flows(relay, scripted_backend):
+def test_xclient_names_are_unavailable_with_resolve_off(relay, scripted_backend):
+    backend = scripted_backend(extensions=["XCLIENT NAME REVERSE_NAME HELO"])
+    assert transaction(smtp_client(start_relay(relay, backend, args=["--resolve", "off"])))[0] == 250
+    assert xclient_attributes(backend.sessions[0]) == {"NAME": "[UNAVAILABLE]", "REVERSE_NAME": "[UNAVAILABLE]",
+                                                       "HELO": CLIENT_HELO}
+
+
+def test_backend_without_xclient_counts_as_down_and_never_sees_a_mail(relay, scripted_backend):
+    # It would judge the relay's own address: fail closed (issue 8).
     backend = scripted_backend(extensions=["PIPELINING", "8BITMIME"])
-    assert transaction(smtp_client(start_relay(relay, backend)))[0] == 250
-    [session] = backend.sessions
-    assert session.xclient is None and b"XCLIENT" not in verbs(session)
-    assert len(backend.delivered) == 1
-
-
-def test_backend_refusing_xclient_still_gets_the_mail(relay, scripted_backend):
-    backend = scripted_backend(replies={"XCLIENT": "550 5.7.0 Error: insufficient authorization"})
     r = start_relay(relay, backend)
+    client = smtp_client(r)
+    assert client.ehlo()[0] == 250
+    code, text = client.mail(SENDER)
+    assert (code, text[:5]) == (451, b"4.4.1")
+    [session] = backend.sessions
+    assert b"MAIL" not in verbs(session)
+    assert backend.delivered == []
+    r.wait_for_log(r"ERROR .*does not offer XCLIENT.*smtpd_authorized_xclient_hosts")
+
+
+def test_backend_refusing_xclient_counts_as_down_and_the_next_one_gets_the_mail(relay, scripted_backend):
+    refusing = scripted_backend(replies={"XCLIENT": "550 5.7.0 Error: insufficient authorization"})
+    second = scripted_backend()
+    r = start_relay(relay, refusing, second)
     assert transaction(smtp_client(r))[0] == 250
-    assert len(backend.delivered) == 1
-    assert verbs(backend.sessions[0])[:3] == [b"EHLO", b"XCLIENT", b"MAIL"]
-    r.wait_for_log(r"WARNING .*XCLIENT")
+    assert refusing.delivered == [] and len(second.delivered) == 1
+    assert b"MAIL" not in verbs(refusing.sessions[0])
+    r.wait_for_log(r"ERROR .*refused XCLIENT with 550.*smtpd_authorized_xclient_hosts")
 
 
 # --- What reaches the back-end ----------------------------------------------------
