@@ -1549,6 +1549,43 @@ def xtext(value):
                    "".join(f"+{b:02X}" for b in c.encode("utf-8")) for c in value)
 
 
+def xclient_arguments(session, wanted, login):
+    """The XCLIENT arguments for the attributes in wanted, within Postfix's limits.
+
+    An attribute left out would keep the relay's own value on the back-end,
+    so every wanted one is sent; where the line would pass 512 octets, the
+    names give way to [UNAVAILABLE] (the stricter value), then LOGIN goes.
+    """
+    ip = session.peer_address
+    name, reverse_name = session.names.get() if session.names else (UNAVAILABLE, UNAVAILABLE)
+    values = {
+        "ADDR": f"IPV6:{ip}" if ip.version == 6 else str(ip),
+        "PORT": str(session.peer_port),
+        "NAME": name,
+        "REVERSE_NAME": reverse_name,
+        "HELO": session.helo or UNAVAILABLE,
+        "PROTO": "ESMTP" if session.esmtp else "SMTP",
+        "LOGIN": login,     # left out when the relay itself authenticates (nginx)
+    }
+    values = {k: xtext(v) for k, v in values.items() if k in wanted and v}
+    if len(values.get("LOGIN", "")) > XCLIENT_VALUE_LIMIT:
+        del values["LOGIN"]     # no login is the stricter value
+    for key, value in values.items():
+        if len(value) > XCLIENT_VALUE_LIMIT:
+            values[key] = UNAVAILABLE
+
+    def line():
+        return " ".join(f"{k}={v}" for k, v in values.items())
+    for key in ("REVERSE_NAME", "NAME", "LOGIN"):
+        if len("XCLIENT " + line()) + 2 <= XCLIENT_LINE_LIMIT:
+            break
+        if key == "LOGIN":
+            values.pop(key, None)
+        elif key in values:
+            values[key] = UNAVAILABLE
+    return line()
+
+
 class BackendDown(Exception):
     """The back-end could not be used at all; the next one is tried."""
 
@@ -1848,41 +1885,6 @@ class MaildirBackend:
 
     def open(self, session):
         return MaildirDelivery(self, session)
-
-
-def xclient_arguments(session, wanted, login):
-    """The XCLIENT arguments for the attributes in wanted, within Postfix's limits.
-
-    An attribute left out would keep the relay's own value on the back-end,
-    so every wanted one is sent; where the line would pass 512 octets, the
-    names give way to [UNAVAILABLE] (the stricter value), then LOGIN goes.
-    """
-    ip = session.peer_address
-    name, reverse_name = session.names.get() if session.names else (UNAVAILABLE, UNAVAILABLE)
-    values = {
-        "ADDR": f"IPV6:{ip}" if ip.version == 6 else str(ip),
-        "PORT": str(session.peer_port),
-        "NAME": name,
-        "REVERSE_NAME": reverse_name,
-        "HELO": session.helo or UNAVAILABLE,
-        "PROTO": "ESMTP" if session.esmtp else "SMTP",
-        "LOGIN": login,     # left out when the relay itself authenticates (nginx)
-    }
-    values = {k: xtext(v) for k, v in values.items() if k in wanted and v}
-    for key, value in values.items():
-        if len(value) > XCLIENT_VALUE_LIMIT:
-            values[key] = UNAVAILABLE
-
-    def line():
-        return " ".join(f"{k}={v}" for k, v in values.items())
-    for key in ("REVERSE_NAME", "NAME", "LOGIN"):
-        if len("XCLIENT " + line()) + 2 <= XCLIENT_LINE_LIMIT:
-            break
-        if key in values:
-            values[key] = UNAVAILABLE
-            if key == "LOGIN":
-                del values[key]
-    return line()
 
 
 def maildir_failure(error):

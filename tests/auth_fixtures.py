@@ -107,6 +107,12 @@ class _RawHandler(socketserver.BaseRequestHandler):
             owner.heads.append(head)
             if owner.reply is None:
                 owner.stopping.wait(30)     # never answer; stop() ends the wait
+            elif owner.trickle:
+                step, interval = owner.trickle
+                for at in range(0, len(owner.reply), step):
+                    if at and owner.stopping.wait(interval):
+                        return
+                    self.request.sendall(owner.reply[at:at + step])
             else:
                 self.request.sendall(owner.reply)
         except OSError:
@@ -114,10 +120,13 @@ class _RawHandler(socketserver.BaseRequestHandler):
 
 
 class RawListener:
-    """127.0.0.1:<port 0>: reads a request head, then sends `reply` and closes, or hangs if None."""
+    """127.0.0.1:<port 0>: reads a request head, then sends `reply` and closes, or hangs if None.
 
-    def __init__(self, reply):
-        self.reply, self.heads, self.stopping = reply, [], threading.Event()
+    trickle=(step, interval): `reply` goes out `step` bytes at a time, `interval` seconds apart.
+    """
+
+    def __init__(self, reply, trickle=None):
+        self.reply, self.trickle, self.heads, self.stopping = reply, trickle, [], threading.Event()
         self.server = ThreadingServer(("127.0.0.1", 0), _RawHandler)
         self.server.owner = self
         self.port = self.server.server_address[1]
@@ -134,7 +143,7 @@ class RawListener:
 
 @pytest.fixture
 def raw_listener():
-    """Factory start(reply: bytes | None) -> RawListener with url and heads; stopped at teardown."""
+    """Factory start(reply: bytes | None, trickle=None) -> RawListener with url and heads; stopped at teardown."""
     with stopped_on_exit(RawListener) as start:
         yield start
 

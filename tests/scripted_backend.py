@@ -42,6 +42,7 @@ class Message:
     raw: bytes = b""
     completed: bool = False
     reply: str | None = None
+    received: bool = False      # the terminator arrived (set before any reply to it, delayed or not)
 
     @property
     def content(self):
@@ -74,6 +75,7 @@ class Session:
     reply_counts: dict = field(default_factory=dict, repr=False)
     tls_version: str | None = None
     auths: list[Auth] = field(default_factory=list)
+    flooded: int = 0        # bytes of flood lines sent (ScriptedBackend(flood=...))
 
     @property
     def tls(self):
@@ -149,10 +151,37 @@ class _Handler(socketserver.BaseRequestHandler):
             self.backend._stopping.wait(self.backend.read_timeout)
         return action in ("drop", "hang")
 
-    def send(self, reply):
-        """Send a reply; True if it closes the session (421)."""
-        self.request.sendall(_line(reply))
+    def pause(self, verb):
+        """Wait delays[verb] seconds before replying; EOFError if stop() comes first."""
+        seconds = self.backend.delays.get(verb)
+        if seconds and self.backend._stopping.wait(seconds):
+            raise EOFError
+
+    def send(self, reply, verb=None):
+        """Send a reply (the one to `verb`, as trickle and flood have it); True if it closes the session (421)."""
+        backend = self.backend
+        if verb in backend.flood:
+            self.send_flood()
+        data = _line(reply)
+        step, interval = backend.trickle.get(verb, (None, 0))
+        if step is None:
+            self.request.sendall(data)
+        else:
+            pieces = (data.splitlines(keepends=True) if step == "line"
+                      else [data[i:i + step] for i in range(0, len(data), step)])
+            for n, piece in enumerate(pieces):
+                if n and backend._stopping.wait(interval):
+                    raise EOFError
+                self.request.sendall(piece)
         return reply.startswith("421")
+
+    def send_flood(self):
+        """Endless "250-" continuation lines, as fast as the peer takes them, until it goes or stop()."""
+        batch = b"".join(b"250-flood line %06d %s\r\n" % (n, b"x" * 40) for n in range(100))
+        while not self.backend._stopping.is_set():
+            self.request.sendall(batch)     # an OSError (peer gone) or a timeout ends the session
+            self.session.flooded += len(batch)
+        raise EOFError
 
     def recv(self):
         chunk = self.request.recv(65536)
@@ -184,6 +213,7 @@ class _Handler(socketserver.BaseRequestHandler):
         finally:
             message.raw = bytes(self.buf[:end])  # all of it if unterminated
         del self.buf[:end + 3]
+        self.backend._received(message)
         return True
 
     def converse(self):
@@ -207,6 +237,7 @@ class _Handler(socketserver.BaseRequestHandler):
                 if self.send(self.authenticate(line)):
                     return
                 continue
+            self.pause(verb)
             reply = backend.reply_for(verb, session)
             if verb in ("EHLO", "HELO", "RSET", "XCLIENT"):
                 transaction = None
@@ -221,11 +252,13 @@ class _Handler(socketserver.BaseRequestHandler):
                 message = Message(mail_from, rcpt_to)
                 session.messages.append(message)
                 transaction = None
-                if self.send(reply) or not self.read_data(message) or self.act("."):
+                if self.send(reply, verb) or not self.read_data(message) or self.act("."):
                     return
+                self.pause(".")
                 reply = message.reply = backend.reply_for(".", session)
                 message.completed = reply.startswith("2")
-            if self.send(reply) or verb == "QUIT":
+                verb = "."
+            if self.send(reply, verb) or verb == "QUIT":
                 return
 
 
@@ -247,6 +280,14 @@ class ScriptedBackend:
     "CONNECT" (instead of greeting) or "." (after end of data).
     drop_after_data_bytes: close once that many message bytes arrived.
     read_timeout: per-read socket timeout, so a session never lives forever.
+    Faults in time and size (VERB as for replies, "." included):
+    delays: {VERB: seconds} waits that long before replying (stop() ends the
+    wait and the session). trickle: {VERB: (step, interval)} sends the reply
+    `step` bytes at a time, or a line at a time for step "line", `interval`
+    seconds apart. flood: VERBs whose reply is preceded by endless
+    "250-flood line ..." lines, sent as fast as the peer reads them, until it
+    closes (Session.flooded counts the bytes). wait_for_received(n) waits for
+    n messages' terminators (Message.received).
     tls_context: a server-side ssl.SSLContext: implicit TLS, the handshake
     before the greeting. starttls_context: one for STARTTLS, which EHLO then
     offers until TLS is up (a failed handshake ends the session). auth:
@@ -260,7 +301,7 @@ class ScriptedBackend:
 
     def __init__(self, greeting="220 scripted ESMTP", extensions=None, replies=None, actions=None,
                  drop_after_data_bytes=None, read_timeout=30, tls_context=None, starttls_context=None,
-                 auth=None):
+                 auth=None, delays=None, trickle=None, flood=()):
         self.greeting = greeting
         self.extensions = DEFAULT_EXTENSIONS if extensions is None else extensions
         self.tls_context, self.starttls_context, self.auth = tls_context, starttls_context, auth
@@ -270,6 +311,7 @@ class ScriptedBackend:
         self.actions = actions or {}
         self.drop_after_data_bytes = drop_after_data_bytes
         self.read_timeout = read_timeout
+        self.delays, self.trickle, self.flood = dict(delays or {}), dict(trickle or {}), set(flood)
         self.sessions = []
         self._live = set()
         self._cond = threading.Condition()
@@ -310,6 +352,20 @@ class ScriptedBackend:
         with self._cond:
             self._live.discard(old)
             self._live.add(new)
+
+    def _received(self, message):
+        with self._cond:
+            message.received = True
+            self._cond.notify_all()
+
+    def wait_for_received(self, n=1, timeout=5):
+        """The messages whose terminator arrived, once there are at least `n` (of all sessions)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while len(got := [m for s in self.sessions for m in s.messages if m.received]) < n:
+                if not self._cond.wait(max(deadline - time.monotonic(), 0)) and time.monotonic() >= deadline:
+                    raise AssertionError(f"{len(got)} message(s) received in full, wanted {n}")
+            return got
 
     def _close_session(self, sock, session):
         with self._cond:
