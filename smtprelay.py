@@ -656,6 +656,7 @@ class Channel:
         if self.outbuf:
             data, self.outbuf = b"".join(self.outbuf), []
             try:
+                self.sock.settimeout(self.timeout)      # receive() leaves what was left of its deadline
                 self.sock.sendall(data)
             except TimeoutError:
                 raise
