@@ -2420,12 +2420,12 @@ def serve(servers):
             relay.reload_tls()
         stopping = [s for s in signums if s != signal.SIGHUP]
         if stopping:
-            log.info("%s: stopping; messages in flight are finished first", signal.Signals(stopping[0]).name)
             break
     for s in servers:       # no new connections from here on (close after the accept loop ended)
         s.shutdown()
         s.server_close()
     relay.stop()
+    log.info("%s: stopping; messages in flight are finished first", signal.Signals(stopping[0]).name)
     # Every wait of a session in flight has a deadline: the client's
     # command lines (--timeout), the back-end's replies, the end of data.
     cfg = relay.cfg
