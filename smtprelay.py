@@ -695,7 +695,7 @@ class Channel:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise TimeoutError("deadline passed")
+                raise TimeoutError("timed out")
             ready = dict(poller.poll(remaining * 1000))
             if self.stop_fd in ready and self.interruptible:
                 raise Stopping()
