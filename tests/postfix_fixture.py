@@ -1,0 +1,356 @@
+"""A real Postfix (master, smtpd, cleanup, qmgr) as a back-end, in a private directory.
+
+Import the fixture into a test file with `from postfix_fixture import postfix  # noqa: F401`.
+
+Each instance has its own config_directory (main.cf and master.cf written
+here), queue_directory, data_directory and maillog_file (through postlogd)
+under one temporary directory, and one smtpd on 127.0.0.1:<free port>. Mail
+stays in the private queue: defer_transports holds every transport, so an
+accepted message sits in the deferred queue ("deferred transport") where
+postqueue -j sees it.
+
+What Postfix 3.7.11 needed here, found by experiment (as root, Debian package):
+- maillog_file must lie under maillog_file_prefixes (default /var, /dev/stdout).
+- the postfix command reports errors only to syslog (there is no /dev/log
+  here) unless its stderr is a terminal: the start is run on a pty so that a
+  failure can be shown.
+- data_directory must belong to the postfix user. `postfix start` makes the
+  queue's subdirectories when missing (post-install create-missing), which
+  takes long; made here beforehand, it finds nothing to do.
+- every Postfix program waits, re-reading main.cf every 0.3 s, while main.cf
+  is less than a second old (1.8 s per `postfix start`): the fixture dates
+  main.cf and master.cf a minute back.
+- chroot must be off in master.cf (no chroot tree is set up).
+- `postfix start` returns once the master has bound its listeners
+  (master -w); start-up takes about 0.3 s, `postfix stop` under 0.1 s.
+- the sandbox's PID 1 does not reap orphans, and Postfix's master daemonizes
+  and leaves its children behind when it stops; so `postfix start` is run
+  inside a small subreaper process (PR_SET_CHILD_SUBREAPER) that reaps master
+  and all its children and exits once the last of them has: its exit is how
+  the fixture knows Postfix has stopped.
+"""
+import contextlib
+import grp
+import json
+import os
+import pwd
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+POSTFIX = "/usr/sbin/postfix"
+POSTQUEUE = "/usr/sbin/postqueue"
+HOSTNAME = "backend.test"
+
+# Runs `postfix -c DIR start` on a pty, prints {"rc": N, "output": "..."} as one
+# line, then reaps every descendant (master re-parents to us) until none is left.
+REAPER = textwrap.dedent(r"""
+    import ctypes, json, os, subprocess, sys
+    PR_SET_CHILD_SUBREAPER = 36
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        print(json.dumps({"rc": -1, "output": "prctl(PR_SET_CHILD_SUBREAPER) failed"}), flush=True)
+        sys.exit(1)
+    master_fd, slave_fd = os.openpty()
+    rc = subprocess.call(sys.argv[1:], stdin=subprocess.DEVNULL, stdout=slave_fd, stderr=slave_fd)
+    os.close(slave_fd)
+    os.set_blocking(master_fd, False)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(master_fd, 65536)
+        except OSError:          # EAGAIN: nothing more; EIO: no writer left
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(master_fd)
+    print(json.dumps({"rc": rc, "output": output.decode("utf-8", "replace")}), flush=True)
+    sys.stdout.close()
+    while True:
+        try:
+            os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            pass
+""")
+
+QUEUE_DIRS = [(name, "root", 0o700) for name in
+              ("active", "bounce", "corrupt", "defer", "deferred", "flush", "hold", "incoming",
+               "private", "saved", "trace")] + [("maildrop", "postdrop", 0o730),
+                                                ("public", "postdrop", 0o710), ("pid", "root", 0o755)]
+
+MASTER_CF = """\
+# service type  private unpriv  chroot  wakeup  maxproc command
+{listen} inet  n       -       n       -       -       smtpd
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+proxymap  unix  -       -       n       -       -       proxymap
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+smtp      unix  -       -       n       -       -       smtp
+relay     unix  -       -       n       -       -       smtp
+postlog   unix-dgram n  -       n       -       1       postlogd
+"""
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class PostfixError(AssertionError):
+    pass
+
+
+class Postfix:
+    """One private Postfix instance; see the module docstring.
+
+    Attributes: host, port, address ("127.0.0.1:PORT"), root (the temporary
+    directory), config_dir, queue_dir, maillog (Path), start_seconds.
+    """
+
+    def __init__(self, xclient_hosts="127.0.0.1", mynetworks="127.0.0.0/8", main_cf=(), start_timeout=15):
+        """xclient_hosts: smtpd_authorized_xclient_hosts ("" for none); mynetworks as in main.cf;
+        main_cf: extra main.cf lines (a str or an iterable of str), appended last so they win."""
+        self.root = Path(tempfile.mkdtemp(prefix="postfix-"))
+        os.chmod(self.root, 0o755)              # the postfix user must get through to data/
+        self.config_dir = self.root / "conf"
+        self.queue_dir = self.root / "queue"
+        self.data_dir = self.root / "data"
+        self.maillog = self.root / "maillog"
+        for path in (self.config_dir, self.queue_dir, self.data_dir):
+            path.mkdir(mode=0o755)
+        owner = pwd.getpwnam("postfix")
+        os.chown(self.data_dir, owner.pw_uid, owner.pw_gid)
+        self._make_queue_dirs(owner.pw_uid, grp.getgrnam("postdrop").gr_gid)
+        extra = [main_cf] if isinstance(main_cf, str) else list(main_cf)
+        self.main_cf_lines = [
+            "compatibility_level = 3.6",
+            f"queue_directory = {self.queue_dir}",
+            f"data_directory = {self.data_dir}",
+            "mail_owner = postfix",
+            "setgid_group = postdrop",
+            f"maillog_file = {self.maillog}",
+            f"maillog_file_prefixes = {self.root}",
+            f"myhostname = {HOSTNAME}",
+            f"mydomain = {HOSTNAME}",
+            f"myorigin = {HOSTNAME}",
+            "mydestination =",
+            "inet_interfaces = loopback-only",
+            "inet_protocols = ipv4",
+            f"mynetworks = {mynetworks}",
+            f"smtpd_authorized_xclient_hosts = {xclient_hosts}",
+            "smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination",
+            # Nothing leaves: every message waits in the deferred queue.
+            "defer_transports = smtp relay local virtual",
+            "relayhost = [127.0.0.1]:9",
+            "alias_maps =",
+            "alias_database =",
+            "biff = no",
+            *extra,
+        ]
+        self.proc = None
+        self.start_seconds = None
+        self.host = "127.0.0.1"
+        last_error = None
+        for _ in range(5):                      # the free port may be taken meanwhile
+            self.port = _free_port()
+            self.address = f"{self.host}:{self.port}"
+            self._write_config()
+            try:
+                self._start(start_timeout)
+                return
+            except PostfixError as error:
+                last_error = error
+                if "Address already in use" not in str(error):
+                    break
+        self.stop()
+        raise last_error
+
+    # --- life cycle ---------------------------------------------------------
+
+    def _make_queue_dirs(self, postfix_uid, postdrop_gid):
+        """The queue tree as post-install makes it (postfix-files): `postfix start` then takes
+        0.3 s instead of 2 s, its create-missing step finding nothing to do."""
+        for name, gid, mode in QUEUE_DIRS:
+            path = self.queue_dir / name
+            path.mkdir()
+            if name != "pid":
+                os.chown(path, postfix_uid, postdrop_gid if gid == "postdrop" else 0)
+            os.chmod(path, mode)
+
+    def _write_config(self):
+        (self.config_dir / "main.cf").write_text("\n".join(self.main_cf_lines) + "\n")
+        (self.config_dir / "master.cf").write_text(MASTER_CF.format(listen=self.address))
+        # Postfix re-reads a table file modified within the last second, 0.3 s apart, until
+        # it is older than that (dict_load_file): every Postfix program would wait so.
+        past = time.time() - 60
+        for name in ("main.cf", "master.cf"):
+            os.utime(self.config_dir / name, (past, past))
+
+    def _postfix(self, *args, timeout=20):
+        return subprocess.run([POSTFIX, "-c", str(self.config_dir), *args], stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def _start(self, timeout):
+        began = time.monotonic()
+        self.proc = subprocess.Popen([sys.executable, "-c", REAPER, POSTFIX, "-c", str(self.config_dir), "start"],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+        report = json.loads(self.proc.stdout.readline() or '{"rc": -1, "output": "reaper died"}')
+        if report["rc"] != 0:
+            self._wait_stopped(10)
+            raise PostfixError(f"postfix start exited {report['rc']}:\n{report['output']}\n"
+                               f"maillog:\n{self.log_text()}")
+        self._wait_greeting(began + timeout)
+        self.start_seconds = time.monotonic() - began
+
+    def _wait_greeting(self, deadline):
+        """Until smtpd answers 220 on the port (a connection, its greeting read, QUIT)."""
+        last = None
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection((self.host, self.port), timeout=max(0.1, deadline - time.monotonic())) as s:
+                    s.settimeout(max(0.1, deadline - time.monotonic()))
+                    greeting = s.makefile("rb").readline()
+                    if greeting.startswith(b"220 "):
+                        s.sendall(b"QUIT\r\n")
+                        return
+                    last = greeting
+            except (ConnectionRefusedError, ConnectionResetError, socket.timeout) as e:
+                last = e
+            if self.proc.poll() is not None:   # every Postfix process has exited
+                break
+            time.sleep(0.02)                    # poll interval, bounded by the deadline
+        raise PostfixError(f"Postfix on {self.address} did not greet ({last!r}); maillog:\n{self.log_text()}")
+
+    def _wait_stopped(self, timeout):
+        """Wait for the reaper, i.e. for master and all its children, to exit -> True if they did."""
+        if self.proc is None:
+            return True
+        try:
+            self.proc.wait(timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
+    def stop(self):
+        """postfix stop; if it has not all gone in 10 s, SIGKILL to master's process group. Removes the files."""
+        try:
+            if self.proc is not None and self.proc.poll() is None:
+                self._postfix("stop")
+                if not self._wait_stopped(10):
+                    pid_file = self.queue_dir / "pid" / "master.pid"
+                    with contextlib.suppress(OSError, ValueError):
+                        os.killpg(int(pid_file.read_text().split()[0]), 9)
+                    if not self._wait_stopped(5):
+                        self.proc.kill()
+                        self.proc.wait()
+        finally:
+            if self.proc is not None:
+                self.proc.stdout.close()
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    # --- the log ------------------------------------------------------------
+
+    def log_text(self):
+        """The maillog so far ("" if none yet)."""
+        try:
+            return self.maillog.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_lines(self):
+        return self.log_text().splitlines()
+
+    def mark(self):
+        """The number of maillog lines so far: pass it as `since` to wait_for_log."""
+        return len(self.log_lines())
+
+    def wait_for_log(self, pattern, timeout=5, since=0):
+        """The first re.search match of `pattern` in maillog lines from line `since` on.
+
+        AssertionError with the maillog's last 30 lines if none within `timeout` s.
+        postlogd signals nothing, so the file is polled every 10 ms.
+        """
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            lines = self.log_lines()
+            for line in lines[since:]:
+                if m := rx.search(line):
+                    return m
+            if time.monotonic() > deadline:
+                tail = "\n".join(lines[-30:])
+                raise AssertionError(f"no maillog line matching {rx.pattern!r} within {timeout}s; last lines:\n{tail}")
+            time.sleep(0.01)
+
+    def log_matches(self, pattern, since=0):
+        """Every re.search match of `pattern` in maillog lines from `since` on, now."""
+        rx = re.compile(pattern)
+        return [m for m in map(rx.search, self.log_lines()[since:]) if m]
+
+    # --- the queue ----------------------------------------------------------
+
+    def queue(self):
+        """Every message in the private queue (postqueue -j): dicts with queue_name, queue_id,
+        sender, recipients [{address, delay_reason}], ..."""
+        done = subprocess.run([POSTQUEUE, "-c", str(self.config_dir), "-j"], stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=10)
+        assert done.returncode == 0, f"postqueue -j exited {done.returncode}: {done.stderr}\n{self.log_text()}"
+        return [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+
+    def queue_ids(self):
+        return {message["queue_id"] for message in self.queue()}
+
+    def wait_for_queue(self, n, timeout=5):
+        """The queue once it holds at least `n` messages; AssertionError after `timeout` s."""
+        deadline = time.monotonic() + timeout
+        while len(found := self.queue()) < n:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"Postfix queue has {len(found)} message(s), wanted {n}; maillog:\n"
+                                     f"{self.log_text()}")
+            time.sleep(0.02)
+        return found
+
+    def client_of(self, queue_id):
+        """smtpd's "client=NAME[ADDR]" for a queue id, as "NAME[ADDR]" (waits up to 5 s for the line)."""
+        return self.wait_for_log(rf"postfix/smtpd\[\d+\]: {queue_id}: client=(\S+?)(?:,|$)")[1]
+
+
+@pytest.fixture
+def postfix():
+    """Factory start(xclient_hosts="127.0.0.1", mynetworks="127.0.0.0/8", main_cf=()) -> a running Postfix.
+
+    Every Postfix started is stopped (postfix stop, all its processes reaped) at teardown.
+    """
+    if not os.access(POSTFIX, os.X_OK):
+        pytest.fail(f"{POSTFIX} is missing: install Debian's postfix package")
+    if os.geteuid() != 0:
+        pytest.skip("a private Postfix instance needs root (postfix start)")
+    with contextlib.ExitStack() as teardown:
+        def start(**options):
+            instance = Postfix(**options)
+            teardown.callback(instance.stop)
+            return instance
+
+        yield start

@@ -1,0 +1,113 @@
+"""The relay in front of a real Postfix smtpd (see postfix_fixture.py): XCLIENT as Postfix takes it."""
+import smtplib
+
+import pytest
+
+from postfix_fixture import postfix  # noqa: F401
+
+MESSAGE = b"Subject: relayed\r\n\r\nHello from the relay tests.\r\n"
+OUTSIDE = "rcpt@outside.example"
+
+
+def client_from(relay, address):
+    """A smtplib.SMTP to the relay from client address `address` (127.0.0.1 or 127.0.0.2)."""
+    client = smtplib.SMTP(relay.host, relay.port, timeout=10, source_address=(address, 0))
+    relay._clients.append(client)
+    return client
+
+
+def queued_id(reply_text):
+    """The queue id from Postfix's "2.0.0 Ok: queued as ID"."""
+    text = reply_text.decode()
+    assert "queued as " in text, text
+    return text.rsplit("queued as ", 1)[1].split()[0]
+
+
+def quit_and_wait(pf, client, address, since):
+    """QUIT the client, then wait for Postfix's smtpd to log the end of the relayed session."""
+    client.quit()
+    pf.wait_for_log(rf"postfix/smtpd\[\d+\]: disconnect from \S+\[{address}\]", since=since)
+
+
+def test_a_message_through_the_relay_is_queued_under_the_real_client_address(relay, postfix):
+    pf = postfix()
+    r = relay("--backend", pf.address)
+    client = client_from(r, "127.0.0.2")
+    client.ehlo("client.example")
+    assert client.mail("a@example.org")[0] == 250
+    assert client.rcpt(OUTSIDE)[0] == 250
+    code, text = client.data(MESSAGE)
+    assert code == 250, (code, text, pf.log_text())
+    queue_id = queued_id(text)
+    assert queue_id in {m["queue_id"] for m in pf.wait_for_queue(1)}
+    assert pf.client_of(queue_id) == "unknown[127.0.0.2]"
+    client.quit()
+
+
+def test_postfix_refuses_a_client_without_reverse_name_through_the_relay_and_takes_localhost(relay, postfix):
+    pf = postfix(main_cf="smtpd_client_restrictions = reject_unknown_reverse_client_hostname")
+    r = relay("--backend", pf.address)
+    since = pf.mark()
+    stranger = client_from(r, "127.0.0.2")
+    stranger.ehlo("client.example")
+    assert stranger.mail("a@example.org")[0] == 250
+    code, text = stranger.rcpt(OUTSIDE)
+    assert 400 <= code < 600 and b"cannot find your reverse hostname" in text, (code, text)
+    quit_and_wait(pf, stranger, "127.0.0.2", since)
+    assert pf.queue() == []
+
+    local = client_from(r, "127.0.0.1")
+    local.ehlo("client.example")
+    local.sendmail("a@example.org", [OUTSIDE], MESSAGE)
+    assert len(pf.wait_for_queue(1)) == 1
+    assert pf.log_matches(r"client=localhost\[127\.0\.0\.1\]")
+
+
+def test_a_postfix_that_does_not_authorise_the_relay_for_xclient_gets_no_mail_and_the_client_451(relay, postfix):
+    pf = postfix(xclient_hosts="")
+    r = relay("--backend", pf.address)
+    since = pf.mark()
+    client = client_from(r, "127.0.0.2")
+    client.ehlo("client.example")
+    code, text = client.mail("a@example.org")
+    assert code == 451 and text.startswith(b"4.4.1"), (code, text)
+    r.wait_for_log(r"ERROR.*does not offer XCLIENT.*smtpd_authorized_xclient_hosts")
+    client.quit()
+    pf.wait_for_log(r"postfix/smtpd\[\d+\]: disconnect from", since=since)
+    assert pf.queue() == []
+    assert not pf.log_matches(r"postfix/smtpd\[\d+\]: \w+: client=")
+
+
+def test_postfix_denies_relaying_for_a_client_outside_mynetworks_passed_on_by_xclient(relay, postfix):
+    pf = postfix(mynetworks="127.0.0.1/32")
+    r = relay("--backend", pf.address)
+    since = pf.mark()
+    client = client_from(r, "127.0.0.2")
+    client.ehlo("client.example")
+    assert client.mail("a@example.org")[0] == 250
+    code, text = client.rcpt(OUTSIDE)
+    assert code in (454, 554) and b"Relay access denied" in text, (code, text)
+    quit_and_wait(pf, client, "127.0.0.2", since)
+    assert pf.queue() == []
+
+
+@pytest.mark.parametrize("helo", ["h" * 256, "=" * 90], ids=["256-octets", "xtext-270"])
+def test_an_overlong_helo_is_refused_with_501_and_no_mail_is_queued_under_the_relays_address(relay, postfix, helo):
+    pf = postfix()
+    r = relay("--backend", pf.address)
+    client = client_from(r, "127.0.0.2")
+    code, text = client.ehlo(helo)
+    assert code == 501, (code, text)
+    # the session goes on: whatever the relay does with a transaction now, Postfix must not
+    # take it as coming from the relay itself.
+    code, _ = client.mail("a@example.org")
+    if code == 250 and client.rcpt(OUTSIDE)[0] == 250:
+        client.data(MESSAGE)
+    client.rset()
+    client.ehlo("client.example")
+    client.sendmail("a@example.org", [OUTSIDE], MESSAGE)
+    client.quit()
+    queue = pf.wait_for_queue(1)
+    clients = [pf.client_of(m["queue_id"]) for m in queue]
+    assert clients and all(c == "unknown[127.0.0.2]" for c in clients), clients
+    assert not pf.log_matches(r"client=localhost\[127\.0\.0\.1\]")
