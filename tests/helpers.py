@@ -287,8 +287,7 @@ def killed_on_exit(relay, *options):
 
     start() runs relay(*options, *more, listen=listen). When the with block
     ends, each relay started has its clients closed and is SIGKILLed: a
-    graceful stop costs each relay half a second (serve_forever's poll
-    interval) and waits for sessions in flight, which sockets a test left
+    graceful stop waits for sessions in flight, which sockets a test left
     open (TLS ones too) would hold up.
     """
     started = []

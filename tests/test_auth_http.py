@@ -67,9 +67,8 @@ def auth_headers(method, user, password, salt=None):
 def smtprelay(relay):
     """The `relay` fixture's factory, its relays killed at teardown.
 
-    A graceful stop costs each relay half a second (serve_forever's poll
-    interval) and is test_lifecycle.py's subject, not this file's; SIGKILL
-    keeps this file well under a minute.
+    A graceful stop waits for sessions in flight and is test_config.py's and
+    test_trust.py's subject, not this file's; SIGKILL keeps this file fast.
     """
     with killed_on_exit(relay) as start:
         yield start
