@@ -1,6 +1,7 @@
 """Tests of the test fixtures themselves (ScriptedBackend, smtp-sink), without the relay."""
 import smtplib
 import socket
+import time
 
 import pytest
 
@@ -101,7 +102,11 @@ def test_scripted_backend_hang_leaves_client_to_time_out(scripted_backend):
 def test_scripted_backend_connect_hang_never_greets(scripted_backend):
     backend = scripted_backend(actions={"CONNECT": "hang"})
     with socket.create_connection((backend.host, backend.port), timeout=0.3) as sock:
-        with pytest.raises(TimeoutError):
+        deadline = time.monotonic() + 5
+        while backend.connections < 1:          # the handler has taken the connection
+            assert time.monotonic() < deadline, "the connection was never handled"
+            time.sleep(0.01)
+        with pytest.raises(TimeoutError):       # and says nothing (no event to await for silence)
             sock.recv(100)
     assert backend.connections == 1
 
