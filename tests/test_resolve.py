@@ -7,7 +7,10 @@ tests need; the real resolver code (gethostbyaddr, getaddrinfo) runs.
 import os
 import shutil
 import smtplib
+import socket
 import sys
+import threading
+import time
 
 import pytest
 
@@ -32,8 +35,15 @@ def relay_with_hosts(tmp_path):
     config.write_text("")
     started = []
 
-    def start(*args):
-        argv = ["unshare", "-m", "sh", "-c", 'mount --bind "$0" /etc/hosts && exec "$@"', str(hosts),
+    def start(*args, dns=None):
+        """dns: resolv.conf options for a resolver at 127.0.0.1 (the dns_stub) after the hosts file."""
+        mounts = f'mount --bind "{hosts}" /etc/hosts'
+        if dns:
+            (tmp_path / "nsswitch.conf").write_text("hosts: files dns\n")
+            (tmp_path / "resolv.conf").write_text(f"nameserver 127.0.0.1\noptions {dns}\n")
+            mounts += (f' && mount --bind "{tmp_path}/nsswitch.conf" /etc/nsswitch.conf'
+                       f' && mount --bind "{tmp_path}/resolv.conf" /etc/resolv.conf')
+        argv = ["unshare", "-m", "sh", "-c", mounts + ' && exec "$@"', "sh",
                 sys.executable, str(RELAY), "-c", str(config), "--listen", "127.0.0.1:0", *map(str, args)]
         relay = RelayProcess(argv, relay_env())
         started.append(relay)
@@ -73,3 +83,59 @@ def test_resolve_off_sends_unavailable_even_for_a_client_with_a_name(relay_with_
     send_from(relay, "127.0.0.2")
     attributes = xclient_attributes(backend.sessions[0])
     assert (attributes["NAME"], attributes["REVERSE_NAME"]) == ("[UNAVAILABLE]", "[UNAVAILABLE]")
+
+
+@pytest.fixture
+def dns_stub():
+    """start(answer) -> a DNS server on 127.0.0.1:53 that answers SERVFAIL (answer=True) or nothing."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.settimeout(0.1)            # so the thread sees the teardown's stop
+    queries, stop, threads = [], threading.Event(), []
+
+    def serve(answer):
+        while not stop.is_set():
+            try:
+                query, peer = sock.recvfrom(512)
+            except TimeoutError:
+                continue
+            queries.append(query)
+            if answer:              # the query back, with QR set and RCODE 2 (SERVFAIL)
+                sock.sendto(query[:2] + b"\x81\x82" + query[4:6] + b"\0" * 6 + query[12:], peer)
+
+    def start(answer):
+        sock.bind(("127.0.0.1", 53))
+        threads.append(threading.Thread(target=serve, args=(answer,), daemon=True))
+        threads[-1].start()
+        return queries
+
+    yield start
+    stop.set()
+    for thread in threads:
+        thread.join()
+    sock.close()
+
+
+def test_a_temporary_resolver_failure_gives_tempunavail(relay_with_hosts, scripted_backend, dns_stub):
+    queries = dns_stub(answer=True)
+    backend = scripted_backend(extensions=EXTENSIONS)
+    relay = relay_with_hosts("--backend", backend.address, dns="timeout:1 attempts:1")
+    send_from(relay, "127.0.0.7")       # not in the hosts file: the resolver asks the stub
+    attributes = xclient_attributes(backend.sessions[0])
+    assert (attributes["NAME"], attributes["REVERSE_NAME"]) == ("[TEMPUNAVAIL]", "[TEMPUNAVAIL]")
+    assert queries, "the resolver never asked the DNS stub"
+
+
+def test_a_lookup_past_resolve_timeout_gives_tempunavail_and_the_session_goes_on(
+        relay_with_hosts, scripted_backend, dns_stub):
+    queries = dns_stub(answer=False)    # the resolver itself would wait 2 x 5 s
+    backend = scripted_backend(extensions=EXTENSIONS)
+    # --server-name: the default (the host's FQDN) would ask the silent resolver too, at start.
+    relay = relay_with_hosts("--backend", backend.address, "--resolve-timeout", "1", "--server-name", "relay.test",
+                             dns="timeout:5 attempts:2")
+    began = time.monotonic()
+    send_from(relay, "127.0.0.7")
+    assert time.monotonic() - began < 8     # the 1 s deadline, not the resolver's 10 s
+    attributes = xclient_attributes(backend.sessions[0])
+    assert (attributes["NAME"], attributes["REVERSE_NAME"]) == ("[TEMPUNAVAIL]", "[TEMPUNAVAIL]")
+    assert queries
