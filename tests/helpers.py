@@ -80,6 +80,7 @@ class RelayProcess:
     """A running relay subprocess; a thread drains its stderr (and stdout) into `.lines`."""
 
     def __init__(self, argv, env):
+        self.argv = argv
         self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.lines = []
