@@ -16,8 +16,12 @@ import pytest
 
 from helpers import RELAY, RelayProcess, relay_env, xclient_attributes
 
+# liar.test: 127.0.0.3's PTR name, whose forward lookup gives 127.0.0.9 only
+# (the first line naming it; host.conf is "multi off" under the tests).
 HOSTS = """127.0.0.1 localhost
 127.0.0.2 good.test
+127.0.0.9 liar.test
+127.0.0.3 liar.test
 127.0.0.4 bad=name.test
 127.0.0.6 10.0.0.1
 """
@@ -32,12 +36,13 @@ def relay_with_hosts(tmp_path):
     """start(*args) -> a RelayProcess whose /etc/hosts is HOSTS; stopped at teardown."""
     hosts, config = tmp_path / "hosts", tmp_path / "smtprelay.conf"
     hosts.write_text(HOSTS)
+    (tmp_path / "host.conf").write_text("multi off\n")
     config.write_text("")
     started = []
 
     def start(*args, dns=None):
         """dns: resolv.conf options for a resolver at 127.0.0.1 (the dns_stub) after the hosts file."""
-        mounts = f'mount --bind "{hosts}" /etc/hosts'
+        mounts = f'mount --bind "{hosts}" /etc/hosts && mount --bind "{tmp_path}/host.conf" /etc/host.conf'
         if dns:
             (tmp_path / "nsswitch.conf").write_text("hosts: files dns\n")
             (tmp_path / "resolv.conf").write_text(f"nameserver 127.0.0.1\noptions {dns}\n")
@@ -64,10 +69,11 @@ def send_from(relay, source_ip):
 
 @pytest.mark.parametrize("source_ip, name, reverse_name", [
     ("127.0.0.2", "good.test", "good.test"),                    # PTR, and its forward lookup gives it back
+    ("127.0.0.3", "[UNAVAILABLE]", "liar.test"),                # PTR, but its name does not give 127.0.0.3 back
     ("127.0.0.5", "[UNAVAILABLE]", "[UNAVAILABLE]"),            # no PTR
     ("127.0.0.4", "[UNAVAILABLE]", "[UNAVAILABLE]"),            # a PTR that is no host name
     ("127.0.0.6", "[UNAVAILABLE]", "[UNAVAILABLE]"),            # a PTR that is an address in disguise
-], ids=["confirmed", "no-ptr", "not-a-host-name", "numeric"])
+], ids=["confirmed", "not-confirmed", "no-ptr", "not-a-host-name", "numeric"])
 def test_xclient_carries_the_clients_confirmed_name_and_its_ptr_name(
         relay_with_hosts, scripted_backend, source_ip, name, reverse_name):
     backend = scripted_backend(extensions=EXTENSIONS)
