@@ -9,6 +9,7 @@ setup(
     py_modules=["smtprelay"],
     python_requires=">=3.9",
     install_requires=["requests", "ConfigArgParse"],
-    extras_require={"test": ["pytest", "trustme", "hypothesis"]},
+    extras_require={"metrics": ["prometheus_client"],
+                    "test": ["pytest", "trustme", "hypothesis", "prometheus_client"]},
     entry_points={"console_scripts": ["smtprelay = smtprelay:main"]},
 )

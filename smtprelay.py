@@ -31,6 +31,7 @@ import hashlib
 import itertools
 import json
 import logging
+import logging.handlers
 import mailbox
 import os
 import re
@@ -41,6 +42,7 @@ import smtplib
 import socket
 import socketserver
 import ssl
+import stat
 import sys
 import threading
 import time
@@ -171,7 +173,18 @@ def build_parser():
     add("--allow-recipient", metavar="REGEX", help="envelope recipients allowed; others get 550 at RCPT")
     add("--log-level", default="info", metavar="{debug,info,warning,error}",
         help="debug logs the whole SMTP dialogue (default info)")
-    add("--log-format", default="text", metavar="{text,json}", help="one line per event on stderr (default text)")
+    add("--log-format", default="text", metavar="{text,json}",
+        help="one line per event; json lines carry named fields (default text)")
+    add("--log-target", default="stderr", metavar="{stderr,syslog}",
+        help="where log lines go; syslog is /dev/log (default stderr; syslog when stderr is the client's socket)")
+    add("--proxy-protocol", action="store_true",
+        help="listeners expect a PROXY protocol v1 or v2 header from a --real-ip-from peer")
+    add("--real-ip-from", action="append", metavar="CIDR", help="peers whose PROXY header is trusted")
+    add("--inetd", action="store_true",
+        help="serve one session on stdin/stdout (inetd nowait, systemd Accept=yes) and exit")
+    add("--user", metavar="USER", help="after binding the listeners, drop root privileges to USER and its groups")
+    add("--metrics", metavar="ADDR",
+        help="serve Prometheus metrics on http://ADDR/metrics (pip install 'smtprelay[metrics]')")
     add("--check-config", action="store_true", help="validate the configuration, print it and exit")
     add("--version", action="version", version=f"smtprelay {__version__}")
     return p
@@ -327,11 +340,11 @@ def parse_regex(option, text):
         raise ConfigError(option, f"{text!r}: {e}") from None
 
 
-def parse_network(text):
+def parse_network(text, option="--allow-from"):
     try:
         return ipaddress.ip_network(text.strip(), strict=False)
     except ValueError:
-        raise ConfigError("--allow-from", f"{text!r}: not an address or CIDR network") from None
+        raise ConfigError(option, f"{text!r}: not an address or CIDR network") from None
 
 
 def check_readable(option, path):
@@ -395,8 +408,21 @@ def make_backend_tls(ca, verify):
     return context
 
 
+def parse_user(name):
+    """--user -> its pwd entry; raises ConfigError for an unknown user."""
+    import pwd
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        raise ConfigError("--user", f"{name!r}: no such user") from None
+
+
 def validate(args):
-    """The parsed strings -> Config; raises ConfigError naming the first bad option."""
+    """The parsed strings -> Config; raises ConfigError naming the first bad option.
+
+    Parsing only: what the settings build (TLS contexts, the auth service's
+    client, Maildirs) is made by Setup, so that SIGHUP can build it again.
+    """
     backends = [parse_backend(b.strip()) for b in args.backend or []]
     auth = parse_auth_methods(args.auth)
     if args.auth_http and backends:
@@ -413,11 +439,8 @@ def validate(args):
         raise ConfigError(missing_tls, "TLS (--starttls, --tls-listen) needs --tls-cert and --tls-key")
     if verify_client != "off" and not args.tls_client_ca:
         raise ConfigError("--tls-client-ca", f"--tls-verify-client {verify_client} needs the CAs to verify against")
-    tls_context = None
-    if args.tls_cert or args.tls_key:
-        if not (args.tls_cert and args.tls_key):
-            raise ConfigError(missing_tls, "--tls-cert and --tls-key go together")
-        tls_context = make_server_tls(args.tls_cert, args.tls_key, args.tls_client_ca, verify_client)
+    if (args.tls_cert or args.tls_key) and not (args.tls_cert and args.tls_key):
+        raise ConfigError(missing_tls, "--tls-cert and --tls-key go together")
     backend_tls = parse_choice("--backend-tls", args.backend_tls, ("off", "starttls", "on"))
     backend_tls_verify = parse_choice("--backend-tls-verify", args.backend_tls_verify, ("on", "off"))
     backend_auth = None
@@ -448,10 +471,9 @@ def validate(args):
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
         tls_verify_client=verify_client,
-        tls_context=tls_context,
         backend_tls=backend_tls,
+        backend_tls_ca=args.backend_tls_ca,
         backend_tls_verify=backend_tls_verify,
-        backend_tls_context=make_backend_tls(args.backend_tls_ca, backend_tls_verify) if backend_tls != "off" else None,
         backend_auth=backend_auth,
         timeout=parse_seconds("--timeout", args.timeout),
         proxy_timeout=parse_seconds("--proxy-timeout", args.proxy_timeout),
@@ -468,6 +490,12 @@ def validate(args):
         allow_recipient=parse_regex("--allow-recipient", args.allow_recipient),
         log_level=parse_choice("--log-level", args.log_level, LOG_LEVELS),
         log_format=parse_choice("--log-format", args.log_format, ("text", "json")),
+        log_target=parse_choice("--log-target", args.log_target, ("stderr", "syslog")),
+        proxy_protocol=args.proxy_protocol,
+        real_ip_from=[parse_network(n, "--real-ip-from") for n in args.real_ip_from or []],
+        inetd=args.inetd,
+        user=parse_user(args.user) if args.user is not None else None,
+        metrics=parse_address("--metrics", args.metrics) if args.metrics else None,
         check_config=args.check_config,
     )
 
@@ -994,8 +1022,9 @@ class ClientNames:
 class Session:
     """One client's SMTP session: run() serves it until QUIT, EOF or an error."""
 
-    def __init__(self, relay, channel, peer, implicit_tls=False):
-        self.relay, self.cfg, self.channel = relay, relay.cfg, channel
+    def __init__(self, relay, setup, channel, peer, via=None, implicit_tls=False):
+        self.relay, self.setup, self.cfg, self.channel = relay, setup, setup.cfg, channel
+        self.via = via              # the PROXY protocol peer that told us who the client is
         self.implicit_tls = implicit_tls
         self.tls = False            # the connection is TLS now
         self.certificate = None     # the client's verified certificate (Auth-SSL-* headers)
@@ -1012,7 +1041,7 @@ class Session:
             channel.debug_sid = self.sid
         # The client's name is looked up from the start, beside the greeting,
         # where anyone will ask for it (XCLIENT, the auth service).
-        self.names = ClientNames(self.peer_ip, self.cfg.resolve_timeout) if relay.needs_names else None
+        self.names = ClientNames(self.peer_ip, self.cfg.resolve_timeout) if setup.needs_names else None
 
     def reset(self, forget_helo=False):
         """Forget the mail transaction (RFC 5321 §4.1.1.5); with forget_helo, who the client said it was too."""
@@ -1030,13 +1059,21 @@ class Session:
 
     # The loop ----------------------------------------------------------------
 
+    def event(self, name, level, message, **fields):
+        """One event of this session (Relay.event), its id and client among the fields."""
+        self.relay.event(name, level, f"{self.sid} {message}", session=self.sid, client=self.peer_ip, **fields)
+
     def run(self):
-        log.info("%s connect from %s", self.sid, format_address(self.peer_ip, self.peer_port))
+        started = time.monotonic()
+        via = f" via {format_address(*self.via[:2])}" if self.via else ""
+        self.event("connect", logging.INFO, f"connect from {format_address(self.peer_ip, self.peer_port)}{via}",
+                   port=self.peer_port)
         try:
             if self.implicit_tls:
                 self.begin_tls()
             if not self.allowed_in():
-                log.warning("%s refused %s: not in --allow-from", self.sid, self.peer_ip)
+                self.event("refused", logging.WARNING, f"refused {self.peer_ip}: not in --allow-from",
+                           reply="554 5.7.1 Access denied")
                 self.say_last(554, "5.7.1 Access denied")
             elif self.greet():
                 while not self.done:
@@ -1051,10 +1088,11 @@ class Session:
             self.say_last(421, f"4.4.2 {self.cfg.server_name} Error: timeout exceeded")
         finally:
             self.close_backend()
-            log.info("%s disconnect from %s", self.sid, self.peer_ip)
+            self.event("disconnect", logging.INFO, f"disconnect from {self.peer_ip}",
+                       seconds=round(time.monotonic() - started, 3))
 
     def begin_tls(self):
-        self.channel.start_tls(self.relay.tls_context)
+        self.channel.start_tls(self.setup.tls_context)
         self.tls = True
         self.certificate = client_certificate(self.channel.sock)
         if self.cfg.tls_verify_client == "on" and not self.certificate:
@@ -1084,7 +1122,7 @@ class Session:
         administrator has chosen clear text.
         """
         methods = self.cfg.auth_mechanisms
-        if self.tls or not self.relay.tls_context:
+        if self.tls or not self.setup.tls_context:
             return methods
         if self.tls_required:
             return []
@@ -1290,7 +1328,7 @@ class Session:
         self.channel.reply(code, text)
         if code != 354:
             return
-        sender, rcpts, started = self.mail_from, len(self.rcpt_to), self.started
+        sender, rcpts, started = self.mail_from, list(self.rcpt_to), self.started
         failure, size, at_line_start = None, 0, True
         limit = self.cfg.max_message_size
         try:
@@ -1391,7 +1429,7 @@ class Session:
         # RFC 4422 appendix A: the client may name an authorization identity;
         # with TLS it authenticates as its certificate's subject.
         identity = decode_utf8(self.first_response(initial, ""))
-        if self.relay.tls_context:
+        if self.setup.tls_context:
             if not self.certificate:
                 raise SMTPError(535, "5.7.0 No client certificate", counted=True)
             identity = self.certificate["Auth-SSL-Subject"]
@@ -1421,11 +1459,17 @@ class Session:
     def ask_auth_service(self, method, user="", password="", salt=None, mail=None, rcpt=None):
         """One lookup -> AuthAnswer; the service's own trouble is 451 4.3.2, and the session goes on."""
         self.login_attempt += 1
+        started = time.monotonic()
         try:
-            return self.relay.auth_service.lookup(self, method, user, password, salt, mail, rcpt)
+            answer = self.setup.auth_service.lookup(self, method, user, password, salt, mail, rcpt)
         except AuthServiceError as e:
-            log.error("%s auth service %s: %s", self.sid, self.cfg.auth_http, e)
+            self.event("auth_lookup", logging.ERROR, f"auth service {self.cfg.auth_http}: {e}",
+                       result="error", seconds=round(time.monotonic() - started, 3))
             raise SMTPError(451, "4.3.2 Internal server error; try again later") from None
+        result = "ok" if answer.ok else "refused"
+        self.event("auth_lookup", logging.DEBUG, f"auth service said {result} in {time.monotonic() - started:.3f}s",
+                   result=result, seconds=round(time.monotonic() - started, 3))
+        return answer
 
     def refuse(self, answer, counted=False):
         """Raise the auth service's refusal, after its Auth-Wait (nginx)."""
@@ -1497,8 +1541,10 @@ class Session:
             self.reset()
             raise SMTPError(*BACKEND_LOST) from None
         if code >= 400 and method != "data_end":       # the end of data has its own line, log_message
-            log.info("%s backend %s refused %s: %d %s", self.sid, self.backend.name,
-                     {"data_start": "DATA"}.get(method, method.upper()), code, printable(text))
+            verb = {"data_start": "DATA"}.get(method, method.upper())
+            reply = printable(f"{code} {text}")
+            self.event("backend_refused", logging.INFO, f"backend {self.backend.name} refused {verb}: {reply}",
+                       backend=self.backend.name, command=verb, reply=reply)
         return code, text
 
     def abort_transaction(self):
@@ -1520,10 +1566,13 @@ class Session:
             backend.close(quit)
 
     def log_message(self, sender, rcpts, size, code, text, started):
-        log.info("%s message from=<%s> rcpts=%d size=%d backend=%s reply=%r time=%.3fs",
-                 self.sid, printable(sender), rcpts, size,
-                 self.backend.name if self.backend else "-", printable(f"{code} {text}"),
-                 time.monotonic() - started)
+        backend, reply, seconds = self.backend.name if self.backend else "-", printable(f"{code} {text}"), \
+            time.monotonic() - started
+        self.event("message", logging.INFO,
+                   f"message from=<{printable(sender)}> rcpts={len(rcpts)} size={size} backend={backend} "
+                   f"reply={reply!r} time={seconds:.3f}s",
+                   sender=printable(sender), recipients=[printable(r) for r in rcpts], size=size, backend=backend,
+                   reply=reply, seconds=round(seconds, 3))
 
 
 # --- 4. Back-ends: failover, the smtplib handshake, XCLIENT, Maildir ---------
@@ -1607,9 +1656,11 @@ def open_backend(session, candidates):
             log.info("%s backend %s connected%s", session.sid, backend, connection.describe())
             return connection
         except BackendUntrusted as e:
-            log.error("%s backend %s %s: %s", session.sid, backend, e, XCLIENT_FIX)
+            session.event("backend_down", logging.ERROR, f"backend {backend} {e}: {XCLIENT_FIX}",
+                          backend=str(backend), reason=str(e))
         except BackendDown as e:
-            log.warning("%s backend %s is down: %s; trying next", session.sid, backend, e)
+            session.event("backend_down", logging.WARNING, f"backend {backend} is down: {e}; trying next",
+                          backend=str(backend), reason=str(e))
     log.error("%s all back-ends are down", session.sid)
     raise SMTPError(451, "4.4.1 Error: no mail server available; try again later")
 
@@ -1623,7 +1674,7 @@ class SMTPBackend:
     def __str__(self):
         return format_address(self.host, self.port)
 
-    def create(self):
+    def create(self, owner=None):
         """Nothing to make: a server is reached when a session needs it."""
 
     def open(self, session):
@@ -1645,7 +1696,7 @@ class SMTPConnection(smtplib.SMTP):
         self.debug = log.isEnabledFor(logging.DEBUG)
         self.authenticating = False     # masks the AUTH exchange in the debug log
         helo = session.helo or session.cfg.server_name
-        self.tls_mode, self.tls_context = session.cfg.backend_tls, session.cfg.backend_tls_context
+        self.tls_mode, self.tls_context = session.cfg.backend_tls, session.setup.backend_tls_context
         super().__init__(timeout=session.cfg.proxy_timeout, local_hostname=helo)
         self._host = backend.host       # smtplib's starttls() verifies this name; only __init__ sets it
         self.inbuf = b""                # what the back-end sent beyond the last reply line read
@@ -1880,9 +1931,13 @@ class MaildirBackend:
     def __str__(self):
         return f"maildir:{self.path}"
 
-    def create(self):
-        """Make the Maildir (cur/, new/, tmp/) if it is missing; raises OSError."""
+    def create(self, owner=None):
+        """Make the Maildir (cur/, new/, tmp/) if it is missing, owned by `owner`
+        (--user's pwd entry) so that it can deliver after the drop; raises OSError."""
         mailbox.Maildir(self.path, create=True)
+        if owner and os.geteuid() == 0:
+            for directory in (self.path, *(os.path.join(self.path, sub) for sub in ("cur", "new", "tmp"))):
+                os.chown(directory, owner.pw_uid, owner.pw_gid)
 
     def open(self, session):
         return MaildirDelivery(self, session)
@@ -2188,46 +2243,68 @@ def auth_wait(h):
     return min(int(wait), AUTH_WAIT_MAX) if is_number(wait) else 0
 
 
-# --- 6. Server and lifecycle: listeners, limits, logging, signals ------------
-# One RelayServer (a ThreadingTCPServer) per listening socket, each serving
-# in its own thread; they share one Relay, which holds the configuration and
-# counts sessions for --max-clients and --max-clients-per-ip. The main
-# thread only waits for signals.
+# --- 6. Server and lifecycle: setup, connections, listeners, signals --------
+# A Setup is what one configuration builds (TLS contexts, the auth service's
+# client); SIGHUP builds a new one and new sessions take it. One Relay holds
+# what outlives a reload: the session counts, the stop, the event hook (log
+# lines, JSON fields and metrics from one place). Every client connection,
+# whoever accepted it (a listener thread, --inetd, a socket systemd passed
+# on), goes through serve_connection(): PROXY header, admission, session,
+# release. The main thread waits for signals.
 
 REFUSAL_TIMEOUT = 1          # seconds to hand a refused client its 421
+ACCEPT_PAUSE = 0.1           # seconds the listener rests when out of descriptors
+# Settings a running relay cannot take up on SIGHUP: the sockets and the
+# process are made once (Config attribute, option name).
+RESTART_SETTINGS = [("listen", "listen"), ("tls_listen", "tls-listen"), ("user", "user"), ("inetd", "inetd"),
+                    ("metrics", "metrics"), ("proxy_protocol", "proxy-protocol"), ("log_target", "log-target")]
 
 
-def system_backlog():
-    """The kernel's cap on a listen backlog (net.core.somaxconn); listen() asks for all of it."""
-    try:
-        with open("/proc/sys/net/core/somaxconn") as f:
-            return int(f.read())
-    except (OSError, ValueError):
-        return socket.SOMAXCONN
-
-
-LISTEN_BACKLOG = system_backlog()
-ACCEPT_PAUSE = 0.1          # seconds the listener rests when out of descriptors
-
-
-class Relay:
-    """What every listener shares: the configuration, the session counts, the auth
-    service's client and the current TLS context."""
+class Setup:
+    """What one configuration builds for the sessions that start under it;
+    raises ConfigError naming the option (a bad certificate, say)."""
 
     def __init__(self, cfg):
         self.cfg = cfg
+        self.tls_context = (make_server_tls(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca, cfg.tls_verify_client)
+                            if cfg.tls_cert else None)
+        self.backend_tls_context = (make_backend_tls(cfg.backend_tls_ca, cfg.backend_tls_verify)
+                                    if cfg.backend_tls != "off" else None)
         self.auth_service = AuthService(cfg) if cfg.auth_http else None
-        self.tls_context = cfg.tls_context     # replaced on SIGHUP; each handshake after that uses the new one
-        self.lock = threading.Condition()
-        self.sessions = 0
-        self.per_ip = collections.Counter()
         # Names are looked up only where someone will read them.
         self.needs_names = cfg.resolve == "on" and bool(
             cfg.auth_http or cfg.xclient and any(isinstance(b, SMTPBackend) for b in cfg.backend))
+
+    def create_backends(self, owner=None):
+        """Make the Maildirs, owned by --user's entry `owner` if given; raises ConfigError."""
+        for backend in self.cfg.backend:
+            try:
+                backend.create(owner)
+            except OSError as e:
+                raise ConfigError("--backend", f"{backend}: {e.strerror or e}") from None
+
+
+class Relay:
+    """What outlives a reload: the current Setup, the session counts for
+    --max-clients and --max-clients-per-ip, the stop, the event hook."""
+
+    def __init__(self, setup, argv=None):
+        self.setup = setup
+        self.argv = argv            # the command line, read again with the config file on SIGHUP
+        self.metrics = None
+        self.lock = threading.Condition()
+        self.sessions = 0
+        self.per_ip = collections.Counter()
         # On stop, a byte in this pipe wakes every session waiting between
         # transactions (Channel.wait_readable); it is never read, so it stays readable.
         self.stopping = threading.Event()
         self.stop_reader, self.stop_writer = os.pipe()
+
+    def event(self, name, level, message, **fields):
+        """Every log line worth counting: the text line, the JSON line's fields and the metrics."""
+        if self.metrics:
+            self.metrics.observe(name, fields)
+        log.log(level, message, extra={"event": name, "fields": fields})
 
     def stop(self):
         self.stopping.set()
@@ -2235,10 +2312,11 @@ class Relay:
 
     def admit(self, ip):
         """Count a new session in -> None, or the refusal (code, text) to send instead."""
+        cfg = self.setup.cfg
         with self.lock:
-            if self.sessions >= self.cfg.max_clients:
+            if self.sessions >= cfg.max_clients:
                 return 421, "4.3.2 Too many connections, try again later"
-            if self.cfg.max_clients_per_ip and self.per_ip[ip] >= self.cfg.max_clients_per_ip:
+            if cfg.max_clients_per_ip and self.per_ip[ip] >= cfg.max_clients_per_ip:
                 return 421, "4.7.0 Too many connections from your address, try again later"
             self.sessions += 1
             self.per_ip[ip] += 1
@@ -2252,17 +2330,24 @@ class Relay:
                 del self.per_ip[ip]
             self.lock.notify_all()
 
-    def reload_tls(self):
-        """SIGHUP: read the certificate and key again for new sessions; a bad one keeps the old."""
-        cfg = self.cfg
-        if not cfg.tls_cert:
-            return
+    def reload(self):
+        """SIGHUP: read the configuration again, as at start, for new sessions; a bad one keeps the old."""
+        old = self.setup.cfg
         try:
-            self.tls_context = make_server_tls(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca, cfg.tls_verify_client)
+            cfg, _ = load_config(self.argv)
+            changed = [option for attr, option in RESTART_SETTINGS if restart_value(cfg, attr) != restart_value(old, attr)]
+            for attr, _ in RESTART_SETTINGS:
+                setattr(cfg, attr, getattr(old, attr))
+            setup = Setup(cfg)
+            setup.create_backends(cfg.user)
         except ConfigError as e:
-            log.error("SIGHUP: keeping the old certificate: %s", e)
+            log.error("SIGHUP: keeping the old configuration: %s", e)
             return
-        log.info("SIGHUP: certificate %s reloaded for new sessions", cfg.tls_cert)
+        if changed:
+            log.warning("SIGHUP: these settings need a restart and stay as they were: %s", ", ".join(changed))
+        setup_logging(cfg)
+        self.setup = setup
+        log.info("SIGHUP: configuration reloaded for new sessions")
 
     def wait_idle(self, timeout):
         """Wait for sessions in flight to end -> True if all did."""
@@ -2270,20 +2355,154 @@ class Relay:
             return self.lock.wait_for(lambda: self.sessions == 0, timeout)
 
 
-class SessionHandler(socketserver.BaseRequestHandler):
-    """Runs one SMTP session on an accepted connection."""
+def restart_value(cfg, attr):
+    value = getattr(cfg, attr)
+    return value.pw_name if attr == "user" and value else value
 
-    def handle(self):
-        relay, channel = self.server.relay, None
+
+# The PROXY protocol (haproxy's proxy-protocol.txt), read before anything
+# else so that admission, logs, XCLIENT and the auth service see the real
+# client. Read exactly the header's bytes: what follows (a TLS ClientHello)
+# belongs to the session.
+
+PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+PROXY_V1_LIMIT = 107        # the longest v1 line, CRLF included
+
+
+class ProxyHeaderError(Exception):
+    """A PROXY header that is missing, malformed or late; str() says which."""
+
+
+def receive_exactly(sock, count, deadline):
+    data = b""
+    while len(data) < count:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError()
+        sock.settimeout(remaining)
+        chunk = sock.recv(count - len(data))
+        if not chunk:
+            raise ProxyHeaderError("connection closed inside the header")
+        data += chunk
+    return data
+
+
+def read_proxy_header(sock, timeout):
+    """The PROXY header on sock -> the client's (ip, port), or None where the
+    header names none (v1 UNKNOWN, v2 LOCAL, other families): then the peer
+    is the client. Raises ProxyHeaderError, TimeoutError past `timeout`."""
+    deadline = time.monotonic() + timeout
+    start = receive_exactly(sock, 5, deadline)
+    if start == PROXY_V2_SIGNATURE[:5]:
+        return parse_proxy_v2(start + receive_exactly(sock, 11, deadline), sock, deadline)
+    if start != b"PROXY":
+        raise ProxyHeaderError(f"starts with {printable(start.decode('latin-1'))!r}")
+    line = start
+    while not line.endswith(b"\r\n"):
+        if len(line) >= PROXY_V1_LIMIT:
+            raise ProxyHeaderError(f"v1 line longer than {PROXY_V1_LIMIT} bytes")
+        line += receive_exactly(sock, 1, deadline)
+    return parse_proxy_v1(line[:-2].decode("latin-1"))
+
+
+def parse_proxy_v1(line):
+    words = line.split(" ")
+    if len(words) >= 2 and words[1] == "UNKNOWN":
+        return None
+    if len(words) != 6 or words[1] not in ("TCP4", "TCP6"):
+        raise ProxyHeaderError(f"bad v1 line {printable(line)!r}")
+    _, family, source, _, port, _ = words
+    try:
+        ip = ipaddress.ip_address(source)
+        if ip.version != int(family[3]) or not is_number(port) or int(port) > 65535:
+            raise ValueError
+    except ValueError:
+        raise ProxyHeaderError(f"bad v1 line {printable(line)!r}") from None
+    return str(ip), int(port)
+
+
+def parse_proxy_v2(head, sock, deadline):
+    if head[:12] != PROXY_V2_SIGNATURE:
+        raise ProxyHeaderError("bad v2 signature")
+    version, command, family = head[12] >> 4, head[12] & 0xF, head[13]
+    if version != 2 or command not in (0, 1):
+        raise ProxyHeaderError(f"unknown v2 version {version} or command {command}")
+    body = receive_exactly(sock, int.from_bytes(head[14:16], "big"), deadline)   # addresses, then TLVs (skipped)
+    if command == 0:            # LOCAL: the proxy's own connection (a health check)
+        return None
+    for code, size, v6 in ((0x11, 12, False), (0x21, 36, True)):    # TCP over IPv4, TCP over IPv6
+        if family == code:
+            if len(body) < size:
+                raise ProxyHeaderError("v2 addresses cut short")
+            half = (size - 4) // 2
+            ip = ipaddress.IPv6Address(body[:half]) if v6 else ipaddress.IPv4Address(body[:half])
+            return str(ip), int.from_bytes(body[size - 4:size - 2], "big")
+    return None                 # UNSPEC, UDP, UNIX: the spec says use the real connection's
+
+
+def serve_connection(relay, sock, peer, implicit_tls=False):
+    """One client connection, however it came: its PROXY header, admission,
+    the session, the release and the close."""
+    setup, channel, ip = relay.setup, None, client_ip(peer)
+    cfg = setup.cfg
+    relay.event("connection", logging.DEBUG, f"connection from {format_address(ip, peer[1])}", client=ip)
+    try:
+        via = None
+        if cfg.proxy_protocol:
+            if not any(ipaddress.ip_address(ip) in net for net in cfg.real_ip_from):
+                relay.event("refused", logging.WARNING,
+                            f"refused {ip}: PROXY protocol from a peer outside --real-ip-from", client=ip)
+                return
+            try:
+                real = read_proxy_header(sock, cfg.timeout)
+            except TimeoutError:
+                relay.event("refused", logging.WARNING, f"{ip}: no PROXY header within {cfg.timeout:g}s", client=ip)
+                return
+            except (ProxyHeaderError, OSError) as e:
+                relay.event("refused", logging.WARNING, f"{ip}: bad PROXY header: {e}", client=ip)
+                return
+            if real:
+                via, peer, ip = peer, real, client_ip(real)
+        refusal = relay.admit(ip)
+        if refusal:
+            relay.event("refused", logging.WARNING, f"refused {ip}: %d %s" % refusal, client=ip,
+                        reply="%d %s" % refusal)
+            try:
+                sock.settimeout(REFUSAL_TIMEOUT)
+                sock.sendall(format_reply(*refusal))
+            except OSError:
+                pass
+            return
         try:
-            channel = Channel(self.request, relay.cfg.timeout, relay.stop_reader)
-            Session(relay, channel, self.client_address, implicit_tls=self.server.tls).run()
+            channel = Channel(sock, cfg.timeout, relay.stop_reader)
+            Session(relay, setup, channel, peer, via, implicit_tls).run()
         finally:
             # The slot is free before the client sees the close, so a client
             # that reconnects at once is never refused for its own old session.
-            relay.release(client_ip(self.client_address))
-            if channel:
-                channel.close()
+            relay.release(ip)
+    finally:
+        if channel:
+            channel.close()
+        else:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+
+class SessionHandler(socketserver.BaseRequestHandler):
+    def handle(self):
+        serve_connection(self.server.relay, self.request, self.client_address, self.server.tls)
+
+
+def system_backlog():
+    """The kernel's cap on a listen backlog (net.core.somaxconn); listen() asks for all of it."""
+    try:
+        with open("/proc/sys/net/core/somaxconn") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return socket.SOMAXCONN
 
 
 class RelayServer(socketserver.ThreadingTCPServer):
@@ -2292,12 +2511,12 @@ class RelayServer(socketserver.ThreadingTCPServer):
     daemon_threads = True       # a stuck session must not keep the process alive at exit
     block_on_close = False      # shutdown waits for sessions itself, bounded by --timeout
     allow_reuse_address = True  # restart at once on the same port
-    request_queue_size = max(socket.SOMAXCONN, LISTEN_BACKLOG)    # a flood waits in the kernel, never dropped
+    request_queue_size = max(socket.SOMAXCONN, system_backlog())    # a flood waits in the kernel, never dropped
 
     def __init__(self, address, relay, sock=None, tls=False):
-        self.relay, self.tls = relay, tls
+        self.relay, self.tls, self.inherited = relay, tls, sock is not None
         host, port = address
-        self.address_family = socket.AF_INET6 if ":" in host or not host else socket.AF_INET
+        self.address_family = sock.family if sock else socket.AF_INET6 if ":" in host or not host else socket.AF_INET
         super().__init__((host or "::", port), SessionHandler, bind_and_activate=sock is None)
         if sock is not None:        # inherited (systemd): already bound and listening
             self.socket.close()
@@ -2308,24 +2527,6 @@ class RelayServer(socketserver.ThreadingTCPServer):
         if self.address_family == socket.AF_INET6 and self.server_address[0] == "::":
             self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)   # PORT alone: v4 too
         super().server_bind()
-
-    def process_request(self, request, client_address):
-        ip = client_ip(client_address)
-        refusal = self.relay.admit(ip)
-        if refusal:
-            log.warning("refused %s: %d %s", ip, *refusal)
-            try:
-                request.settimeout(REFUSAL_TIMEOUT)
-                request.sendall(format_reply(*refusal))
-            except OSError:
-                pass
-            self.shutdown_request(request)
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self.relay.release(ip)
-            raise
 
     def get_request(self):
         try:
@@ -2343,19 +2544,44 @@ class RelayServer(socketserver.ThreadingTCPServer):
 
     def describe(self):
         host, port = self.server_address[:2]
-        return format_address(host, port) + (" (TLS)" if self.tls else "")
+        notes = ["TLS"] * self.tls + ["inherited"] * self.inherited
+        return format_address(host, port) + (f" ({', '.join(notes)})" if notes else "")
 
 
-def make_servers(cfg):
-    """Make the Maildirs and bind every --listen and --tls-listen address -> [RelayServer];
-    raises ConfigError naming the option at fault."""
-    for backend in cfg.backend:
+def inherited_sockets():
+    """systemd socket activation (sd_listen_fds): [(socket, name)] passed from fd 3 on, or []."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return []
+    count = int(os.environ.get("LISTEN_FDS", "0") or 0)
+    names = os.environ.get("LISTEN_FDNAMES", "").split(":")
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):    # not for any child
+        os.environ.pop(name, None)
+    sockets = []
+    for i in range(count):
+        fd = 3 + i
         try:
-            backend.create()
+            sock = socket.socket(fileno=fd)
         except OSError as e:
-            raise ConfigError("--backend", f"{backend}: {e.strerror or e}") from None
-    relay = Relay(cfg)
-    servers = []
+            raise ConfigError("LISTEN_FDS", f"descriptor {fd}: {e.strerror}") from None
+        if sock.type != socket.SOCK_STREAM or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            raise ConfigError("LISTEN_FDS", f"descriptor {fd} is not a listening stream socket "
+                              "(with Accept=yes, run smtprelay --inetd)")
+        os.set_inheritable(fd, False)
+        sockets.append((sock, names[i] if i < len(names) else ""))
+    return sockets
+
+
+def make_servers(relay):
+    """Bind every --listen and --tls-listen address, or take the sockets systemd passed -> [RelayServer];
+    raises ConfigError naming the option at fault."""
+    cfg, servers = relay.setup.cfg, []
+    inherited = inherited_sockets()
+    if inherited:
+        for sock, name in inherited:
+            if name == "smtps" and not relay.setup.tls_context:
+                raise ConfigError("--tls-cert", "the socket named smtps is implicit TLS: it needs --tls-cert and --tls-key")
+            servers.append(RelayServer(sock.getsockname()[:2], relay, sock=sock, tls=name == "smtps"))
+        return servers
     for (host, port), tls in [(a, False) for a in cfg.listen] + [(a, True) for a in cfg.tls_listen]:
         try:
             servers.append(RelayServer((host, port), relay, tls=tls))
@@ -2367,12 +2593,99 @@ def make_servers(cfg):
     return servers
 
 
+def drop_privileges(user):
+    """--user: its groups, then its gid, then its uid (the order in which each step is still allowed)."""
+    if (os.geteuid(), os.getegid()) == (user.pw_uid, user.pw_gid):
+        return
+    try:
+        os.initgroups(user.pw_name, user.pw_gid)
+        os.setgid(user.pw_gid)
+        os.setuid(user.pw_uid)
+    except OSError as e:
+        raise ConfigError("--user", f"{user.pw_name}: cannot switch to it: {e.strerror}") from None
+    log.info("running as user %s (uid %d)", user.pw_name, user.pw_uid)
+
+
+def sd_notify(*lines):
+    """Tell systemd (NOTIFY_SOCKET) how the relay is: READY=1, RELOADING=1, STOPPING=1, WATCHDOG=1, STATUS=."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]        # an abstract socket
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(address)
+            s.sendall("\n".join(lines).encode())
+    except OSError as e:
+        log.warning("NOTIFY_SOCKET %s: %s", address.replace("\0", "@"), e.strerror or e)
+
+
+def watchdog_interval():
+    """Seconds between WATCHDOG=1 messages (half of WATCHDOG_USEC), or None."""
+    usec, pid = os.environ.get("WATCHDOG_USEC", ""), os.environ.get("WATCHDOG_PID", "")
+    if not is_number(usec) or int(usec) == 0 or pid and pid != str(os.getpid()):
+        return None
+    return int(usec) / 2e6
+
+
+class Metrics:
+    """--metrics: Prometheus counters fed by Relay.event, served over HTTP."""
+
+    def __init__(self, relay, address):
+        try:
+            import prometheus_client as prom
+        except ImportError:
+            raise ConfigError("--metrics", "needs the prometheus_client package: pip install 'smtprelay[metrics]'") from None
+        registry = prom.CollectorRegistry()
+        prom.Gauge("smtprelay_sessions_active", "Client sessions open now", registry=registry) \
+            .set_function(lambda: relay.sessions)
+        self.sessions = prom.Counter("smtprelay_sessions", "Client connections, refused ones too", registry=registry)
+        self.messages = prom.Counter("smtprelay_messages", "Messages by what the client heard at the end of data",
+                                     ["outcome"], registry=registry)
+        self.message_bytes = prom.Counter("smtprelay_message_bytes", "Message bytes received", registry=registry)
+        self.backend_errors = prom.Counter("smtprelay_backend_errors", "Back-ends found down or untrusted",
+                                           ["backend"], registry=registry)
+        self.auth_lookups = prom.Counter("smtprelay_auth_lookups", "Auth service lookups", ["result"],
+                                         registry=registry)
+        self.auth_seconds = prom.Histogram("smtprelay_auth_lookup_seconds", "Auth service lookup time",
+                                           registry=registry)
+        for outcome in ("delivered", "deferred", "refused"):
+            self.messages.labels(outcome)
+        for result in ("ok", "refused", "error"):
+            self.auth_lookups.labels(result)
+        host, port = address
+        try:
+            prom.start_http_server(port, host or "::", registry=registry)
+        except OSError as e:
+            raise ConfigError("--metrics", f"{format_address(host or '*', port)}: {e.strerror or e}") from None
+        self.url = f"http://{format_address(host or '[::]', port)}/metrics"
+
+    def observe(self, name, fields):
+        if name == "connection":
+            self.sessions.inc()
+        elif name == "message":
+            code = fields["reply"][:1]
+            self.messages.labels({"2": "delivered", "4": "deferred"}.get(code, "refused")).inc()
+            self.message_bytes.inc(fields["size"])
+        elif name == "backend_down":
+            self.backend_errors.labels(fields["backend"]).inc()
+        elif name == "auth_lookup":
+            self.auth_lookups.labels(fields["result"]).inc()
+            self.auth_seconds.observe(fields["seconds"])
+
+
 class JSONFormatter(logging.Formatter):
+    """One JSON object a line: time, level, message, and an event's name and fields."""
+
     def format(self, record):
         entry = {"time": self.formatTime(record), "level": record.levelname.lower(), "message": record.getMessage()}
+        if getattr(record, "event", None):
+            entry["event"] = record.event
+            entry.update(record.fields)
         if record.exc_info:
             entry["traceback"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
+        return json.dumps(entry, default=str)
 
 
 def raise_open_files_limit():
@@ -2386,18 +2699,47 @@ def raise_open_files_limit():
         pass
 
 
-def setup_logging(cfg):
-    handler = logging.StreamHandler(sys.stderr)
+def stderr_is_the_client():
+    """inetd (and systemd's Accept=yes by default) give fd 2 the client's socket as well: logs must not go there."""
+    try:
+        err, conn = os.fstat(2), os.fstat(0)
+    except OSError:
+        return False
+    return stat.S_ISSOCK(err.st_mode) and (err.st_dev, err.st_ino) == (conn.st_dev, conn.st_ino)
+
+
+def log_handler(target):
+    """The handler for --log-target; raises ConfigError when syslog is asked for and /dev/log is missing."""
+    if target == "stderr" and not stderr_is_the_client():
+        return logging.StreamHandler(sys.stderr)
+    try:
+        handler = logging.handlers.SysLogHandler("/dev/log", logging.handlers.SysLogHandler.LOG_MAIL)
+    except OSError as e:
+        if target == "stderr":
+            return logging.NullHandler()    # stderr is the client: no log rather than a log line to it
+        raise ConfigError("--log-target", f"/dev/log is missing: no syslog daemon to write to ({e.strerror})") from None
+    handler.ident = f"smtprelay[{os.getpid()}]: "
+    return handler
+
+
+def setup_logging(cfg, handler=None):
+    handler = handler or log.handlers[0]
     if cfg.log_format == "json":
         handler.setFormatter(JSONFormatter())
-    else:
+    elif isinstance(handler, logging.StreamHandler) and not hasattr(handler, "ident"):
         handler.setFormatter(logging.Formatter("%(asctime)s smtprelay %(levelname)s %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))     # syslog stamps time and host
     log.handlers[:] = [handler]
     log.setLevel(cfg.log_level.upper())
     log.propagate = False
 
 
-def serve(servers):
+def status(relay):
+    return f"STATUS={relay.sessions} sessions"
+
+
+def serve(relay, servers):
     """Serve until SIGTERM or SIGINT, then drain the sessions -> exit status 0."""
     # A signal may be taken by any thread, but Python runs handlers only in
     # the main thread, which would sleep on. So the C-level handler writes
@@ -2413,14 +2755,22 @@ def serve(servers):
     for s, t in zip(servers, threads):
         t.start()
         log.info("listening on %s", s.describe())
-    relay = servers[0].relay
+    sd_notify("READY=1", status(relay))
+    wakeup.settimeout(watchdog_interval())
     while True:
-        signums = list(wakeup.recv(64))
+        try:
+            signums = list(wakeup.recv(64))
+        except TimeoutError:
+            sd_notify("WATCHDOG=1", status(relay))
+            continue
         if signal.SIGHUP in signums:
-            relay.reload_tls()
+            sd_notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+            relay.reload()
+            sd_notify("READY=1", status(relay))
         stopping = [s for s in signums if s != signal.SIGHUP]
         if stopping:
             break
+    sd_notify("STOPPING=1", f"STATUS=stopping: {relay.sessions} sessions to finish")
     for s in servers:       # no new connections from here on (close after the accept loop ended)
         s.shutdown()
         s.server_close()
@@ -2428,7 +2778,7 @@ def serve(servers):
     log.info("%s: stopping; messages in flight are finished first", signal.Signals(stopping[0]).name)
     # Every wait of a session in flight has a deadline: the client's
     # command lines (--timeout), the back-end's replies, the end of data.
-    cfg = relay.cfg
+    cfg = relay.setup.cfg
     bound = cfg.data_timeout + cfg.timeout + 2 * cfg.proxy_timeout + cfg.auth_http_timeout
     if not relay.wait_idle(bound):
         log.warning("stopping with %d sessions still open", relay.sessions)
@@ -2436,27 +2786,79 @@ def serve(servers):
     return 0
 
 
+def serve_inetd(relay):
+    """--inetd: the one session on stdin/stdout -> exit status 0."""
+    sock = socket.socket(fileno=os.dup(0))
+    serve_connection(relay, sock, sock.getpeername())
+    return 0
+
+
+def inetd_peer_check():
+    """--inetd needs a TCP connection on fd 0; raises ConfigError otherwise."""
+    try:
+        mode = os.fstat(0).st_mode
+    except OSError:
+        mode = 0
+    if not stat.S_ISSOCK(mode):
+        raise ConfigError("--inetd", "standard input is not a socket")
+    with socket.socket(fileno=os.dup(0)) as sock:
+        if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:
+            raise ConfigError("--inetd", "standard input is not a TCP connection")
+        try:
+            sock.getpeername()
+        except OSError:
+            raise ConfigError("--inetd", "standard input is not a connected socket") from None
+
+
 # --- 7. main() ---------------------------------------------------------------
 
 def main(argv=None):
     """Run smtprelay -> exit status: 0 clean stop, 1 bad configuration, 2 usage."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         cfg, settings = load_config(argv)
+        setup = Setup(cfg)
         if cfg.check_config:
             print(settings)
             return 0
-        setup_logging(cfg)
+        setup_logging(cfg, log_handler(cfg.log_target))
+        if cfg.inetd:
+            inetd_peer_check()
         if not cfg.xclient:
             log.warning("--no-xclient: back-ends see the relay's own address, not the client's; they must "
                         "not trust it for relaying (keep it out of Postfix's mynetworks)")
-        raise_open_files_limit()
         if cfg.backend_tls != "off" and cfg.backend_tls_verify == "off":
             log.warning("--backend-tls-verify off: back-end certificates are not checked; for lab set-ups only")
-        servers = make_servers(cfg)
+        raise_open_files_limit()
+        setup.create_backends(cfg.user)
+        relay = Relay(setup, argv)
+        servers = [] if cfg.inetd else make_servers(relay)
+        if cfg.metrics:
+            relay.metrics = Metrics(relay, cfg.metrics)
+            log.info("metrics on %s", relay.metrics.url)
+        if cfg.user:
+            drop_privileges(cfg.user)
+        elif os.geteuid() == 0 and "INVOCATION_ID" not in os.environ and not cfg.inetd:
+            log.warning("running as root: give --user to drop privileges once the listeners are bound")
     except ConfigError as e:
+        if stderr_is_the_client():
+            log_config_error(e)
+            return 1
         print(f"smtprelay: {e}", file=sys.stderr)
         return 1
-    return serve(servers)
+    return serve_inetd(relay) if cfg.inetd else serve(relay, servers)
+
+
+def log_config_error(error):
+    """Under inetd a bad configuration is told to syslog, and the client hears 421, not the error."""
+    try:
+        handler = log_handler("stderr")
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+        log.handlers[:] = [handler]
+        log.error("%s", error)
+        os.write(1, format_reply(421, "4.3.5 Service not available: the relay is misconfigured"))
+    except (ConfigError, OSError):
+        pass
 
 
 if __name__ == "__main__":
