@@ -129,9 +129,13 @@ class Postfix:
     directory), config_dir, queue_dir, maillog (Path), start_seconds.
     """
 
-    def __init__(self, xclient_hosts="127.0.0.1", mynetworks="127.0.0.0/8", main_cf=(), start_timeout=15):
+    def __init__(self, xclient_hosts="127.0.0.1", mynetworks="127.0.0.0/8", main_cf=(), start_timeout=15,
+                 listener=None):
         """xclient_hosts: smtpd_authorized_xclient_hosts ("" for none); mynetworks as in main.cf;
-        main_cf: extra main.cf lines (a str or an iterable of str), appended last so they win."""
+        main_cf: extra main.cf lines (a str or an iterable of str), appended last so they win;
+        listener: master.cf lines for the smtpd service in place of the plain one, its address
+        written 127.0.0.1:10025 (replaced by the instance's)."""
+        self.listener = listener
         self.root = Path(tempfile.mkdtemp(prefix="postfix-"))
         os.chmod(self.root, 0o755)              # the postfix user must get through to data/
         self.config_dir = self.root / "conf"
@@ -201,7 +205,11 @@ class Postfix:
 
     def _write_config(self):
         (self.config_dir / "main.cf").write_text("\n".join(self.main_cf_lines) + "\n")
-        (self.config_dir / "master.cf").write_text(MASTER_CF.format(listen=self.address))
+        master_cf = MASTER_CF.format(listen=self.address)
+        if self.listener:
+            plain = f"{self.address} inet  n       -       n       -       -       smtpd\n"
+            master_cf = master_cf.replace(plain, self.listener.replace("127.0.0.1:10025", self.address).rstrip("\n") + "\n")
+        (self.config_dir / "master.cf").write_text(master_cf)
         # Postfix re-reads a table file modified within the last second, 0.3 s apart, until
         # it is older than that (dict_load_file): every Postfix program would wait so.
         past = time.time() - 60

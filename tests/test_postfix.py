@@ -1,5 +1,7 @@
 """The relay in front of a real Postfix smtpd (see postfix_fixture.py): XCLIENT as Postfix takes it."""
+import re
 import smtplib
+from pathlib import Path
 
 import pytest
 
@@ -7,6 +9,7 @@ from postfix_fixture import postfix  # noqa: F401
 
 MESSAGE = b"Subject: relayed\r\n\r\nHello from the relay tests.\r\n"
 OUTSIDE = "rcpt@outside.example"
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def client_from(relay, address):
@@ -111,3 +114,48 @@ def test_an_overlong_helo_is_refused_with_501_and_no_mail_is_queued_under_the_re
     clients = [pf.client_of(m["queue_id"]) for m in queue]
     assert clients and all(c == "unknown[127.0.0.2]" for c in clients), clients
     assert not pf.log_matches(r"client=localhost\[127\.0\.0\.1\]")
+
+
+def readme_block(first_line_pattern):
+    """The indented block of README.md whose first line matches `first_line_pattern`, unindented."""
+    lines = README.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if re.match(first_line_pattern, line))
+    block = []
+    for line in lines[start:]:
+        if not line.startswith("    "):
+            break
+        block.append(line[4:])
+    return "\n".join(block) + "\n"
+
+
+def test_the_readmes_postfix_recipe_as_written_queues_under_the_client_and_takes_the_largest_message(
+        relay, postfix):
+    # The README's master.cf listener and main.cf line, verbatim but for the
+    # port; main.cf authorises nobody for XCLIENT, so the recipe's -o must.
+    listener = readme_block(r"    127\.0\.0\.1:10025 +inet ")
+    assert "smtpd_authorized_xclient_hosts=127.0.0.1" in listener
+    main_cf = readme_block(r"    message_size_limit = ").strip()
+    pf = postfix(xclient_hosts="", mynetworks="127.0.0.1/32", listener=listener,
+                 main_cf=["relay_domains = example.net", main_cf])
+    conf = readme_block(r"    listen = \[25\]")
+    size = int(re.search(r"max-message-size = (\d+)", conf)[1])
+    r = relay("--backend", pf.address, config=conf)      # the command line's --listen and --backend win
+    client = client_from(r, "127.0.0.2")
+    client.ehlo("client.example")
+    assert client.mail("a@example.org")[0] == 250
+    assert client.rcpt(OUTSIDE)[0] == 554, pf.log_text()          # 127.0.0.2 judged, not the relay's 127.0.0.1
+    assert client.rset()[0] == 250
+    # The largest message the relay takes, in the longest lines SMTP allows.
+    header = b"Subject: as large as the relay allows\r\n\r\n"
+    line = b"x" * 998 + b"\r\n"
+    body = line * ((size - len(header)) // len(line))
+    message = header + body + b"y" * (size - len(header) - len(body) - 2) + b"\r\n"
+    assert len(message) == size
+    assert client.mail("a@example.org", [f"SIZE={size}"])[0] == 250
+    assert client.rcpt("b@example.net")[0] == 250
+    code, text = client.data(message)
+    assert code == 250, (code, text, pf.log_text()[-2000:])
+    queue_id = queued_id(text)
+    assert queue_id in {m["queue_id"] for m in pf.wait_for_queue(1)}
+    assert pf.client_of(queue_id) == "unknown[127.0.0.2]"
+    client.quit()
