@@ -16,8 +16,11 @@ queue: a client hears 250 for a message only after the back-end said 250.
 Every option also reads from SMTPRELAY_<OPTION> and from the config file
 (-c FILE, default /etc/smtprelay.conf); see README.md.
 
-XXX To do: the PROXY protocol, inetd and systemd socket activation, reload of
-the whole config on SIGHUP, --user, metrics.
+It runs as a daemon with its own listeners, on sockets systemd passes on
+(socket activation, sd_notify), or one session at a time from inetd
+(--inetd); behind haproxy it reads the PROXY protocol.
+
+XXX To do: --balance, the stdout: back-end, --probe, --auth-http-scope.
 """
 
 import argparse
