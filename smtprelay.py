@@ -717,6 +717,22 @@ class Channel:
             raise ClientGone("client closed the connection")
         return data
 
+    def spoke_within(self, seconds):
+        """Whether the client sends anything within `seconds` (before the greeting it should not)."""
+        if self.inpos < len(self.inbuf):
+            return True
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        return bool(poller.poll(seconds * 1000))
+
+    def tls_parameters(self):
+        """(protocol, cipher) of the TLS in use."""
+        return self.sock.version(), self.sock.cipher()[0]
+
+    def client_certificate(self):
+        """The client's verified certificate as Auth-SSL-* values, or None."""
+        return client_certificate(self.sock)
+
     def wait_readable(self, deadline, events=select.POLLIN):
         """Wait for the socket (not select(): descriptors pass 1024 under load) or the stop."""
         poller = select.poll()
@@ -1097,11 +1113,11 @@ class Session:
     def begin_tls(self):
         self.channel.start_tls(self.setup.tls_context)
         self.tls = True
-        self.certificate = client_certificate(self.channel.sock)
+        self.certificate = self.channel.client_certificate()
         if self.cfg.tls_verify_client == "on" and not self.certificate:
             self.say_last(421, "4.7.1 No required SSL certificate")
             raise ClientGone("refused: no client certificate (--tls-verify-client on)")
-        log.info("%s TLS %s %s%s", self.sid, self.channel.sock.version(), self.channel.sock.cipher()[0],
+        log.info("%s TLS %s %s%s", self.sid, *self.channel.tls_parameters(),
                  f", client certificate {printable(self.certificate['Auth-SSL-Subject'])}" if self.certificate else "")
 
     @property
@@ -1137,8 +1153,8 @@ class Session:
         """nginx's Auth-SSL-* headers for this session (NGINX.md §3.2)."""
         if not self.tls:
             return {}
-        sock = self.channel.sock
-        headers = {"Auth-SSL": "on", "Auth-SSL-Protocol": sock.version(), "Auth-SSL-Cipher": sock.cipher()[0]}
+        protocol, cipher = self.channel.tls_parameters()
+        headers = {"Auth-SSL": "on", "Auth-SSL-Protocol": protocol, "Auth-SSL-Cipher": cipher}
         if self.cfg.tls_verify_client != "off":
             headers["Auth-SSL-Verify"] = "SUCCESS" if self.certificate else "NONE"
             # Certificate names may hold any Unicode, even control characters.
@@ -1150,17 +1166,12 @@ class Session:
 
     def greet(self):
         """Send the greeting; False if the client spoke first during --greeting-delay."""
-        if self.cfg.greeting_delay and self.client_spoke_within(self.cfg.greeting_delay):
+        if self.cfg.greeting_delay and self.channel.spoke_within(self.cfg.greeting_delay):
             log.info("%s client was rejected before greeting", self.sid)
             self.say_last(503, "5.5.0 Improper use of SMTP command pipelining")
             return False
         self.channel.reply(220, f"{self.cfg.server_name} ESMTP")
         return True
-
-    def client_spoke_within(self, seconds):
-        poller = select.poll()      # not select(): descriptors pass 1024 under load
-        poller.register(self.channel.sock, select.POLLIN)
-        return bool(poller.poll(seconds * 1000))
 
     def say_last(self, code, text):
         """A closing reply to a client that may no longer listen."""
