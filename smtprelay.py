@@ -20,7 +20,7 @@ It runs as a daemon with its own listeners, on sockets systemd passes on
 (socket activation, sd_notify), or one session at a time from inetd
 (--inetd); behind haproxy it reads the PROXY protocol.
 
-XXX To do: --balance, the stdout: back-end, --probe, --auth-http-scope.
+XXX To do: --balance, the stdout: back-end, --probe.
 """
 
 import argparse
@@ -134,6 +134,9 @@ def build_parser():
         help="nginx-compatible auth service that decides who may send and names the back-end")
     add("--auth-http-header", action="append", metavar="'NAME: VALUE'", help="extra header on every auth request")
     add("--auth-http-timeout", default="60", metavar="SECONDS", help="deadline for the auth service's whole answer (default 60)")
+    add("--auth-http-scope", default="session", metavar="{session,transaction}",
+        help="with --auth none: ask the auth service once per session (as nginx) or for every transaction "
+             "(default session)")
     add("--auth", default="none", metavar="METHODS",
         help="comma list of none, plain, login, cram-md5, external; without none, AUTH is required (default none)")
     add("--xclient", action=argparse.BooleanOptionalAction, default=True,
@@ -463,6 +466,7 @@ def validate(args):
         auth_http=parse_auth_http(args.auth_http) if args.auth_http else None,
         auth_http_header=[parse_header(h) for h in args.auth_http_header or []],
         auth_http_timeout=parse_seconds("--auth-http-timeout", args.auth_http_timeout),
+        auth_http_scope=parse_choice("--auth-http-scope", args.auth_http_scope, ("session", "transaction")),
         auth=auth,
         auth_mechanisms=[m for m in auth if m != "none"],   # what AUTH may offer
         auth_required="none" not in auth,                  # MAIL waits for AUTH
@@ -1083,7 +1087,7 @@ class Session:
         self.relay.event(name, level, f"{self.sid} {message}", session=self.sid, client=self.peer_ip, **fields)
 
     def run(self):
-        started = time.monotonic()
+        self.connected = time.monotonic()
         via = f" via {format_address(*self.via[:2])}" if self.via else ""
         self.event("connect", logging.INFO, f"connect from {format_address(self.peer_ip, self.peer_port)}{via}",
                    port=self.peer_port)
@@ -1107,8 +1111,11 @@ class Session:
             self.say_last(421, f"4.4.2 {self.cfg.server_name} Error: timeout exceeded")
         finally:
             self.close_backend()
-            self.event("disconnect", logging.INFO, f"disconnect from {self.peer_ip}",
-                       seconds=round(time.monotonic() - started, 3))
+
+    def log_disconnect(self):
+        """The session's last line, once its slot is free (serve_connection)."""
+        self.event("disconnect", logging.INFO, f"disconnect from {self.peer_ip}",
+                   seconds=round(time.monotonic() - self.connected, 3))
 
     def begin_tls(self):
         self.channel.start_tls(self.setup.tls_context)
@@ -1319,7 +1326,9 @@ class Session:
             log.info("%s recipient <%s> refused by --allow-recipient", self.sid, printable(address))
             raise SMTPError(550, "5.7.1 Recipient address rejected: not allowed")
         if not self.mail_sent:
-            self.route_transaction(self.command_line)
+            # --auth-http-scope session: one OK answer holds for the session (nginx's load on the service).
+            if self.cfg.auth_http_scope == "transaction" or not self.route:
+                self.route_transaction(self.command_line)
             code, text = self.backend_call("mail", self.mail_from, self.mail_params)
             if not 200 <= code < 300:       # the back-end's MAIL refusal answers this RCPT (nginx)
                 self.reset()
@@ -2425,10 +2434,11 @@ def parse_proxy_v1(line):
         return None
     if len(words) != 6 or words[1] not in ("TCP4", "TCP6"):
         raise ProxyHeaderError(f"bad v1 line {printable(line)!r}")
-    _, family, source, _, port, _ = words
+    _, family, source, destination, port, destination_port = words
     try:
-        ip = ipaddress.ip_address(source)
-        if ip.version != int(family[3]) or not is_number(port) or int(port) > 65535:
+        ip, to = ipaddress.ip_address(source), ipaddress.ip_address(destination)
+        if {ip.version, to.version} != {int(family[3])} or not all(
+                is_number(p) and int(p) <= 65535 for p in (port, destination_port)):
             raise ValueError
     except ValueError:
         raise ProxyHeaderError(f"bad v1 line {printable(line)!r}") from None
@@ -2487,13 +2497,18 @@ def serve_connection(relay, sock, peer, implicit_tls=False):
             except OSError:
                 pass
             return
+        session = None
         try:
             channel = Channel(sock, cfg.timeout, relay.stop_reader)
-            Session(relay, setup, channel, peer, via, implicit_tls).run()
+            session = Session(relay, setup, channel, peer, via, implicit_tls)
+            session.run()
         finally:
-            # The slot is free before the client sees the close, so a client
-            # that reconnects at once is never refused for its own old session.
+            # The slot is free before the client sees the close (or the log
+            # says disconnect), so a client that reconnects at once is never
+            # refused for its own old session.
             relay.release(ip)
+            if session:
+                session.log_disconnect()
     finally:
         if channel:
             channel.close()

@@ -386,8 +386,9 @@ def test_concurrent_sessions_each_get_their_own_answer(start, scripted_backend):
         assert sorted(seen) == list(range(k, sessions, 2))
 
 
-def test_second_transaction_is_looked_up_again_with_the_next_attempt_number(start, backend):
-    relay, service = start(always(*ok(backend)))
+def test_with_scope_transaction_a_second_transaction_is_looked_up_again_with_the_next_attempt_number(
+        start, backend):
+    relay, service = start(always(*ok(backend)), "--auth-http-scope", "transaction")
     client = greeted(relay)
     assert client.say("EHLO client.example").code == 250
     assert send_message(client, BODY, "a1@example.org", "b1@example.net").code == 250
@@ -397,6 +398,37 @@ def test_second_transaction_is_looked_up_again_with_the_next_attempt_number(star
         none_headers("client.example", "MAIL FROM:<a2@example.org>", "RCPT TO:<b2@example.net>", attempt=2),
     ]
     assert [m.rcpt_to for m in backend.delivered] == [[b"RCPT TO:<b1@example.net>"], [b"RCPT TO:<b2@example.net>"]]
+
+
+def test_by_default_one_ok_answer_holds_for_the_session_as_nginx(start, backend):
+    relay, service = start(always(*ok(backend)))
+    client = greeted(relay)
+    assert client.say("EHLO client.example").code == 250
+    for n in (1, 2, 3):
+        assert send_message(client, BODY, f"a{n}@example.org", f"b{n}@example.net").code == 250
+    assert service.requests == [
+        none_headers("client.example", "MAIL FROM:<a1@example.org>", "RCPT TO:<b1@example.net>", attempt=1)]
+    assert [m.mail_from for m in backend.delivered] == [f"MAIL FROM:<a{n}@example.org>".encode() for n in (1, 2, 3)]
+    assert backend.connections == 1
+
+
+def test_by_default_a_refused_transaction_is_asked_about_again_in_the_next_one(start, backend):
+    def policy(request):
+        if "bad" in request["Auth-SMTP-From"]:
+            return [("Auth-Status", "Bad sender")]
+        return ok(backend)
+
+    relay, service = start(policy)
+    client = greeted(relay)
+    assert client.say("EHLO client.example").code == 250
+    assert client.say("MAIL FROM:<bad@example.org>").code == 250
+    assert client.say("RCPT TO:<b@example.net>").text == "535 5.7.0 Bad sender"
+    assert client.say("RSET").code == 250
+    assert send_message(client, BODY, "good@example.org", "b@example.net").code == 250
+    assert [dict(r)["Auth-SMTP-From"] for r in service.requests] == \
+        ["MAIL FROM:<bad@example.org>", "MAIL FROM:<good@example.org>"]
+    [message] = backend.delivered
+    assert message.mail_from == b"MAIL FROM:<good@example.org>"
 
 
 # --- Configuration ------------------------------------------------------------------------------
@@ -683,7 +715,8 @@ def test_ipv6_client_is_checked_against_allow_from(start, backend, allow_from, s
 
 
 def test_allow_sender_is_a_full_case_insensitive_match_checked_before_any_lookup(start, backend):
-    relay, service = start(always(*ok(backend)), "--allow-sender", r".*@good\.example")
+    relay, service = start(always(*ok(backend)), "--allow-sender", r".*@good\.example",
+                           "--auth-http-scope", "transaction")
     client = greeted(relay)
     for sender in ["x@good.example.evil", "x@bad.example", "good.example@evil.example",
                    "x@good.examplex"]:
@@ -769,7 +802,7 @@ def test_a_later_message_with_another_answer_gets_a_new_backend_connection_not_t
             return ok(backend, ("Auth-User", "alice"), ("Auth-Pass", "alice-pw"))
         return ok(backend)
 
-    relay, service = start(policy)
+    relay, service = start(policy, "--auth-http-scope", "transaction")
     client = greeted(relay)
     assert client.say("EHLO client.example").code == 250
     assert send_message(client, BODY, "alice@example.org", "b@example.net").code == 250
