@@ -2316,8 +2316,9 @@ class Relay:
         self.argv = argv            # the command line, read again with the config file on SIGHUP
         self.metrics = None
         self.lock = threading.Condition()
-        self.sessions = 0
+        self.sessions = 0           # admitted sessions, for the limits
         self.per_ip = collections.Counter()
+        self.connections = 0        # connections being served, up to their last log line: the drain waits for these
         # On stop, a byte in this pipe wakes every session waiting between
         # transactions (Channel.wait_readable); it is never read, so it stays readable.
         self.stopping = threading.Event()
@@ -2372,10 +2373,19 @@ class Relay:
         self.setup = setup
         log.info("SIGHUP: configuration reloaded for new sessions")
 
-    def wait_idle(self, timeout):
-        """Wait for sessions in flight to end -> True if all did."""
+    def connection_opened(self):
         with self.lock:
-            return self.lock.wait_for(lambda: self.sessions == 0, timeout)
+            self.connections += 1
+
+    def connection_closed(self):
+        with self.lock:
+            self.connections -= 1
+            self.lock.notify_all()
+
+    def wait_idle(self, timeout):
+        """Wait for connections in flight to end -> True if all did."""
+        with self.lock:
+            return self.lock.wait_for(lambda: self.connections == 0, timeout)
 
 
 def restart_value(cfg, attr):
@@ -2470,6 +2480,7 @@ def serve_connection(relay, sock, peer, implicit_tls=False):
     setup, channel, ip = relay.setup, None, client_ip(peer)
     cfg = setup.cfg
     relay.event("connection", logging.DEBUG, f"connection from {format_address(ip, peer[1])}", client=ip)
+    relay.connection_opened()
     try:
         via = None
         if cfg.proxy_protocol:
@@ -2518,6 +2529,7 @@ def serve_connection(relay, sock, peer, implicit_tls=False):
             except OSError:
                 pass
             sock.close()
+        relay.connection_closed()
 
 
 class SessionHandler(socketserver.BaseRequestHandler):
@@ -2821,7 +2833,7 @@ def serve(relay, servers):
     # units' TimeoutStopSec= allows): --data-timeout plus --timeout.
     cfg = relay.setup.cfg
     if not relay.wait_idle(cfg.data_timeout + cfg.timeout):
-        log.warning("stopping with %d sessions still open", relay.sessions)
+        log.warning("stopping with %d sessions still open", relay.connections)
     log.info("stopped")
     return 0
 

@@ -1,30 +1,82 @@
 #!/usr/bin/env python3
-"""Benchmark: smtprelay beside nginx's mail proxy and a direct connection.
+"""Benchmark: smtprelay beside nginx's mail proxy, aiosmtpd's Proxy and a direct connection.
 
-Everything runs on loopback, on free ports, and stops by itself:
-Postfix's smtp-sink is the back-end (it discards mail), Postfix's
-smtp-source is the client, and the same workloads go
+Everything runs on 127.0.0.1, on free ports, and stops by itself. Postfix's
+smtp-sink is the one back-end (it counts and discards mail), Postfix's
+smtp-source is the client (workload F: a Python client), and each workload
+goes through every target:
 
-  direct          smtp-source -> smtp-sink
-  smtprelay       smtp-source -> smtprelay --backend -> smtp-sink
-  smtprelay+auth  smtp-source -> smtprelay --auth-http (nginx http block) -> smtp-sink
-  nginx           smtp-source -> nginx mail proxy (auth_http, same block) -> smtp-sink
+  direct                 smtp-source -> smtp-sink
+  smtprelay              smtp-source -> smtprelay --backend SINK --no-xclient -> smtp-sink
+  smtprelay --auth-http  smtp-source -> smtprelay --auth-http (nginx http block) --no-xclient -> smtp-sink
+  aiosmtpd Proxy         smtp-source -> python -m aiosmtpd -c aiosmtpd.handlers.Proxy -> smtp-sink
+  nginx                  smtp-source -> nginx mail proxy (auth_http to the same block, xclient off) -> smtp-sink
 
-For each it prints messages per second, MB per second and the proxy's peak
-resident memory (VmHWM; for nginx, master and worker added up).
+The nginx that runs the mail proxy also serves the auth_http block, which
+answers every request statically: Auth-Status OK, Auth-Server 127.0.0.1,
+Auth-Port the sink's port. nginx runs worker_processes 1; smtprelay is one
+process (a thread per session) logging at warning, with --resolve off (nginx
+has no resolver set) and --max-clients 2000 (for E; the script raises
+RLIMIT_NOFILE, which the proxies inherit); aiosmtpd is one asyncio process.
+The machine this was written for has 2 cores, shared by the client, the
+proxy and the sink.
 
-    apt-get install postfix nginx-light libnginx-mod-mail   # smtp-sink, smtp-source, nginx
-    python3 contrib/benchmark.py [--quick]
+Workloads (1 KB messages unless said otherwise):
 
-Both proxies run one process (nginx: worker_processes 1; smtprelay:
-threads under one interpreter) on a 2-core machine. Figures vary from run
-to run by some percent; compare columns of one run.
+  A  1 message per session, 1 client                      msg/s
+  B  1 message per session, 20 clients                    msg/s
+  C  100 messages per session, 5 clients                  msg/s
+  D  10 MiB messages, 4 clients                           MiB/s
+  E  memory per idle session: added RSS (VmRSS) of the proxy (nginx: master
+     and worker) per connection, over 1000 connections held open after the
+     greeting; on a fresh instance of the target after 5 transactions, as a
+     process that ran the other workloads reuses memory it freed   KB
+  F  one whole transaction (connect, greeting, EHLO, MAIL, RCPT, DATA, QUIT),
+     one at a time, timed by a Python client: p50 and p99, and what the
+     proxy adds to them (target minus direct, same repetition)    ms
+  CPU  the proxy's CPU time (utime+stime from /proc/PID/stat; nginx: master
+     and worker) per 1000 sessions, measured during A      s
+
+All targets run side by side for the whole run; each repetition (default 3)
+runs every workload once against every target, in an order that rotates
+from workload to workload and repetition to repetition. The table shows the
+median over repetitions and, in brackets, the median of the per-repetition
+ratios target / nginx (so above 1 is better for msg/s and MiB/s, worse for
+KB, ms and CPU).
+
+Every message smtp-source (or the F client) sends must be counted by
+smtp-sink (its -c counters): if the sink got fewer, the run stops with exit
+status 1 and a line naming the target and workload. A fast wrong relay is
+not fast. smtp-source failing (an SMTP error, a dropped connection) also
+stops the run.
+
+    apt-get install postfix nginx-light libnginx-mod-mail python3-venv
+    python3 contrib/benchmark.py                 # about 10 minutes
+    python3 contrib/benchmark.py --quick         # under a minute: smoke test
+    python3 contrib/benchmark.py --json          # the results as JSON on stdout
+
+Progress goes to stderr, the table (or the JSON) to stdout. Without nginx's
+mail module the nginx column is left out with a note and the ratios say
+n/a; without nginx at all the --auth-http column goes too. aiosmtpd comes
+from its own venv, made on first use under
+${XDG_CACHE_HOME:-~/.cache}/smtprelay-bench/aiosmtpd-venv (python3 -m venv,
+pip install aiosmtpd==1.4.6: about 10 s); if that cannot be made, its
+column is left out the same way. Its command line cannot hand Proxy its
+back-end, so a three-line subclass with from_cli does (AIOSMTPD_SHIM). The
+relay runs as `sys.executable smtprelay.py`, or with the repository's .venv
+python when sys.executable lacks its packages.
+
+Figures vary from run to run by some percent; compare columns of one run.
 """
 
 import argparse
+import json
 import os
+import re
+import resource
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,16 +84,52 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-RELAY = HERE.parent / "smtprelay.py"
+REPO = HERE.parent
+RELAY = REPO / "smtprelay.py"
 MAIL_MODULE = "/usr/lib/nginx/modules/ngx_mail_module.so"
+AIOSMTPD_REQUIREMENT = "aiosmtpd==1.4.6"
+CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "smtprelay-bench"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+MiB = 1 << 20
 
-# (name, smtp-source arguments, messages, bytes per message)
-WORKLOADS = [
-    ("20 sessions x 1 KB, new connection per message", ["-s", "20", "-l", "1000"], 4000, 1000),
-    ("1 session, 1 KB messages on one connection", ["-s", "1", "-d", "-l", "1000"], 2000, 1000),
-    ("4 sessions x 10 MB", ["-s", "4", "-l", "10000000"], 40, 10_000_000),
+# Target names, in table order; ratios are to the last one.
+DIRECT, RELAY_STATIC, RELAY_AUTH, AIOSMTPD, NGINX = (
+    "direct", "smtprelay", "smtprelay --auth-http", "aiosmtpd Proxy", "nginx")
+TARGET_ORDER = [DIRECT, RELAY_STATIC, RELAY_AUTH, AIOSMTPD, NGINX]
+
+# How much of each workload: the full run, and --quick (a smoke test, under a minute).
+FULL = dict(repetitions=3, a_messages=2000, b_messages=4000, c_rounds=4, d_size=10 * MiB,
+            d_messages=24, e_connections=1000, f_transactions=1000, warmup=40)
+QUICK = dict(repetitions=1, a_messages=300, b_messages=600, c_rounds=1, d_size=1 * MiB,
+             d_messages=16, e_connections=200, f_transactions=300, warmup=10)
+MESSAGE_SIZE = 1000         # bytes of payload, A, B, C and F
+C_CLIENTS, C_PER_SESSION = 5, 100
+B_CLIENTS, D_CLIENTS = 20, 4
+
+# (key, label in the table, unit, digits after the point)
+METRICS = [
+    ("A", "A: 1 msg/session, 1 client", "msg/s", 0),
+    ("B", "B: 1 msg/session, 20 clients", "msg/s", 0),
+    ("C", "C: 100 msg/session, 5 clients", "msg/s", 0),
+    ("D", "D: 10 MiB messages, 4 clients", "MiB/s", 1),
+    ("E", "E: RSS per idle session", "KB", 1),
+    ("F50", "F: transaction p50", "ms", 3),
+    ("F99", "F: transaction p99", "ms", 3),
+    ("F50+", "F: p50 added by the proxy", "ms", 3),
+    ("F99+", "F: p99 added by the proxy", "ms", 3),
+    ("CPU", "CPU per 1000 sessions (during A)", "s", 2),
 ]
 
+
+class BenchmarkError(Exception):
+    """The run cannot go on; str() is the one line for stderr."""
+
+
+def note(text):
+    print(text, file=sys.stderr, flush=True)
+
+
+# --- processes, ports, /proc ----------------------------------------------------
 
 def free_port():
     with socket.socket() as s:
@@ -49,29 +137,17 @@ def free_port():
         return s.getsockname()[1]
 
 
-def wait_accepting(port, proc, timeout=10):
+def wait_accepting(port, proc, name, timeout=15):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"{proc.args[0]} exited with {proc.returncode}")
+            raise BenchmarkError(f"{name} exited with status {proc.returncode} before listening on {port}")
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
             return
         except OSError:
             time.sleep(0.02)
-    raise SystemExit(f"{proc.args[0]} did not listen on {port} within {timeout}s")
-
-
-def peak_rss_kb(pids):
-    total = 0
-    for pid in pids:
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    total += int(line.split()[1])
-        except OSError:
-            pass
-    return total
+    raise BenchmarkError(f"{name} did not listen on {port} within {timeout}s")
 
 
 def children(pid):
@@ -81,15 +157,52 @@ def children(pid):
         return []
 
 
+def rss_kb(pids):
+    """VmRSS of the processes, added up, in KB."""
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+def cpu_seconds(pids):
+    """utime + stime of the processes (all their threads), added up."""
+    ticks = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])     # fields 14 and 15 of proc(5)
+    return ticks / CLK_TCK
+
+
+def raise_fd_limit():
+    """E holds 1000 connections; the proxies (children) inherit the raised limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > 65536:
+        hard = 65536
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
 class Processes:
     """Started processes, all stopped at exit."""
 
     def __init__(self):
         self.procs = []
 
-    def start(self, argv, **kwargs):
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=kwargs.pop("stderr", subprocess.DEVNULL), **kwargs)
+    def start(self, argv, log=None, **kwargs):
+        out = open(log, "wb") if log else subprocess.DEVNULL
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=kwargs.pop("stdout", out),
+                                    stderr=out, **kwargs)
+        finally:
+            if log:
+                out.close()
         self.procs.append(proc)
         return proc
 
@@ -97,27 +210,169 @@ class Processes:
         for proc in reversed(self.procs):
             if proc.poll() is None:
                 proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+        for proc in reversed(self.procs):
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
-def nginx_config(tmp, mail_port, http_port, sink_port):
+# --- the sink --------------------------------------------------------------------
+
+class Sink:
+    """smtp-sink with -c: its running counters ("sess=N quit=N mesg=N\\r") go to a file."""
+
+    COUNTERS = re.compile(rb"sess=(\d+) quit=(\d+) mesg=(\d+)")
+
+    def __init__(self, processes, tmp):
+        self.port = free_port()
+        self.counters = tmp / "sink.counters"
+        user = ["-u", "nobody"] if os.geteuid() == 0 else []
+        with open(self.counters, "wb") as out:
+            self.proc = processes.start(["smtp-sink", *user, "-c", "-m", "4096", f"127.0.0.1:{self.port}", "1024"],
+                                        stdout=out)
+        wait_accepting(self.port, self.proc, "smtp-sink")
+
+    def messages(self):
+        """Messages the sink has received so far (its last complete counter line)."""
+        with open(self.counters, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 512))
+            data = f.read()
+        for record in reversed(data.split(b"\r")[:-1]):     # the last piece may be half-written
+            m = self.COUNTERS.search(record)
+            if m:
+                return int(m.group(3))
+        return 0
+
+    def expect(self, before, sent, target, workload):
+        """Wait (briefly) until the sink has counted all `sent` since `before`; fail if not."""
+        deadline = time.monotonic() + 5
+        while True:
+            got = self.messages() - before
+            if got >= sent or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        if got < sent:
+            raise BenchmarkError(f"FAIL: {target}, workload {workload}: the sink counted {got} of the {sent} "
+                                 f"messages the client sent and saw accepted ({sent - got} lost)")
+        return got
+
+
+# --- targets ---------------------------------------------------------------------
+
+class Lab:
+    """What the targets share: the started processes, the run's directory, the sink;
+    each started instance gets a directory of its own there."""
+
+    def __init__(self, processes, tmp, sink):
+        self.processes, self.tmp, self.sink = processes, tmp, sink
+        self.instances = 0
+        self.started = []           # every target instance, for their logs at the end
+
+    def directory(self, slug):
+        self.instances += 1
+        path = self.tmp / f"{slug}-{self.instances}"
+        path.mkdir()
+        return path
+
+
+class Target:
+    """One thing to send mail to: a port, and the processes whose memory and CPU count.
+    fresh() starts another instance of the same (for E), or is None (direct)."""
+
+    def __init__(self, name, port, proc=None, log=None, fresh=None, lab=None):
+        self.name, self.port, self.proc, self.log, self.fresh = name, port, proc, log, fresh
+        self.log_start = len(self.log_lines())      # what it logged while starting up is not news
+        if lab:
+            lab.started.append(self)
+
+    def pids(self):
+        if self.proc is None:
+            return []
+        return [self.proc.pid, *children(self.proc.pid)]    # nginx: master and worker
+
+    def check_alive(self):
+        if self.proc is not None and self.proc.poll() is not None:
+            raise BenchmarkError(f"FAIL: {self.name} exited with status {self.proc.returncode}"
+                                 + (f" (log: {self.log})" if self.log else ""))
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def log_lines(self):
+        if not self.log or not Path(self.log).exists():
+            return []
+        return Path(self.log).read_text(errors="replace").splitlines()
+
+    def new_log_lines(self):
+        return self.log_lines()[self.log_start:]
+
+
+def relay_python():
+    """sys.executable if it can run the relay, else the repository's .venv python."""
+    probe = [sys.executable, "-c", "import configargparse, requests"]
+    if subprocess.run(probe, capture_output=True).returncode == 0:
+        return sys.executable
+    venv = REPO / ".venv" / "bin" / "python"
+    if venv.exists():
+        return str(venv)
+    raise BenchmarkError(f"{sys.executable} lacks configargparse/requests and there is no {venv}")
+
+
+def start_smtprelay(lab, name, route_args):
+    """smtprelay as a fair match for nginx here: no XCLIENT (nginx: xclient off), no name
+    lookups (nginx has no resolver set), logging only warnings; --max-clients above E's 1000."""
+    port = free_port()
+    log = lab.directory("smtprelay") / "stderr.log"
+    proc = lab.processes.start([relay_python(), str(RELAY), "-c", "/dev/null", "--listen", f"127.0.0.1:{port}",
+                                *route_args, "--no-xclient", "--resolve", "off", "--server-name", "bench.example",
+                                "--max-clients", "2000", "--log-level", "warning"], log=log)
+    wait_accepting(port, proc, name)
+    return Target(name, port, proc, log, fresh=lambda: start_smtprelay(lab, name, route_args), lab=lab)
+
+
+def start_relay_static(lab):
+    return start_smtprelay(lab, RELAY_STATIC, ["--backend", f"127.0.0.1:{lab.sink.port}"])
+
+
+def start_relay_auth_http(lab, auth_url):
+    return start_smtprelay(lab, RELAY_AUTH, ["--auth-http", auth_url])
+
+
+def nginx_config(prefix, mail_port, http_port, sink_port):
+    """One nginx: the static auth_http answer in http {}, and the mail proxy if mail_port."""
     user = "user nobody nogroup;" if os.geteuid() == 0 else ""
-    (tmp / "nginx").mkdir()
-    return f"""
-load_module {MAIL_MODULE};
+    load = f"load_module {MAIL_MODULE};" if mail_port else ""
+    mail = f"""
+mail {{
+    server_name bench.example;
+    auth_http 127.0.0.1:{http_port}/auth;
+    xclient off;
+    server {{
+        listen 127.0.0.1:{mail_port};
+        protocol smtp;
+        smtp_auth none;
+    }}
+}}""" if mail_port else ""
+    return f"""{load}
 {user}
 worker_processes 1;
+worker_rlimit_nofile 16384;
 daemon off;
-pid {tmp}/nginx/nginx.pid;
-error_log {tmp}/nginx/error.log;
-events {{ worker_connections 4096; }}
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log;
+events {{ worker_connections 8192; }}
 http {{
     access_log off;
-    client_body_temp_path {tmp}/nginx/body; proxy_temp_path {tmp}/nginx/proxy;
-    fastcgi_temp_path {tmp}/nginx/fastcgi; uwsgi_temp_path {tmp}/nginx/uwsgi; scgi_temp_path {tmp}/nginx/scgi;
+    client_body_temp_path {prefix}/body; proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi; uwsgi_temp_path {prefix}/uwsgi; scgi_temp_path {prefix}/scgi;
     server {{
         listen 127.0.0.1:{http_port};
         location = /auth {{
@@ -127,87 +382,425 @@ http {{
             return 204;
         }}
     }}
-}}
-mail {{
-    server_name bench.example;
-    auth_http 127.0.0.1:{http_port}/auth;
-    xclient on;
-    server {{
-        listen 127.0.0.1:{mail_port};
-        protocol smtp;
-        smtp_auth none;
-    }}
-}}
+}}{mail}
 """
 
 
-def run_workload(port, args, messages, timeout):
-    """smtp-source against port -> seconds taken; fails loudly on any SMTP error."""
-    argv = ["smtp-source", "-m", str(messages), "-f", "bench@example.org", "-t", "sink@example.net",
-            "-M", "client.example", *args, f"127.0.0.1:{port}"]
-    start = time.monotonic()
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-    elapsed = time.monotonic() - start
-    if result.returncode != 0 or result.stderr.strip():
-        raise SystemExit(f"smtp-source failed against port {port}: {result.stderr.strip() or result.returncode}")
-    return elapsed
+def start_nginx(lab, with_mail):
+    """nginx with the auth_http block, and the mail proxy when the module is there.
+    -> (mail Target or None, the auth URL)"""
+    prefix = lab.directory("nginx")
+    mail_port = free_port() if with_mail else None
+    http_port = free_port()
+    conf = prefix / "nginx.conf"
+    conf.write_text(nginx_config(prefix, mail_port, http_port, lab.sink.port))
+    proc = lab.processes.start(["nginx", "-e", str(prefix / "error.log"), "-p", str(prefix), "-c", str(conf)],
+                               log=prefix / "stderr.log")
+    wait_accepting(http_port, proc, "nginx")
+    target = None
+    if mail_port:
+        wait_accepting(mail_port, proc, "nginx")
+        target = Target(NGINX, mail_port, proc, prefix / "error.log", fresh=lambda: start_nginx(lab, True)[0], lab=lab)
+    return target, f"http://127.0.0.1:{http_port}/auth"
+
+
+def aiosmtpd_python():
+    """The python of a venv that has aiosmtpd, made on first use -> path, or None with a note."""
+    venv = CACHE / "aiosmtpd-venv"
+    python = venv / "bin" / "python"
+    probe = [str(python), "-c", "import aiosmtpd.handlers"]
+    if python.exists() and subprocess.run(probe, capture_output=True).returncode == 0:
+        return str(python)
+    note(f"making {venv} for aiosmtpd (once) ...")
+    try:
+        shutil.rmtree(venv, ignore_errors=True)
+        venv.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=120)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                        "--timeout", "20", "--retries", "1", AIOSMTPD_REQUIREMENT],
+                       check=True, capture_output=True, timeout=300)
+        subprocess.run(probe, check=True, capture_output=True)
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", None)
+        detail = detail.decode(errors="replace").strip().splitlines()[-1:] if detail else [str(e)]
+        note(f"note: could not make the aiosmtpd venv ({' '.join(detail)})")
+        return None
+    return str(python)
+
+
+# aiosmtpd's command line passes no arguments to Proxy (it has no from_cli); this adds one.
+AIOSMTPD_SHIM = """
+from aiosmtpd.handlers import Proxy
+
+class CLIProxy(Proxy):
+    @classmethod
+    def from_cli(cls, parser, host, port):
+        return cls(host, int(port))
+"""
+
+
+def start_aiosmtpd(lab, python):
+    """aiosmtpd's Proxy handler under aiosmtpd's own main (python -m aiosmtpd, logging at
+    error): it relays each message at DATA with smtplib, a new back-end connection per
+    message, blocking its event loop meanwhile, and answers 250 whatever the back-end said."""
+    port = free_port()
+    home = lab.directory("aiosmtpd")
+    (home / "bench_aiosmtpd_proxy.py").write_text(AIOSMTPD_SHIM)
+    proc = lab.processes.start([python, "-m", "aiosmtpd", "-n", "-l", f"127.0.0.1:{port}",
+                                "-c", "bench_aiosmtpd_proxy.CLIProxy", "127.0.0.1", str(lab.sink.port)],
+                               log=home / "stderr.log", env=dict(os.environ, PYTHONPATH=str(home)))
+    wait_accepting(port, proc, AIOSMTPD)
+    return Target(AIOSMTPD, port, proc, home / "stderr.log", fresh=lambda: start_aiosmtpd(lab, python), lab=lab)
+
+
+# --- clients ---------------------------------------------------------------------
+
+def smtp_source(port, messages, sessions=1, size=MESSAGE_SIZE, same_connection=False):
+    """Start smtp-source: `messages` messages of `size` bytes over `sessions` parallel sessions."""
+    argv = ["smtp-source", "-m", str(messages), "-s", str(sessions), "-l", str(size),
+            "-f", "bench@example.org", "-t", "sink@example.net", "-M", "client.example",
+            *(["-d"] if same_connection else []), f"127.0.0.1:{port}"]
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def finish(procs, target, workload, timeout=900):
+    """Wait for smtp-source processes; any error stops the run."""
+    for proc in procs:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise BenchmarkError(f"FAIL: {target.name}, workload {workload}: "
+                                 f"smtp-source still running after {timeout}s")
+        err = err.decode(errors="replace").strip()
+        if proc.returncode != 0 or err:
+            raise BenchmarkError(f"FAIL: {target.name}, workload {workload}: smtp-source: "
+                                 f"{err.splitlines()[0] if err else f'exit status {proc.returncode}'}")
+
+
+def run_sources(target, sink, workload, batches):
+    """Run smtp-source batches (lists of (messages, sessions, size, same_connection)) one after
+    the other, each batch's processes in parallel -> (seconds, messages), counted at the sink."""
+    before = sink.messages()
+    sent = 0
+    start = time.perf_counter()
+    for batch in batches:
+        procs = [smtp_source(target.port, *job) for job in batch]
+        finish(procs, target, workload)
+        sent += sum(job[0] for job in batch)
+    seconds = time.perf_counter() - start
+    sink.expect(before, sent, target.name, workload)
+    target.check_alive()
+    return seconds, sent
+
+
+class SMTPClient:
+    """Just enough SMTP for workloads E and F, on a plain socket."""
+
+    def __init__(self, port, timeout=30):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.file = self.sock.makefile("rb")
+
+    def reply(self, expected):
+        while True:
+            line = self.file.readline()
+            if not line.endswith(b"\n"):
+                raise BenchmarkError(f"connection closed waiting for {expected}")
+            if line[3:4] != b"-":
+                break
+        if not line.startswith(expected.encode()):
+            raise BenchmarkError(f"expected {expected}, got {line.decode(errors='replace').strip()}")
+
+    def command(self, line, expected):
+        self.sock.sendall(line)
+        self.reply(expected)
+
+    def close(self):
+        self.file.close()
+        self.sock.close()
+
+
+F_MESSAGE = (b"From: <bench@example.org>\r\nTo: <sink@example.net>\r\nSubject: bench\r\n\r\n"
+             + b"".join(b"%-76d\r\n" % i for i in range(MESSAGE_SIZE // 78)) + b".\r\n")
+
+
+def one_transaction(port):
+    """Connect, greeting, EHLO, MAIL, RCPT, DATA, QUIT -> seconds."""
+    start = time.perf_counter()
+    c = SMTPClient(port)
+    try:
+        c.reply("220")
+        c.command(b"EHLO client.example\r\n", "250")
+        c.command(b"MAIL FROM:<bench@example.org>\r\n", "250")
+        c.command(b"RCPT TO:<sink@example.net>\r\n", "250")
+        c.command(b"DATA\r\n", "354")
+        c.command(F_MESSAGE, "250")
+        c.command(b"QUIT\r\n", "221")
+    finally:
+        c.close()
+    return time.perf_counter() - start
+
+
+# --- workloads: each (target, sink, scale) -> {metric: value} ----------------------
+
+def workload_a(target, sink, scale):
+    """1 message per session, 1 client; the proxy's CPU time per 1000 sessions beside it."""
+    pids = target.pids()
+    cpu = cpu_seconds(pids) if pids else None
+    seconds, sent = run_sources(target, sink, "A", [[(scale["a_messages"], 1, MESSAGE_SIZE, False)]])
+    result = {"A": sent / seconds}
+    if pids:
+        result["CPU"] = (cpu_seconds(pids) - cpu) / sent * 1000
+    return result
+
+
+def workload_b(target, sink, scale):
+    """1 message per session, 20 clients."""
+    seconds, sent = run_sources(target, sink, "B", [[(scale["b_messages"], B_CLIENTS, MESSAGE_SIZE, False)]])
+    return {"B": sent / seconds}
+
+
+def workload_c(target, sink, scale):
+    """100 messages per session, 5 clients: 5 smtp-source -s 1 -d at once, c_rounds times."""
+    batch = [(C_PER_SESSION, 1, MESSAGE_SIZE, True)] * C_CLIENTS
+    seconds, sent = run_sources(target, sink, "C", [batch] * scale["c_rounds"])
+    return {"C": sent / seconds}
+
+
+def workload_d(target, sink, scale):
+    """Large messages (10 MiB; --quick 1 MiB), 4 clients."""
+    size = scale["d_size"]
+    seconds, sent = run_sources(target, sink, "D", [[(scale["d_messages"], D_CLIENTS, size, False)]])
+    return {"D": sent * size / MiB / seconds}
+
+
+def workload_e(target, sink, scale):
+    """Added RSS per idle session, on a fresh instance of the target (a process that has
+    run the other workloads has freed memory to reuse, which would hide the cost): a few
+    transactions first, then N connections opened, each greeting read, all held open."""
+    if target.fresh is None:
+        return {}
+    target = target.fresh()
+    clients = []
+    try:
+        before_mail = sink.messages()
+        for _ in range(5):
+            one_transaction(target.port)
+        sink.expect(before_mail, 5, target.name, "E")
+        time.sleep(0.2)
+        before = rss_kb(target.pids())
+        for _ in range(scale["e_connections"]):
+            c = SMTPClient(target.port)
+            clients.append(c)
+            c.reply("220")
+        time.sleep(0.5)
+        after = rss_kb(target.pids())
+        target.check_alive()
+    except (OSError, BenchmarkError) as e:
+        raise BenchmarkError(f"FAIL: {target.name}, workload E: connection {len(clients)}: {e}") from None
+    finally:
+        for c in clients:
+            c.close()
+        target.stop()
+    return {"E": (after - before) / scale["e_connections"]}
+
+
+def workload_f(target, sink, scale):
+    """Whole transactions one at a time -> p50 and p99 in ms."""
+    n = scale["f_transactions"]
+    before = sink.messages()
+    times = []
+    try:
+        for _ in range(n):
+            times.append(one_transaction(target.port))
+    except (OSError, BenchmarkError) as e:
+        raise BenchmarkError(f"FAIL: {target.name}, workload F: transaction {len(times) + 1}: {e}") from None
+    sink.expect(before, n, target.name, "F")
+    target.check_alive()
+    times.sort()
+    return {"F50": 1000 * times[int(0.50 * (n - 1))], "F99": 1000 * times[int(0.99 * (n - 1))]}
+
+
+WORKLOADS = [("A", workload_a), ("B", workload_b), ("C", workload_c), ("D", workload_d),
+             ("E", workload_e), ("F", workload_f)]
+
+
+def warm_up(target, sink, scale):
+    """A few messages first, so that no target pays for its first session in the figures."""
+    run_sources(target, sink, "warm-up", [[(scale["warmup"], 2, MESSAGE_SIZE, False)]])
+    before = sink.messages()
+    for _ in range(5):
+        one_transaction(target.port)
+    sink.expect(before, 5, target.name, "warm-up")
+
+
+# --- the run and its report --------------------------------------------------------
+
+def run(targets, sink, scale):
+    """Every workload against every target, scale["repetitions"] times, in rotating order.
+    -> runs[metric][target] = [value per repetition]"""
+    runs = {key: {t.name: [] for t in targets} for key, *_ in METRICS}
+    for target in targets:
+        warm_up(target, sink, scale)
+    step = 0
+    for rep in range(scale["repetitions"]):
+        for name, workload in WORKLOADS:
+            k = step % len(targets)
+            step += 1
+            for target in targets[k:] + targets[:k]:
+                result = workload(target, sink, scale)
+                for key, value in result.items():
+                    runs[key][target.name].append(value)
+                shown = ", ".join(f"{key} {value:.4g}" for key, value in result.items())
+                note(f"repetition {rep + 1}/{scale['repetitions']}  {name}  {target.name:22} {shown or '-'}")
+        # What the proxy adds to a transaction: this repetition's figure minus direct's.
+        for key in ("F50", "F99"):
+            direct = runs[key].get(DIRECT)
+            for target in targets:
+                if direct and target.name != DIRECT:
+                    runs[key + "+"][target.name].append(runs[key][target.name][-1] - direct[-1])
+    return runs
+
+
+def summarize(runs, names):
+    """-> {metric: {"median": {target: v}, "ratio_to_nginx": {target: r}}}"""
+    summary = {}
+    for key, *_ in METRICS:
+        medians, ratios = {}, {}
+        nginx = runs[key].get(NGINX)
+        for name in names:
+            values = runs[key].get(name)
+            if not values:
+                continue
+            medians[name] = statistics.median(values)
+            if nginx and len(nginx) == len(values):
+                per_rep = [v / n for v, n in zip(values, nginx) if n]
+                ratios[name] = statistics.median(per_rep) if per_rep else None
+            else:
+                ratios[name] = None
+        summary[key] = {"median": medians, "ratio_to_nginx": ratios}
+    return summary
+
+
+def table(summary, names, scale):
+    header = ["workload", *names]
+    rows = [header, ["---"] + ["---:"] * len(names)]
+    for key, label, unit, digits in METRICS:
+        if key == "D":
+            label = label.replace("10 MiB", f"{scale['d_size'] / MiB:g} MiB")
+        if key == "E":
+            label += f" of {scale['e_connections']}"
+        row = [f"{label} ({unit})"]
+        for name in names:
+            if name not in summary[key]["median"]:
+                row.append("-" if name != NGINX else "n/a")
+                continue
+            value = f"{summary[key]['median'][name]:.{digits}f}"
+            ratio = summary[key]["ratio_to_nginx"].get(name)
+            if name != NGINX:
+                value += f" ({ratio:.2f}×)" if ratio is not None else " (n/a)"
+            row.append(value)
+        rows.append(row)
+    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="a tenth of the messages, for a smoke run")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="See the docstring at the top of contrib/benchmark.py for what is measured.")
+    p.add_argument("--quick", action="store_true",
+                   help="few messages, 1 repetition, E with 200 connections, D with 1 MiB messages: under a minute")
+    p.add_argument("--repetitions", type=int, help="repetitions (default 3; --quick 1)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
     args = p.parse_args(argv)
+    scale = dict(QUICK if args.quick else FULL)
+    if args.repetitions:
+        scale["repetitions"] = max(1, args.repetitions)
+    started = time.monotonic()
+
     for tool in ("smtp-sink", "smtp-source"):
         if not shutil.which(tool):
-            raise SystemExit(f"{tool} not found: apt-get install postfix")
-    with_nginx = shutil.which("nginx") and os.path.exists(MAIL_MODULE)
+            note(f"{tool} not found: apt-get install postfix")
+            return 1
+    raise_fd_limit()
+    skipped = {}
+    have_nginx = bool(shutil.which("nginx"))
+    with_mail = have_nginx and os.path.exists(MAIL_MODULE)
+    if not have_nginx:
+        skipped[NGINX] = skipped[RELAY_AUTH] = "nginx not installed (apt-get install nginx-light libnginx-mod-mail)"
+    elif not with_mail:
+        skipped[NGINX] = f"no {MAIL_MODULE} (apt-get install libnginx-mod-mail)"
+    aiosmtpd = aiosmtpd_python()
+    if not aiosmtpd:
+        skipped[AIOSMTPD] = f"no venv with {AIOSMTPD_REQUIREMENT} under {CACHE}"
+    for name, why in skipped.items():
+        note(f"note: {name} left out: {why}")
+
     processes = Processes()
     try:
-        with tempfile.TemporaryDirectory(prefix="smtprelay-bench-") as tmp:
-            tmp = Path(tmp)
-            sink_port = free_port()
-            sink = processes.start(["smtp-sink", *(["-u", "nobody"] if os.geteuid() == 0 else []),
-                                    f"127.0.0.1:{sink_port}", "1024"])
-            wait_accepting(sink_port, sink)
-            targets = {"direct": (sink_port, [])}
-
-            relay_port = free_port()
-            relay = processes.start([sys.executable, str(RELAY), "-c", "/dev/null", "--listen",
-                                     f"127.0.0.1:{relay_port}", "--backend", f"127.0.0.1:{sink_port}",
-                                     "--log-level", "warning"])
-            wait_accepting(relay_port, relay)
-            targets["smtprelay"] = (relay_port, [relay.pid])
-
-            if with_nginx:
-                mail_port, http_port = free_port(), free_port()
-                conf = tmp / "nginx.conf"
-                conf.write_text(nginx_config(tmp, mail_port, http_port, sink_port))
-                nginx = processes.start(["nginx", "-p", str(tmp / "nginx"), "-c", str(conf)])
-                wait_accepting(mail_port, nginx)
-                wait_accepting(http_port, nginx)
-                auth_port = free_port()
-                relay_auth = processes.start([sys.executable, str(RELAY), "-c", "/dev/null", "--listen",
-                                              f"127.0.0.1:{auth_port}", "--auth-http",
-                                              f"http://127.0.0.1:{http_port}/auth", "--log-level", "warning"])
-                wait_accepting(auth_port, relay_auth)
-                targets["smtprelay+auth"] = (auth_port, [relay_auth.pid])
-                targets["nginx"] = (mail_port, [nginx.pid])
-            else:
-                print("nginx or its mail module missing (apt-get install nginx-light libnginx-mod-mail):"
-                      " nginx columns left out\n")
-
-            print(f"{'workload':48} {'target':15} {'msg/s':>9} {'MB/s':>8} {'peak RSS':>10}")
-            for name, workload_args, messages, size in WORKLOADS:
-                messages = max(4, messages // 10) if args.quick else messages
-                for target, (port, pids) in targets.items():
-                    seconds = run_workload(port, workload_args, messages, timeout=600)
-                    rss = peak_rss_kb([*pids, *[c for pid in pids for c in children(pid)]])
-                    print(f"{name:48} {target:15} {messages / seconds:9.0f} "
-                          f"{messages * size / seconds / 1e6:8.1f} {f'{rss / 1024:.1f} MB' if pids else '-':>10}",
-                          flush=True)
-                print()
+        return measure(args, scale, skipped, have_nginx, with_mail, aiosmtpd, processes, started)
+    except BenchmarkError as e:
+        note(str(e))
+        return 1
     finally:
         processes.stop()
+
+
+def measure(args, scale, skipped, have_nginx, with_mail, aiosmtpd, processes, started):
+    """Start the sink and the targets, run, print the table or JSON -> exit status."""
+    with tempfile.TemporaryDirectory(prefix="smtprelay-bench-") as tmp:
+        tmp = Path(tmp)
+        targets, lab = {}, None
+        try:
+            sink = Sink(processes, tmp)
+            lab = Lab(processes, tmp, sink)
+            targets[DIRECT] = Target(DIRECT, sink.port)
+            targets[RELAY_STATIC] = start_relay_static(lab)
+            if have_nginx:
+                nginx, auth_url = start_nginx(lab, with_mail)
+                targets[RELAY_AUTH] = start_relay_auth_http(lab, auth_url)
+                if nginx:
+                    targets[NGINX] = nginx
+            if aiosmtpd:
+                targets[AIOSMTPD] = start_aiosmtpd(lab, aiosmtpd)
+            order = [targets[name] for name in TARGET_ORDER if name in targets]
+            note(f"targets: {', '.join(t.name for t in order)}; {scale['repetitions']} repetition(s)"
+                 f"{' (--quick)' if args.quick else ''}")
+            runs = run(order, sink, scale)
+            sent = sink.messages()
+        except BenchmarkError:
+            for t in lab.started if lab else []:
+                lines = t.new_log_lines()
+                if lines:
+                    note(f"{t.name} ({t.log}) logged {len(lines)} lines, the last: {lines[-1]}")
+            raise
+        finally:
+            processes.stop()
+        logs = {}               # what each target logged after starting up, all its instances
+        for t in lab.started:
+            logs.setdefault(t.name, []).extend(t.new_log_lines())
+
+    runtime = time.monotonic() - started
+    names = [name for name in TARGET_ORDER if name in targets or name == NGINX]
+    summary = summarize(runs, names)
+    if args.json:
+        print(json.dumps({
+            "quick": args.quick, "scale": scale, "targets": [n for n in names if n in targets],
+            "skipped": skipped, "units": {key: unit for key, _, unit, _ in METRICS},
+            "results": summary, "runs": runs, "messages_at_sink": sent, "proxy_logs": logs,
+            "runtime_seconds": round(runtime, 1)}, indent=2))
+        return 0
+    print(table(summary, names, scale))
+    print()
+    print(f"Medians of {scale['repetitions']} repetition(s); (×) the median of the per-repetition ratios "
+          f"target / nginx. {sent} messages counted at the sink, as many as were sent. {runtime:.0f} s.")
+    for name, why in skipped.items():
+        print(f"{name}: left out, {why}")
+    for name, lines in logs.items():
+        if lines:
+            print(f"{name} logged {len(lines)} lines during the run, the first: {lines[0]}")
     return 0
 
 
