@@ -76,18 +76,18 @@ def run_relay(*args, env=None, config=None, listen=None, timeout=20):
                               timeout=timeout)
 
 
-class RelayProcess:
-    """A running relay subprocess; a thread drains its stderr (and stdout) into `.lines`."""
+class LoggedProcess:
+    """A running subprocess; a thread drains its stderr (and stdout) into `.lines`."""
+
+    name = "the process"
 
     def __init__(self, argv, env):
         self.argv = argv
         self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.lines = []
-        self.host = self.port = self.address = None
         self._cond = threading.Condition()
         self._eof = False
-        self._clients = []
         self._drainer = threading.Thread(target=self._drain, daemon=True)
         self._drainer.start()
 
@@ -121,14 +121,25 @@ class RelayProcess:
         match = self._wait_lines(lambda lines: next((m for m in map(rx.search, lines) if m), None), timeout)
         if match is None:
             tail = "\n".join(self.lines[-30:])
-            raise AssertionError(f"no log line matching {rx.pattern!r} within {timeout}s "
-                                 f"(relay exit code: {self.proc.poll()}); last lines:\n{tail}")
+            raise AssertionError(f"{self.name}: no log line matching {rx.pattern!r} within {timeout}s "
+                                 f"(exit code: {self.proc.poll()}); last lines:\n{tail}")
         return match
 
     def log_text(self):
         """All log lines so far, newline-joined."""
         with self._cond:
             return "\n".join(self.lines)
+
+
+class RelayProcess(LoggedProcess):
+    """A running relay subprocess, its log in `.lines`."""
+
+    name = "the relay"
+
+    def __init__(self, argv, env):
+        super().__init__(argv, env)
+        self.host = self.port = self.address = None
+        self._clients = []
 
     @property
     def listeners(self):

@@ -35,7 +35,7 @@ from pathlib import Path
 import pytest
 
 from auth_fixtures import always, auth_service, ok  # noqa: F401  (fixtures)
-from helpers import (SMTPClient, free_port, killed_on_exit, send_message, stop_process, wait_accepting,
+from helpers import (LoggedProcess, SMTPClient, free_port, killed_on_exit, send_message, stop_process, wait_accepting,
                      xclient_attributes)
 from tls_fixtures import tls  # noqa: F401  (fixture)
 
@@ -508,50 +508,19 @@ def test_plain_listener_greets_a_client_whose_header_came_alone_and_nothing_else
 
 # --- 5. A real haproxy ----------------------------------------------------------------
 
-class HaproxyProcess:
+class HaproxyProcess(LoggedProcess):
     """haproxy -f CONFIG -db (foreground) with `env` added; a thread drains its output into `.lines`.
 
     SMTP_LISTEN (127.0.0.1:<free port>) and HAPROXY_LOG=stdout are set in its
     environment; the config binds "${SMTP_LISTEN}" and logs to "${HAPROXY_LOG}".
     """
 
+    name = "haproxy"
+
     def __init__(self, config, env):
         self.host, self.port = "127.0.0.1", free_port()
         environment = {**os.environ, "SMTP_LISTEN": f"{self.host}:{self.port}", "HAPROXY_LOG": "stdout", **env}
-        self.proc = subprocess.Popen([HAPROXY, "-f", str(config), "-db"], env=environment,
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        self.lines = []
-        self._cond = threading.Condition()
-        self._eof = False
-        self._drainer = threading.Thread(target=self._drain, daemon=True)
-        self._drainer.start()
-
-    def _drain(self):
-        for raw in self.proc.stdout:
-            with self._cond:
-                self.lines.append(raw.decode("utf-8", "replace").rstrip("\r\n"))
-                self._cond.notify_all()
-        with self._cond:
-            self._eof = True
-            self._cond.notify_all()
-
-    def log_text(self):
-        with self._cond:
-            return "\n".join(self.lines)
-
-    def wait_for_log(self, pattern, timeout=10):
-        """The first re.search match of `pattern` in haproxy's output, past or future."""
-        rx = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while not (match := next((m for m in map(rx.search, self.lines) if m), None)):
-                remaining = deadline - time.monotonic()
-                if self._eof or remaining <= 0:
-                    tail = "\n".join(self.lines[-30:])
-                    raise AssertionError(f"haproxy logged no line matching {rx.pattern!r} within {timeout}s "
-                                         f"(exit code {self.proc.poll()}); last lines:\n{tail}")
-                self._cond.wait(remaining)
-            return match
+        super().__init__([HAPROXY, "-f", str(config), "-db"], environment)
 
     def wait_accepting(self, timeout=10):
         """Wait until the frontend accepts (the probe is passed on to a relay, and closed at once)."""
