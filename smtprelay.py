@@ -1554,6 +1554,7 @@ class Session:
         fresh = self.backend is None
         if fresh:
             self.backend = open_backend(self, [self.route.backend] if self.route else self.cfg.backend)
+            fresh = not self.backend.reused     # a pooled one may have gone while idle: replaced once
         try:
             code, text = getattr(self.backend, method)(*args)
         except BackendGone as e:
@@ -1586,7 +1587,10 @@ class Session:
     def close_backend(self, quit=True):
         if self.backend:
             backend, self.backend = self.backend, None
-            backend.close(quit)
+            if quit and not self.mail_sent:     # no transaction open there: it may serve another session
+                backend.release(self)
+            else:
+                backend.close(quit)
 
     def log_message(self, sender, rcpts, size, code, text, started):
         backend, reply, seconds = self.backend.name if self.backend else "-", printable(f"{code} {text}"), \
@@ -1614,6 +1618,8 @@ REPLY_LINE_LIMIT = 8192     # bytes in one back-end reply line (smtplib's _MAXLI
 REPLY_LINES_LIMIT = 100     # lines in one back-end reply; Postfix's EHLO has about 15
 REPLY_BYTES_LIMIT = 65536   # a larger reply is a broken back-end
 UNAVAILABLE, TEMPUNAVAIL = "[UNAVAILABLE]", "[TEMPUNAVAIL]"   # XCLIENT_README's "no value"
+POOL_IDLE_SECONDS = 10      # a pooled back-end connection unused this long is closed
+POOL_SIZE = 64              # idle connections kept per back-end
 
 
 def xtext(value):
@@ -1676,7 +1682,10 @@ def open_backend(session, candidates):
     for backend in candidates:
         try:
             connection = backend.open(session)
-            log.info("%s backend %s connected%s", session.sid, backend, connection.describe())
+            if connection.reused:
+                log.debug("%s backend %s: an idle connection reused", session.sid, backend)
+            else:
+                log.info("%s backend %s connected%s", session.sid, backend, connection.describe())
             return connection
         except BackendUntrusted as e:
             session.event("backend_down", logging.ERROR, f"backend {backend} {e}: {XCLIENT_FIX}",
@@ -1701,7 +1710,63 @@ class SMTPBackend:
         """Nothing to make: a server is reached when a session needs it."""
 
     def open(self, session):
-        return SMTPConnection(self, session)
+        key = pool_key(session, self)
+        connection = key and session.relay.pool.take(key)
+        if connection:
+            connection.sid = session.sid
+            return connection
+        return SMTPConnection(self, session, pooled=bool(key))
+
+
+def pool_key(session, backend):
+    """What a connection to `backend` must match to serve `session` from the pool, or
+    None where it may not be shared: with XCLIENT it carries its client's identity for
+    good (Postfix refuses a second XCLIENT on one connection and keeps the first)."""
+    if session.cfg.xclient:
+        return None
+    return str(backend), session.setup, session.backend_credentials()
+
+
+class BackendPool:
+    """Idle back-end connections that carry no client's identity, for the next
+    session: no XCLIENT, the relay's own EHLO name, AUTH as the same user (in
+    the key). A session gives one back only between transactions."""
+
+    def __init__(self):
+        self.idle = collections.defaultdict(collections.deque)     # key -> (connection, since), newest last
+        self.lock = threading.Lock()
+
+    def take(self, key):
+        while True:
+            with self.lock:
+                queue = self.idle.get(key)
+                if not queue:
+                    return None
+                connection, since = queue.pop()     # the newest: the likeliest still open
+            if time.monotonic() - since < POOL_IDLE_SECONDS and connection.quiet():
+                return connection
+            connection.close()
+
+    def give(self, key, connection):
+        now, expired = time.monotonic(), []
+        with self.lock:
+            for queue in self.idle.values():
+                while queue and now - queue[0][1] >= POOL_IDLE_SECONDS:
+                    expired.append(queue.popleft()[0])
+            queue = self.idle[key]
+            if len(queue) < POOL_SIZE:
+                queue.append((connection, now))
+            else:
+                expired.append(connection)
+        for old in expired:
+            old.close(quit=True)
+
+    def close(self):
+        with self.lock:
+            connections = [c for queue in self.idle.values() for c, _ in queue]
+            self.idle.clear()
+        for connection in connections:
+            connection.close(quit=True)
 
 
 class SMTPConnection(smtplib.SMTP):
@@ -1714,11 +1779,15 @@ class SMTPConnection(smtplib.SMTP):
     that trusts the relay.
     """
 
-    def __init__(self, backend, session):
+    reused = False                  # taken from the pool, not opened for this session
+
+    def __init__(self, backend, session, pooled=False):
         self.name, self.sid = str(backend), session.sid
         self.debug = log.isEnabledFor(logging.DEBUG)
         self.authenticating = False     # masks the AUTH exchange in the debug log
-        helo = session.helo or session.cfg.server_name
+        self.pool_key = pool_key(session, backend) if pooled else None
+        # A connection that may serve other clients says the relay's own name.
+        helo = session.cfg.server_name if pooled else session.helo or session.cfg.server_name
         self.tls_mode, self.tls_context = session.cfg.backend_tls, session.setup.backend_tls_context
         super().__init__(timeout=session.cfg.proxy_timeout, local_hostname=helo)
         self._host = backend.host       # smtplib's starttls() verifies this name; only __init__ sets it
@@ -1930,6 +1999,23 @@ class SMTPConnection(smtplib.SMTP):
     def rset(self):
         return self.command("RSET")
 
+    def quiet(self):
+        """Open and silent: a pooled connection the back-end has closed, or said
+        421 on, is readable."""
+        if not self.sock or self.inbuf:
+            return False
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        return not poller.poll(0)
+
+    def release(self, session):
+        """The session is done with it, between transactions: back to the pool, or QUIT."""
+        if self.pool_key and self.sock:
+            self.reused = True
+            session.relay.pool.give(self.pool_key, self)
+        else:
+            self.close(quit=True)
+
     def close(self, quit=False):
         if quit and self.sock:
             try:
@@ -1974,6 +2060,7 @@ class MaildirDelivery:
     """One session's deliveries into a Maildir, streamed to disk."""
 
     counter = itertools.count()
+    reused = False
 
     def __init__(self, backend, session):
         self.name, self.path, self.hostname, self.session = str(backend), backend.path, backend.hostname, session
@@ -2053,6 +2140,9 @@ class MaildirDelivery:
 
     def close(self, quit=False):
         self.abort()
+
+    def release(self, session):
+        self.close()
 
     def describe(self):
         return ""
@@ -2323,6 +2413,7 @@ class Relay:
         # transactions (Channel.wait_readable); it is never read, so it stays readable.
         self.stopping = threading.Event()
         self.stop_reader, self.stop_writer = os.pipe()
+        self.pool = BackendPool()       # idle back-end connections (--no-xclient)
 
     def event(self, name, level, message, **fields):
         """Every log line worth counting: the text line, the JSON line's fields and the metrics."""
@@ -2834,6 +2925,7 @@ def serve(relay, servers):
     cfg = relay.setup.cfg
     if not relay.wait_idle(cfg.data_timeout + cfg.timeout):
         log.warning("stopping with %d sessions still open", relay.connections)
+    relay.pool.close()
     log.info("stopped")
     return 0
 
