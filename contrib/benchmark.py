@@ -51,7 +51,7 @@ not fast. smtp-source failing (an SMTP error, a dropped connection) also
 stops the run.
 
     apt-get install postfix nginx-light libnginx-mod-mail python3-venv
-    python3 contrib/benchmark.py                 # about 10 minutes
+    python3 contrib/benchmark.py                 # about 5 minutes on 2 cores
     python3 contrib/benchmark.py --quick         # under a minute: smoke test
     python3 contrib/benchmark.py --json          # the results as JSON on stdout
 
@@ -231,7 +231,7 @@ class Sink:
         user = ["-u", "nobody"] if os.geteuid() == 0 else []
         with open(self.counters, "wb") as out:
             self.proc = processes.start(["smtp-sink", *user, "-c", "-m", "4096", f"127.0.0.1:{self.port}", "1024"],
-                                        stdout=out)
+                                        stdout=out, log=f"{self.counters}.err")
         wait_accepting(self.port, self.proc, "smtp-sink")
 
     def messages(self):
@@ -254,6 +254,10 @@ class Sink:
             if got >= sent or time.monotonic() > deadline:
                 break
             time.sleep(0.02)
+        if self.proc.poll() is not None:
+            err = Path(f"{self.counters}.err").read_text(errors="replace").strip().splitlines()
+            raise BenchmarkError(f"FAIL: smtp-sink exited with status {self.proc.returncode} during {target}, "
+                                 f"workload {workload}{': ' + err[-1] if err else ''}")
         if got < sent:
             raise BenchmarkError(f"FAIL: {target}, workload {workload}: the sink counted {got} of the {sent} "
                                  f"messages the client sent and saw accepted ({sent - got} lost)")
@@ -676,7 +680,7 @@ def summarize(runs, names):
                 continue
             medians[name] = statistics.median(values)
             if nginx and len(nginx) == len(values):
-                per_rep = [v / n for v, n in zip(values, nginx) if n]
+                per_rep = [v / n for v, n in zip(values, nginx) if n > 0]
                 ratios[name] = statistics.median(per_rep) if per_rep else None
             else:
                 ratios[name] = None
