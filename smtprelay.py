@@ -1045,13 +1045,13 @@ class ClientNames:
 class Session:
     """One client's SMTP session: run() serves it until QUIT, EOF or an error."""
 
-    def __init__(self, relay, setup, channel, peer, via=None, implicit_tls=False):
+    def __init__(self, relay, setup, channel, peer, via=None, implicit_tls=False, ip=None):
         self.relay, self.setup, self.cfg, self.channel = relay, setup, setup.cfg, channel
         self.via = via              # the PROXY protocol peer that told us who the client is
         self.implicit_tls = implicit_tls
         self.tls = False            # the connection is TLS now
         self.certificate = None     # the client's verified certificate (Auth-SSL-* headers)
-        self.peer_ip, self.peer_port = client_ip(peer), peer[1]
+        self.peer_ip, self.peer_port = ip or client_ip(peer), peer[1]
         self.peer_address = ipaddress.ip_address(self.peer_ip)
         self.sid = secrets.token_hex(4)
         self.backend = None         # open back-end connection, for the rest of the session
@@ -2602,7 +2602,7 @@ def serve_connection(relay, sock, peer, implicit_tls=False):
         session = None
         try:
             channel = Channel(sock, cfg.timeout, relay.stop_reader)
-            session = Session(relay, setup, channel, peer, via, implicit_tls)
+            session = Session(relay, setup, channel, peer, via, implicit_tls, ip)
             session.run()
         finally:
             # The slot is free before the client sees the close (or the log
@@ -2930,28 +2930,25 @@ def serve(relay, servers):
     return 0
 
 
-def serve_inetd(relay):
-    """--inetd: the one session on stdin/stdout -> exit status 0."""
-    sock = socket.socket(fileno=os.dup(0))
-    serve_connection(relay, sock, sock.getpeername())
-    return 0
-
-
-def inetd_peer_check():
-    """--inetd needs a TCP connection on fd 0; raises ConfigError otherwise."""
+def inetd_connection():
+    """--inetd: the TCP connection on fd 0 -> (socket, peer); raises ConfigError otherwise."""
     try:
         mode = os.fstat(0).st_mode
     except OSError:
         mode = 0
     if not stat.S_ISSOCK(mode):
         raise ConfigError("--inetd", "standard input is not a socket")
-    with socket.socket(fileno=os.dup(0)) as sock:
+    sock = socket.socket(fileno=os.dup(0))
+    try:
         if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:
             raise ConfigError("--inetd", "standard input is not a TCP connection")
         try:
-            sock.getpeername()
+            return sock, sock.getpeername()
         except OSError:
             raise ConfigError("--inetd", "standard input is not a connected socket") from None
+    except ConfigError:
+        sock.close()
+        raise
 
 
 # --- 7. main() ---------------------------------------------------------------
@@ -2966,8 +2963,7 @@ def main(argv=None):
             print(settings)
             return 0
         setup_logging(cfg, log_handler(cfg.log_target))
-        if cfg.inetd:
-            inetd_peer_check()
+        connection = inetd_connection() if cfg.inetd else None
         if not cfg.xclient:
             log.warning("--no-xclient: back-ends see the relay's own address, not the client's; they must "
                         "not trust it for relaying (keep it out of Postfix's mynetworks)")
@@ -2990,7 +2986,10 @@ def main(argv=None):
             return 1
         print(f"smtprelay: {e}", file=sys.stderr)
         return 1
-    return serve_inetd(relay) if cfg.inetd else serve(relay, servers)
+    if connection:      # --inetd: the one session on stdin/stdout
+        serve_connection(relay, *connection)
+        return 0
+    return serve(relay, servers)
 
 
 def log_config_error(error):
