@@ -577,9 +577,15 @@ backend relays
 """
 
 
+# haproxy's log names a session by the client's address and port, and the
+# kernel's choice of port repeats within a few hundred sessions: each
+# session through haproxy gets a port of its own, below the ephemeral range.
+source_ports = itertools.count(20000)
+
+
 def smtp_from(host, port, source, opened):
     """A smtplib.SMTP to host:port from `source` (127.0.0.x), greeting read; closed at teardown."""
-    client = smtplib.SMTP(host, port, timeout=10, source_address=(source, 0))
+    client = smtplib.SMTP(host, port, timeout=10, source_address=(source, next(source_ports)))
     opened.callback(client.close)
     return client
 
@@ -626,7 +632,7 @@ def send_tagged(proxy, message_id, source):
 
     Raises (smtplib.SMTPException, OSError) where the client did not get its 250.
     """
-    client = smtplib.SMTP(timeout=10, source_address=(source, 0))
+    client = smtplib.SMTP(timeout=10, source_address=(source, next(source_ports)))
     try:
         code, text = client.connect(proxy.host, proxy.port)
         if code != 220:
