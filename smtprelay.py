@@ -661,6 +661,60 @@ def set_nodelay(sock):
         pass
 
 
+# Both ends of the relay are non-blocking sockets: a wait is one poll()
+# until the session's deadline, a read or write one call after it. (A socket
+# timeout would cost a poll() inside every call and a syscall to set it.)
+
+def poll_until(poller, deadline):
+    """poll() until something is ready -> [(fd, events)]; TimeoutError past the deadline."""
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("timed out")
+        ready = poller.poll(remaining * 1000)
+        if ready:
+            return ready
+
+
+def wait_once(sock, events, deadline):
+    """Wait for `events` on sock, with a poller made for this wait (the rare ones: a full send buffer)."""
+    poller = select.poll()
+    poller.register(sock, events)
+    poll_until(poller, deadline)
+
+
+def send_all(sock, data, deadline):
+    """Write all of data to a non-blocking socket, plain or TLS, by deadline."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[sock.send(view):]
+        except (BlockingIOError, ssl.SSLWantWriteError):
+            wait_once(sock, select.POLLOUT, deadline)
+        except ssl.SSLWantReadError:
+            wait_once(sock, select.POLLIN, deadline)
+
+
+def receive_ready(sock, poller, deadline, stop_fd=None):
+    """One read from a non-blocking socket, plain or TLS, by deadline -> bytes (b"" at EOF).
+
+    poll() first, unless TLS already holds decrypted bytes; a readable
+    socket may still give nothing (part of a TLS record), then wait again.
+    Raises Stopping when stop_fd (also in poller) turns readable first.
+    """
+    while True:
+        if not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+            ready = poll_until(poller, deadline)
+            if stop_fd is not None and any(fd == stop_fd for fd, _ in ready):
+                raise Stopping()
+        try:
+            return sock.recv(RECV_SIZE)
+        except (BlockingIOError, ssl.SSLWantReadError):
+            continue
+        except ssl.SSLWantWriteError:
+            wait_once(sock, select.POLLOUT, deadline)
+
+
 class Channel:
     """The client's end of the wire, over a socket, plain or TLS.
 
@@ -672,8 +726,15 @@ class Channel:
 
     def __init__(self, sock, timeout, stop_fd=None):
         self.sock, self.timeout, self.stop_fd = sock, timeout, stop_fd
-        self.sock.settimeout(timeout)
+        self.sock.setblocking(False)
         set_nodelay(sock)
+        # Made once: the socket alone, and the socket with the stop (the
+        # descriptor stays the same when TLS wraps the socket).
+        self.poller, self.stop_poller = select.poll(), select.poll()
+        self.poller.register(sock, select.POLLIN)
+        self.stop_poller.register(sock, select.POLLIN)
+        if stop_fd is not None:
+            self.stop_poller.register(stop_fd, select.POLLIN)
         self.inbuf, self.inpos = b"", 0
         self.outbuf = []
         self.skipping = False       # the rest of an overlong line is still to be dropped
@@ -691,8 +752,7 @@ class Channel:
         if self.outbuf:
             data, self.outbuf = b"".join(self.outbuf), []
             try:
-                self.sock.settimeout(self.timeout)      # receive() leaves what was left of its deadline
-                self.sock.sendall(data)
+                send_all(self.sock, data, time.monotonic() + self.timeout)
             except TimeoutError:
                 raise
             except OSError as e:
@@ -707,12 +767,10 @@ class Channel:
         """
         self.flush()
         deadline = deadline or time.monotonic() + self.timeout
-        pending = isinstance(self.sock, ssl.SSLSocket) and self.sock.pending()
-        if not pending:
-            self.wait_readable(deadline)
+        interruptible = self.interruptible and self.stop_fd is not None
         try:
-            self.sock.settimeout(max(deadline - time.monotonic(), 0.001))
-            data = self.sock.recv(RECV_SIZE)
+            data = receive_ready(self.sock, self.stop_poller if interruptible else self.poller, deadline,
+                                 self.stop_fd if interruptible else None)
         except TimeoutError:
             raise
         except OSError as e:
@@ -737,56 +795,29 @@ class Channel:
         """The client's verified certificate as Auth-SSL-* values, or None."""
         return client_certificate(self.sock)
 
-    def wait_readable(self, deadline, events=select.POLLIN):
-        """Wait for the socket (not select(): descriptors pass 1024 under load) or the stop."""
-        poller = select.poll()
-        poller.register(self.sock, events)
-        if self.stop_fd is not None and self.interruptible:
-            poller.register(self.stop_fd, select.POLLIN)
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError("timed out")
-            ready = dict(poller.poll(remaining * 1000))
-            if self.stop_fd in ready and self.interruptible:
-                raise Stopping()
-            if ready:
-                return
-
     def start_tls(self, context):
         """Run the server side of a TLS handshake on the connection.
 
         RFC 3207 §4.2: whatever the client sent in clear before the
         handshake is dropped, never run as a command inside TLS (STARTTLS
-        command injection). A failed handshake raises ClientGone; the
-        socket's timeout bounds it.
+        command injection). A failed handshake raises ClientGone; one
+        --timeout bounds it.
         """
         self.flush()
         self.inbuf, self.inpos = b"", 0
         deadline = time.monotonic() + self.timeout     # the whole handshake, not each read
-        interruptible, self.interruptible = self.interruptible, False
         try:
             self.sock = context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
             while True:
                 try:
-                    self.handshake_step()
+                    self.sock.do_handshake()
                     break
                 except ssl.SSLWantReadError:
-                    self.wait_readable(deadline)
+                    wait_once(self.sock, select.POLLIN, deadline)
                 except ssl.SSLWantWriteError:
-                    self.wait_readable(deadline, select.POLLOUT)
+                    wait_once(self.sock, select.POLLOUT, deadline)
         except (ssl.SSLError, OSError) as e:
             raise ClientGone(f"TLS handshake failed: {getattr(e, 'reason', None) or e}") from None
-        finally:
-            self.interruptible = interruptible
-        self.sock.settimeout(self.timeout)
-
-    def handshake_step(self):
-        self.sock.setblocking(False)
-        try:
-            self.sock.do_handshake()
-        finally:
-            self.sock.settimeout(self.timeout)
 
     def close(self):
         """Close the connection so that the last reply reaches the client."""
@@ -1798,6 +1829,7 @@ class SMTPConnection(smtplib.SMTP):
         try:
             code, text = self.connect(backend.host, backend.port)
             set_nodelay(self.sock)
+            self.sock.setblocking(False)
             if code != 220:
                 raise BackendDown(f"greeted with {code} {printable(text)}")
             self.greet(helo)
@@ -1819,16 +1851,20 @@ class SMTPConnection(smtplib.SMTP):
         sock = super()._get_socket(host, port, timeout)
         if self.tls_mode == "on":           # implicit TLS, as smtplib.SMTP_SSL
             sock = self.tls_context.wrap_socket(sock, server_hostname=host)
+        self.poller = select.poll()         # for every reply; TLS keeps the descriptor
+        self.poller.register(sock, select.POLLIN)
         return sock
 
     def start_tls(self, helo):
         """STARTTLS to the back-end; one that does not offer it is down, never used in clear."""
         if not self.has_extn("starttls"):
             raise BackendDown("offers no STARTTLS, and --backend-tls starttls requires it")
+        self.sock.settimeout(self.timeout)      # smtplib's handshake wants a blocking socket
         try:
             self.starttls(context=self.tls_context)
         except smtplib.SMTPResponseException as e:
             raise BackendDown(f"refused STARTTLS with {e.smtp_code} {printable(e.smtp_error)}") from None
+        self.sock.setblocking(False)
         self.inbuf = b""        # nothing sent in clear counts inside TLS (RFC 3207 §4.2)
         self.greet(helo)
 
@@ -1877,6 +1913,17 @@ class SMTPConnection(smtplib.SMTP):
         tls = f"TLS {self.sock.version()}" if isinstance(self.sock, ssl.SSLSocket) else "no TLS"
         return f" ({tls}, {'XCLIENT' if self.xclient else 'no XCLIENT'})"
 
+    def send(self, s):
+        """smtplib's, on the non-blocking socket."""
+        if not self.sock:
+            raise smtplib.SMTPServerDisconnected("please run connect() first")
+        try:
+            send_all(self.sock, s.encode(self.command_encoding) if isinstance(s, str) else s,
+                     time.monotonic() + self.timeout)
+        except OSError:
+            self.close()
+            raise smtplib.SMTPServerDisconnected("Server not connected") from None
+
     # Logging of the dialogue at debug level.
     def putcmd(self, cmd, args=""):
         if self.debug:
@@ -1907,9 +1954,6 @@ class SMTPConnection(smtplib.SMTP):
         except (OSError, smtplib.SMTPException):
             self.close()
             raise
-        finally:
-            if self.sock:
-                self.sock.settimeout(self.timeout)
         code = int(line[:3]) if line[:3].isdigit() else -1
         text = b"\n".join(lines)
         if self.debug:
@@ -1922,13 +1966,12 @@ class SMTPConnection(smtplib.SMTP):
         while (end := self.inbuf.find(b"\n")) < 0:
             if len(self.inbuf) > REPLY_LINE_LIMIT:
                 raise smtplib.SMTPServerDisconnected("reply line too long")
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"no whole reply within {self.reply_timeout:g}s")
             if not self.sock:
                 raise smtplib.SMTPServerDisconnected("connection closed")
-            self.sock.settimeout(remaining)
-            data = self.sock.recv(RECV_SIZE)
+            try:
+                data = receive_ready(self.sock, self.poller, deadline)
+            except TimeoutError:
+                raise TimeoutError(f"no whole reply within {self.reply_timeout:g}s") from None
             if not data:
                 raise smtplib.SMTPServerDisconnected("Connection unexpectedly closed")
             self.inbuf += data
@@ -1980,7 +2023,7 @@ class SMTPConnection(smtplib.SMTP):
         if not self.sock:
             raise BackendGone("connection closed")
         try:
-            self.sock.sendall(segment)
+            send_all(self.sock, segment, time.monotonic() + self.timeout)
         except OSError as e:
             self.close()
             raise BackendGone(f"write failed: {e}") from None
@@ -2002,11 +2045,7 @@ class SMTPConnection(smtplib.SMTP):
     def quiet(self):
         """Open and silent: a pooled connection the back-end has closed, or said
         421 on, is readable."""
-        if not self.sock or self.inbuf:
-            return False
-        poller = select.poll()
-        poller.register(self.sock, select.POLLIN)
-        return not poller.poll(0)
+        return bool(self.sock) and not self.inbuf and not self.poller.poll(0)
 
     def release(self, session):
         """The session is done with it, between transactions: back to the pool, or QUIT."""
@@ -2410,7 +2449,7 @@ class Relay:
         self.per_ip = collections.Counter()
         self.connections = 0        # connections being served, up to their last log line: the drain waits for these
         # On stop, a byte in this pipe wakes every session waiting between
-        # transactions (Channel.wait_readable); it is never read, so it stays readable.
+        # transactions (Channel.receive); it is never read, so it stays readable.
         self.stopping = threading.Event()
         self.stop_reader, self.stop_writer = os.pipe()
         self.pool = BackendPool()       # idle back-end connections (--no-xclient)
