@@ -31,12 +31,14 @@ import datetime
 import errno
 import ipaddress
 import hashlib
+import heapq
 import itertools
 import json
 import logging
 import logging.handlers
 import mailbox
 import os
+import queue
 import re
 import secrets
 import select
@@ -2248,6 +2250,38 @@ def client_certificate(sock):
             "Auth-SSL-Fingerprint": hashlib.sha1(der).hexdigest()}
 
 
+class Watchdog:
+    """One thread that calls cut() on whatever outstays its deadline: the
+    whole-answer deadline of every auth lookup, without a timer thread each."""
+
+    def __init__(self):
+        self.changed = threading.Condition()
+        self.heap = []              # (deadline, number, watched), the earliest first
+        self.numbers = itertools.count()
+        self.thread = None
+
+    def watch(self, seconds, watched):
+        with self.changed:
+            while self.heap and self.heap[0][2].done:     # lookups share one timeout: the oldest end first
+                heapq.heappop(self.heap)
+            heapq.heappush(self.heap, (time.monotonic() + seconds, next(self.numbers), watched))
+            if self.thread is None:
+                self.thread = threading.Thread(target=self.run, name="watchdog", daemon=True)
+                self.thread.start()
+            elif self.heap[0][2] is watched:
+                self.changed.notify()       # earlier than the watchdog's next wake-up
+
+    def run(self):
+        with self.changed:
+            while True:
+                # A deadline that was left (watched.done) is dropped when it comes up.
+                while self.heap and (self.heap[0][2].done or self.heap[0][0] <= time.monotonic()):
+                    watched = heapq.heappop(self.heap)[2]
+                    if not watched.done:
+                        watched.cut()
+                self.changed.wait(self.heap[0][0] - time.monotonic() if self.heap else None)
+
+
 class AnswerDeadline:
     """The deadline for one whole HTTP answer: requests' timeout bounds each
     read, so a service trickling a byte at a time would hold a session for
@@ -2255,19 +2289,20 @@ class AnswerDeadline:
     ends any read on it at once."""
 
     current = threading.local()     # the deadline of this thread's request, for its connection
+    watchdog = Watchdog()
 
     def __init__(self, seconds):
-        self.sock, self.expired = None, False
-        self.timer = threading.Timer(seconds, self.cut)
-        self.timer.daemon = True
+        self.seconds = seconds
+        self.sock, self.expired, self.done = None, False, False
 
     def __enter__(self):
         AnswerDeadline.current.deadline = self
-        self.timer.start()
+        self.watchdog.watch(self.seconds, self)
         return self
 
     def __exit__(self, *exc):
-        self.timer.cancel()
+        with self.watchdog.changed:     # never cut once left: the connection serves the next lookup
+            self.done = True
         AnswerDeadline.current.deadline = None
 
     def watch(self, sock):
@@ -2320,33 +2355,33 @@ class AuthService:
         self.extra_headers = cfg.auth_http_header
         host = urllib.parse.urlsplit(self.url).hostname     # Host without the port, as nginx
         self.host = f"[{host}]" if ":" in host else host     # RFC 3986 §3.2.2: an IPv6 literal in brackets
-        self.idle = []                  # requests.Sessions not in use by any thread
+        # requests' transport adapter, given a prepared request: what a
+        # requests.Session adds per call (merging settings, cookies, hooks,
+        # redirects) is half the cost of a lookup and none of it applies here.
+        # No proxy or .netrc from the environment either: straight to the
+        # service, as nginx. Certificates are verified (verify=True).
+        self.request_template = requests.Request("GET", self.url).prepare()
+        self.idle = []                  # transports (each a kept-alive connection) not in use by any thread
         self.lock = threading.Lock()
-        self.adapter = deadline_adapter()
+        self.transport = deadline_adapter()
 
     def request(self, headers):
         with self.lock:
-            http = self.idle.pop() if self.idle else self.new_session()
+            transport = self.idle.pop() if self.idle else self.transport()
+        request, deadline = self.request_template.copy(), AnswerDeadline(self.timeout)
         try:
-            with AnswerDeadline(self.timeout) as deadline:
-                response = http.get(self.url, headers=headers, timeout=self.timeout, allow_redirects=False)
+            request.prepare_headers(headers)
+            with deadline:
+                response = transport.send(request, timeout=self.timeout)
+                response.content        # read whole, so the connection is kept for the next lookup
         except requests.RequestException as e:
-            http.close()
+            transport.close()
             if deadline.expired:
                 raise AuthServiceError(f"timed out: no whole answer within {self.timeout:g}s") from None
             raise AuthServiceError(f"request failed: {e}") from None
         with self.lock:
-            self.idle.append(http)
+            self.idle.append(transport)
         return response.headers
-
-    def new_session(self):
-        http = requests.Session()
-        http.mount("http://", self.adapter())
-        http.mount("https://", self.adapter())
-        # Straight to the service, as nginx: no proxy or .netrc from the
-        # environment, which also halves the cost of a lookup.
-        http.trust_env = False
-        return http
 
     def lookup(self, session, method, user="", password="", salt=None, mail=None, rcpt=None):
         """Ask about one client -> AuthAnswer; raises AuthServiceError."""
@@ -2406,6 +2441,7 @@ def auth_wait(h):
 
 REFUSAL_TIMEOUT = 1          # seconds to hand a refused client its 421
 ACCEPT_PAUSE = 0.1           # seconds the listener rests when out of descriptors
+WORKER_IDLE_SECONDS = 30     # a session thread with no new connection for this long ends
 # Settings a running relay cannot take up on SIGHUP: the sockets and the
 # process are made once (Config attribute, option name).
 RESTART_SETTINGS = [("listen", "listen"), ("tls_listen", "tls-listen"), ("user", "user"), ("inetd", "inetd"),
@@ -2453,6 +2489,7 @@ class Relay:
         self.stopping = threading.Event()
         self.stop_reader, self.stop_writer = os.pipe()
         self.pool = BackendPool()       # idle back-end connections (--no-xclient)
+        self.workers = Workers()        # the listeners' session threads
 
     def event(self, name, level, message, **fields):
         """Every log line worth counting: the text line, the JSON line's fields and the metrics."""
@@ -2662,6 +2699,41 @@ def serve_connection(relay, sock, peer, implicit_tls=False):
         relay.connection_closed()
 
 
+class Workers:
+    """Session threads that serve one connection at a time, then wait for the
+    next: still a thread per client, without starting one per connection
+    (for a short session, starting a thread costs as much as its commands)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.jobs = queue.SimpleQueue()
+        self.idle = 0       # threads waiting for a job, less the jobs already queued for them
+
+    def run(self, function, *args):
+        """function(*args) in an idle thread, or a new one."""
+        with self.lock:
+            if self.idle:
+                self.idle -= 1
+                self.jobs.put((function, args))
+                return
+        threading.Thread(target=self.work, args=(function, args), name="session", daemon=True).start()
+
+    def work(self, function, args):
+        while True:
+            function(*args)
+            function = args = None      # nothing of the last connection held while idle
+            with self.lock:
+                self.idle += 1
+            try:
+                function, args = self.jobs.get(timeout=WORKER_IDLE_SECONDS)
+            except queue.Empty:
+                with self.lock:
+                    if self.idle:       # no job is on its way to this thread
+                        self.idle -= 1
+                        return
+                function, args = self.jobs.get()
+
+
 class SessionHandler(socketserver.BaseRequestHandler):
     def handle(self):
         serve_connection(self.server.relay, self.request, self.client_address, self.server.tls)
@@ -2677,7 +2749,7 @@ def system_backlog():
 
 
 class RelayServer(socketserver.ThreadingTCPServer):
-    """A listener; each accepted client is served in its own thread."""
+    """A listener; each accepted client is served in its own thread (Workers)."""
 
     daemon_threads = True       # a stuck session must not keep the process alive at exit
     block_on_close = False      # shutdown waits for sessions itself, bounded by --timeout
@@ -2709,6 +2781,9 @@ class RelayServer(socketserver.ThreadingTCPServer):
                 log.error("accept failed: %s; pausing new connections for %g s", e.strerror, ACCEPT_PAUSE)
                 time.sleep(ACCEPT_PAUSE)
             raise
+
+    def process_request(self, request, client_address):
+        self.relay.workers.run(self.process_request_thread, request, client_address)
 
     def handle_error(self, request, client_address):
         log.exception("error in session from %s", client_address[0])
