@@ -29,6 +29,7 @@ import binascii
 import collections
 import datetime
 import errno
+import functools
 import ipaddress
 import hashlib
 import heapq
@@ -565,6 +566,11 @@ BACKEND_LOST = (451, "4.4.2 Error: mail server connection lost; try again later"
 LINE_START, BARE_BREAK, MID_LINE = "line start", "after bare newline", "mid line"
 BARE_NEWLINE = object()     # read_data's signal: a bare CR or LF, in reject mode
 NEWLINES = re.compile(rb"\r\n|\r|\n")
+# Compiled once: these run for every command.
+COMMAND_CONTROLS = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+PRINTABLE_ASCII = re.compile(r"[\x21-\x7e]+")
+QUOTED_PATH = re.compile(r'<(?:[^"<>]*"(?:[^"\\]|\\.)*")?[^">]*')
+PARAMETER_NAME = re.compile(r"[A-Z0-9][A-Z0-9-]*")
 CONTROL_ESCAPES = {c: f"\\x{c:02x}" for c in [*range(32), *range(127, 160)]}    # C0, DEL, C1
 
 
@@ -591,6 +597,8 @@ class Stopping(Exception):
 
 def format_reply(code, text):
     """One reply as bytes; text lines become `250-` continuation lines."""
+    if text and "\n" not in text and "\r" not in text:       # most replies: one line
+        return f"{code} {text}\r\n".encode("utf-8", "surrogateescape")
     lines = text.replace("\r", "").split("\n")
     # RFC 5321 §4.2: the text is optional; an empty AUTH challenge keeps its space (RFC 4954 §4).
     last = f"{code} {lines[-1]}" if lines[-1] or code == 334 else str(code)
@@ -949,7 +957,7 @@ def parse_path(arg, keyword):
     rest = arg[len(keyword):].lstrip(" ")
     if rest.startswith("<"):
         # The first ">" outside a quoted local part ends the path: "a>b"@d is one mailbox.
-        quoted = re.match(r'<(?:[^"<>]*"(?:[^"\\]|\\.)*")?[^">]*', rest)
+        quoted = QUOTED_PATH.match(rest)
         end = rest.find(">", quoted.end())
         if end < 0:
             raise SMTPError(501, "5.1.7 Bad address syntax: missing >")
@@ -970,7 +978,7 @@ def parse_path(arg, keyword):
     for param in params.split():
         name, eq, value = param.partition("=")
         name = name.upper()
-        if not re.fullmatch(r"[A-Z0-9][A-Z0-9-]*", name) or name in parsed or (eq and not value):
+        if not PARAMETER_NAME.fullmatch(name) or name in parsed or (eq and not value):
             raise SMTPError(501, f"5.5.4 Bad parameter {printable(param)!r}")
         parsed[name] = value if eq else None
     return address, parsed
@@ -1012,6 +1020,8 @@ HELP_TEXT = "2.0.0 Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP"
 
 def client_ip(peer):
     """A peer's address as text; a v4 client on a dual-stack listener as plain v4."""
+    if ":" not in peer[0]:
+        return peer[0]          # IPv4, as the kernel wrote it
     ip = ipaddress.ip_address(peer[0].split("%")[0])
     return str(getattr(ip, "ipv4_mapped", None) or ip)
 
@@ -1085,7 +1095,6 @@ class Session:
         self.tls = False            # the connection is TLS now
         self.certificate = None     # the client's verified certificate (Auth-SSL-* headers)
         self.peer_ip, self.peer_port = ip or client_ip(peer), peer[1]
-        self.peer_address = ipaddress.ip_address(self.peer_ip)
         self.sid = secrets.token_hex(4)
         self.backend = None         # open back-end connection, for the rest of the session
         self.login_attempt = 0      # Auth-Login-Attempt
@@ -1098,6 +1107,11 @@ class Session:
         # The client's name is looked up from the start, beside the greeting,
         # where anyone will ask for it (XCLIENT, the auth service).
         self.names = ClientNames(self.peer_ip, self.cfg.resolve_timeout) if setup.needs_names else None
+
+    @functools.cached_property
+    def peer_address(self):
+        """The client's address as an ipaddress object, for the checks that need one."""
+        return ipaddress.ip_address(self.peer_ip)
 
     def reset(self, forget_helo=False):
         """Forget the mail transaction (RFC 5321 §4.1.1.5); with forget_helo, who the client said it was too."""
@@ -1256,7 +1270,7 @@ class Session:
             self.done = True
 
     def dispatch(self, line):
-        if re.search(rb"[\x00-\x08\x0a-\x1f\x7f]", line):
+        if COMMAND_CONTROLS.search(line):
             raise SMTPError(500, "5.5.2 Syntax error: control character in command")
         try:
             text = line.decode("utf-8")
@@ -1275,7 +1289,7 @@ class Session:
         words = arg.split()
         if len(words) != 1:
             raise SMTPError(501, f"5.5.4 Syntax: {'EHLO' if esmtp else 'HELO'} hostname")
-        if not re.fullmatch(r"[\x21-\x7e]+", words[0]):
+        if not PRINTABLE_ASCII.fullmatch(words[0]):
             raise SMTPError(501, "5.5.2 Bad host name: printable ASCII only")
         # RFC 5321 §4.5.3.1.2: a domain is at most 255 octets; Postfix takes
         # no longer XCLIENT value, and xtext may triple it.
@@ -2495,7 +2509,8 @@ class Relay:
         """Every log line worth counting: the text line, the JSON line's fields and the metrics."""
         if self.metrics:
             self.metrics.observe(name, fields)
-        log.log(level, message, extra={"event": name, "fields": fields})
+        if log.isEnabledFor(level):
+            log.log(level, message, extra={"event": name, "fields": fields})
 
     def stop(self):
         self.stopping.set()
