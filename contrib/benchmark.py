@@ -11,6 +11,9 @@ goes through every target:
   smtprelay --auth-http  smtp-source -> smtprelay --auth-http (nginx http block) --no-xclient -> smtp-sink
   aiosmtpd Proxy         smtp-source -> python -m aiosmtpd -c aiosmtpd.handlers.Proxy -> smtp-sink
   nginx                  smtp-source -> nginx mail proxy (auth_http to the same block, xclient off) -> smtp-sink
+  line relay             with --reference: smtp-source -> a thread per client passing each line on
+                         unchecked (LINE_RELAY_SCRIPT) -> smtp-sink: the least a thread per client
+                         costs in Python, for comparison
 
 The nginx that runs the mail proxy also serves the auth_http block, which
 answers every request statically: Auth-Status OK, Auth-Server 127.0.0.1,
@@ -93,9 +96,9 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 MiB = 1 << 20
 
 # Target names, in table order; ratios are to the last one.
-DIRECT, RELAY_STATIC, RELAY_AUTH, AIOSMTPD, NGINX = (
-    "direct", "smtprelay", "smtprelay --auth-http", "aiosmtpd Proxy", "nginx")
-TARGET_ORDER = [DIRECT, RELAY_STATIC, RELAY_AUTH, AIOSMTPD, NGINX]
+DIRECT, RELAY_STATIC, RELAY_AUTH, AIOSMTPD, LINE_RELAY, NGINX = (
+    "direct", "smtprelay", "smtprelay --auth-http", "aiosmtpd Proxy", "line relay", "nginx")
+TARGET_ORDER = [DIRECT, RELAY_STATIC, RELAY_AUTH, AIOSMTPD, LINE_RELAY, NGINX]
 
 # How much of each workload: the full run, and --quick (a smoke test, under a minute).
 FULL = dict(repetitions=3, a_messages=2000, b_messages=4000, c_rounds=4, d_size=10 * MiB,
@@ -443,6 +446,66 @@ class CLIProxy(Proxy):
 """
 
 
+# --reference: what a thread per client costs in Python at the least. Each
+# client line goes to the back-end as it came and each reply back, with no
+# parsing, no checks, no deadlines and no logging; not a relay to use.
+LINE_RELAY_SCRIPT = """
+import socket, socketserver, sys
+
+BACKEND = ("127.0.0.1", int(sys.argv[2]))
+
+
+class Handler(socketserver.BaseRequestHandler):
+    def handle(self):
+        client = self.request
+        backend = socket.create_connection(BACKEND)
+        for sock in (client, backend):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        client_in, backend_in = client.makefile("rb"), backend.makefile("rb")
+
+        def reply():
+            lines = b""
+            while True:
+                line = backend_in.readline()
+                lines += line
+                if line[3:4] != b"-":
+                    return lines
+        client.sendall(reply())
+        while line := client_in.readline():
+            backend.sendall(line)
+            answer = reply()
+            client.sendall(answer)
+            if line[:4].upper() == b"DATA" and answer[:3] == b"354":
+                while True:
+                    data = client_in.readline()
+                    backend.sendall(data)
+                    if data == b".\\r\\n":
+                        break
+                client.sendall(reply())
+            elif line[:4].upper() == b"QUIT":
+                break
+        backend.close()
+
+
+class Server(socketserver.ThreadingTCPServer):
+    daemon_threads, allow_reuse_address, request_queue_size = True, True, 2048
+
+
+Server(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+"""
+
+
+def start_line_relay(lab):
+    """--reference: LINE_RELAY_SCRIPT, a thread per client that only passes lines on."""
+    port = free_port()
+    home = lab.directory("line-relay")
+    (home / "line_relay.py").write_text(LINE_RELAY_SCRIPT)
+    proc = lab.processes.start([sys.executable, str(home / "line_relay.py"), str(port), str(lab.sink.port)],
+                               log=home / "stderr.log")
+    wait_accepting(port, proc, LINE_RELAY)
+    return Target(LINE_RELAY, port, proc, home / "stderr.log", fresh=lambda: start_line_relay(lab), lab=lab)
+
+
 def start_aiosmtpd(lab, python):
     """aiosmtpd's Proxy handler under aiosmtpd's own main (python -m aiosmtpd, logging at
     error): it relays each message at DATA with smtplib, a new back-end connection per
@@ -718,6 +781,8 @@ def main(argv=None):
                    help="few messages, 1 repetition, E with 200 connections, D with 1 MiB messages: under a minute")
     p.add_argument("--repetitions", type=int, help="repetitions (default 3; --quick 1)")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
+    p.add_argument("--reference", action="store_true",
+                   help="add a line relay: a thread per client passing lines on unchecked, Python's floor")
     args = p.parse_args(argv)
     scale = dict(QUICK if args.quick else FULL)
     if args.repetitions:
@@ -769,6 +834,8 @@ def measure(args, scale, skipped, have_nginx, with_mail, aiosmtpd, processes, st
                     targets[NGINX] = nginx
             if aiosmtpd:
                 targets[AIOSMTPD] = start_aiosmtpd(lab, aiosmtpd)
+            if args.reference:
+                targets[LINE_RELAY] = start_line_relay(lab)
             order = [targets[name] for name in TARGET_ORDER if name in targets]
             note(f"targets: {', '.join(t.name for t in order)}; {scale['repetitions']} repetition(s)"
                  f"{' (--quick)' if args.quick else ''}")
