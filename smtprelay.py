@@ -1135,9 +1135,10 @@ class Session:
 
     def run(self):
         self.connected = time.monotonic()
-        via = f" via {format_address(*self.via[:2])}" if self.via else ""
-        self.event("connect", logging.INFO, f"connect from {format_address(self.peer_ip, self.peer_port)}{via}",
-                   port=self.peer_port)
+        if self.relay.wants(logging.INFO):
+            via = f" via {format_address(*self.via[:2])}" if self.via else ""
+            self.event("connect", logging.INFO, f"connect from {format_address(self.peer_ip, self.peer_port)}{via}",
+                       port=self.peer_port)
         try:
             if self.implicit_tls:
                 self.begin_tls()
@@ -1161,8 +1162,9 @@ class Session:
 
     def log_disconnect(self):
         """The session's last line, once its slot is free (serve_connection)."""
-        self.event("disconnect", logging.INFO, f"disconnect from {self.peer_ip}",
-                   seconds=round(time.monotonic() - self.connected, 3))
+        if self.relay.wants(logging.INFO):
+            self.event("disconnect", logging.INFO, f"disconnect from {self.peer_ip}",
+                       seconds=round(time.monotonic() - self.connected, 3))
 
     def begin_tls(self):
         self.channel.start_tls(self.setup.tls_context)
@@ -1640,6 +1642,8 @@ class Session:
                 backend.close(quit)
 
     def log_message(self, sender, rcpts, size, code, text, started):
+        if not self.relay.wants(logging.INFO):
+            return
         backend, reply, seconds = self.backend.name if self.backend else "-", printable(f"{code} {text}"), \
             time.monotonic() - started
         self.event("message", logging.INFO,
@@ -2512,6 +2516,10 @@ class Relay:
         if log.isEnabledFor(level):
             log.log(level, message, extra={"event": name, "fields": fields})
 
+    def wants(self, level):
+        """Whether an event at `level` is logged or counted: where not, the busiest skip building it."""
+        return self.metrics is not None or log.isEnabledFor(level)
+
     def stop(self):
         self.stopping.set()
         os.write(self.stop_writer, b"x")
@@ -2661,7 +2669,8 @@ def serve_connection(relay, sock, peer, implicit_tls=False):
     the session, the release and the close."""
     setup, channel, ip = relay.setup, None, client_ip(peer)
     cfg = setup.cfg
-    relay.event("connection", logging.DEBUG, f"connection from {format_address(ip, peer[1])}", client=ip)
+    if relay.wants(logging.DEBUG):
+        relay.event("connection", logging.DEBUG, f"connection from {format_address(ip, peer[1])}", client=ip)
     relay.connection_opened()
     try:
         via = None

@@ -13,15 +13,18 @@ def threads_of(pid):
     return set(os.listdir(f"/proc/{pid}/task"))
 
 
-def test_a_client_after_another_is_served_by_the_thread_that_served_the_first(relay, scripted_backend):
+def test_clients_one_after_another_are_served_by_the_threads_of_those_before(relay, scripted_backend):
     r = relay("--backend", scripted_backend().address)
-    seen = []
-    for _ in range(3):
+    before = threads_of(r.proc.pid)
+    seen = set()
+    for _ in range(10):
         client = smtp_client(r)
         assert transaction(client)[0] == 250
-        seen.append(threads_of(r.proc.pid))     # the session is open: its thread is among these
+        seen |= threads_of(r.proc.pid) - before     # the session is open: its thread is among these
         assert client.quit()[0] == 221
-    assert seen[0] == seen[1] == seen[2]
+    # A thread started per connection would make ten. One session may still
+    # be closing when the next comes, so two threads can take turns.
+    assert 1 <= len(seen) <= 2, seen
 
 
 def test_clients_at_once_each_have_a_thread_of_their_own(relay, scripted_backend):
