@@ -14,7 +14,7 @@ def threads_of(pid):
 
 
 def test_clients_one_after_another_are_served_by_the_threads_of_those_before(relay, scripted_backend):
-    r = relay("--backend", scripted_backend().address)
+    r = relay("--backend", scripted_backend().address, "--resolve", "off")     # no name-lookup threads
     before = threads_of(r.proc.pid)
     seen = set()
     for _ in range(10):
@@ -28,7 +28,7 @@ def test_clients_one_after_another_are_served_by_the_threads_of_those_before(rel
 
 
 def test_clients_at_once_each_have_a_thread_of_their_own(relay, scripted_backend):
-    r = relay("--backend", scripted_backend().address)
+    r = relay("--backend", scripted_backend().address, "--resolve", "off")     # no name-lookup threads
     first = smtp_client(r)
     alone = threads_of(r.proc.pid)
     second = smtp_client(r)
