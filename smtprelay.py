@@ -11,6 +11,7 @@ queue: a client hears 250 for a message only after the back-end said 250.
 
     smtprelay --listen 127.0.0.1:2525 --backend 127.0.0.1:25
     smtprelay --backend maildir:/tmp/mail       # capture mail, no server needed
+    smtprelay --backend stdout:                 # print each message (smtpd.DebuggingServer)
     smtprelay --auth-http http://127.0.0.1:8008/auth --auth plain,login
 
 Every option also reads from SMTPRELAY_<OPTION> and from the config file
@@ -50,6 +51,7 @@ import socketserver
 import ssl
 import stat
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -132,7 +134,7 @@ def build_parser():
     add("--tls-listen", action="append", metavar="ADDR", help="implicit-TLS listener (SMTPS, port 465 style)")
     add("--server-name", metavar="NAME", help="name in the greeting and EHLO reply (default: the FQDN)")
     add("--backend", action="append", metavar="BACKEND",
-        help="back-end HOST:PORT (port 25 if omitted) or maildir:PATH; repeat for failover, tried in order")
+        help="back-end HOST:PORT (port 25 if omitted), maildir:PATH or stdout:; repeat for failover, tried in order")
     add("--auth-http", metavar="URL",
         help="nginx-compatible auth service that decides who may send and names the back-end")
     add("--auth-http-header", action="append", metavar="'NAME: VALUE'", help="extra header on every auth request")
@@ -288,7 +290,11 @@ def format_address(host, port):
 
 
 def parse_backend(text):
-    """A --backend value -> SMTPBackend or MaildirBackend (section 4)."""
+    """A --backend value -> SMTPBackend, MaildirBackend or StdoutBackend (section 4)."""
+    if text == "stdout:":
+        return StdoutBackend()
+    if text.startswith("stdout:"):
+        raise ConfigError("--backend", f"{text!r}: stdout: takes nothing after the colon")
     if text.startswith("maildir:"):
         path = text[len("maildir:"):]
         if not path:
@@ -438,6 +444,8 @@ def validate(args):
         raise ConfigError("--auth-http", "--backend and --auth-http exclude each other: the auth service names the back-end")
     if not args.auth_http and not backends:
         raise ConfigError("--backend", "no back-end given (e.g. --backend 127.0.0.1:25 or --backend maildir:PATH)")
+    if args.inetd and any(isinstance(b, StdoutBackend) for b in backends):
+        raise ConfigError("--backend", "stdout: cannot be used with --inetd: standard output is the client's connection")
     if auth != ["none"] and not args.auth_http:
         raise ConfigError("--auth", f"{args.auth!r}: checking credentials needs an auth service (--auth-http)")
     starttls = parse_choice("--starttls", args.starttls, ("off", "on", "only"))
@@ -1654,7 +1662,7 @@ class Session:
 
 
 # --- 4. Back-ends: failover, the smtplib handshake, XCLIENT, Maildir ---------
-# A back-end spec (SMTPBackend, MaildirBackend) opens a connection for one
+# A back-end spec (SMTPBackend, MaildirBackend, StdoutBackend) opens a connection for one
 # session. Connections share one small interface: mail, rcpt, data_start,
 # data_end and rset return (code, text), data_write and close nothing; any
 # may raise BackendGone, so the session never sees smtplib's or the OS's
@@ -2115,15 +2123,14 @@ def maildir_failure(error):
     return 451, f"4.3.0 Error: cannot write to the Maildir: {error.strerror}"
 
 
-class MaildirDelivery:
-    """One session's deliveries into a Maildir, streamed to disk."""
+class LocalDelivery:
+    """What the built-in back-ends share: the envelope kept here, every
+    sender and recipient accepted, the message streamed into self.file
+    unstuffed, and nothing kept once the transaction is aborted."""
 
     counter = itertools.count()
     reused = False
-
-    def __init__(self, backend, session):
-        self.name, self.path, self.hostname, self.session = str(backend), backend.path, backend.hostname, session
-        self.file = None
+    file = None
 
     def mail(self, address, params):
         self.sender, self.recipients = address, []
@@ -2132,6 +2139,26 @@ class MaildirDelivery:
     def rcpt(self, address):
         self.recipients.append(address)
         return 250, "2.1.5 Ok"
+
+    def rset(self):
+        self.abort()
+        return 250, "2.0.0 Ok"
+
+    def close(self, quit=False):
+        self.abort()
+
+    def release(self, session):
+        self.close()
+
+    def describe(self):
+        return ""
+
+
+class MaildirDelivery(LocalDelivery):
+    """One session's deliveries into a Maildir, streamed to disk."""
+
+    def __init__(self, backend, session):
+        self.name, self.path, self.hostname, self.session = str(backend), backend.path, backend.hostname, session
 
     def data_start(self):
         now = time.time()
@@ -2184,10 +2211,6 @@ class MaildirDelivery:
             return maildir_failure(e)
         return 250, f"2.0.0 Ok: queued as {self.filename}"
 
-    def rset(self):
-        self.abort()
-        return 250, "2.0.0 Ok"
-
     def abort(self):
         if self.file:
             self.file.close()
@@ -2197,14 +2220,84 @@ class MaildirDelivery:
             except OSError:
                 pass
 
-    def close(self, quit=False):
-        self.abort()
 
-    def release(self, session):
-        self.close()
+class StdoutBackend:
+    """The built-in back-end for ad-hoc tests (Python's old smtpd.DebuggingServer):
+    each accepted message printed to standard output, whole, after its envelope.
 
-    def describe(self):
-        return ""
+    A message is spooled to an unlinked temporary file while it arrives and
+    printed under one lock at the end of data, so messages never interleave,
+    a client that stalls mid-message holds up nobody, a message of any size
+    passes in bounded memory, and one that is abandoned never appears.
+    """
+
+    lock = threading.Lock()     # one message at a time on standard output
+
+    def __str__(self):
+        return "stdout:"
+
+    def create(self, owner=None):
+        """Nothing to make: standard output is there."""
+
+    def open(self, session):
+        return StdoutDelivery(self, session)
+
+
+STDOUT_START = b"---------- MESSAGE FOLLOWS ----------\n"
+STDOUT_END = b"------------ END MESSAGE ------------\n"
+
+
+class StdoutDelivery(LocalDelivery):
+    """One session's messages, each spooled, then printed at its end of data."""
+
+    def __init__(self, backend, session):
+        self.name, self.backend, self.session = str(backend), backend, session
+
+    def data_start(self):
+        try:
+            self.file = tempfile.TemporaryFile(prefix="smtprelay-")
+        except OSError as e:
+            return 451, f"4.3.0 Error: cannot spool the message: {e.strerror}"
+        self.at_line_start = True
+        return 354, "End data with <CR><LF>.<CR><LF>"
+
+    def data_write(self, segment):
+        # As the client sent it, less the dot-stuffing: byte for byte.
+        text = unstuff(segment, self.at_line_start)
+        self.at_line_start = segment.endswith(b"\r\n")
+        try:
+            self.file.write(text)
+        except OSError as e:
+            self.abort()
+            raise BackendGone(f"cannot spool the message: {e.strerror}") from None
+
+    def data_end(self):
+        s, message_id = self.session, f"{self.session.sid}.{next(self.counter)}"
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%a, %d %b %Y %H:%M:%S +0000")
+        envelope = [f"X-Smtprelay-Id: {message_id}",
+                    f"X-Envelope-From: <{printable(self.sender)}>",
+                    f"X-Envelope-To: {', '.join(f'<{printable(r)}>' for r in self.recipients)}",
+                    f"X-Peer: {format_address(s.peer_ip, s.peer_port)} HELO {printable(s.helo or 'unknown')}",
+                    f"X-Received-At: {stamp}", "", ""]
+        try:
+            self.file.seek(0)
+            with self.backend.lock:
+                out = sys.stdout.buffer
+                out.write(STDOUT_START + "\n".join(envelope).encode("utf-8"))
+                while chunk := self.file.read(RECV_SIZE):
+                    out.write(chunk)
+                out.write(STDOUT_END)
+                out.flush()
+        except (OSError, ValueError) as e:      # ValueError: standard output closed
+            return 451, f"4.3.0 Error: cannot print the message: {getattr(e, 'strerror', None) or e}"
+        finally:
+            self.abort()
+        return 250, f"2.0.0 Ok: printed as {message_id}"
+
+    def abort(self):
+        if self.file:
+            self.file.close()
+            self.file = None
 
 
 # --- 5. The auth lookup: nginx's auth_http protocol ----------------------------
