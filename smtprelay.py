@@ -134,7 +134,10 @@ def build_parser():
     add("--tls-listen", action="append", metavar="ADDR", help="implicit-TLS listener (SMTPS, port 465 style)")
     add("--server-name", metavar="NAME", help="name in the greeting and EHLO reply (default: the FQDN)")
     add("--backend", action="append", metavar="BACKEND",
-        help="back-end HOST:PORT (port 25 if omitted), maildir:PATH or stdout:; repeat for failover, tried in order")
+        help="back-end HOST:PORT (port 25 if omitted), maildir:PATH or stdout:; repeat for failover (--balance)")
+    add("--balance", default="first", metavar="{first,roundrobin,leastconn}",
+        help="which --backend a new back-end session tries first: the first listed, the next in turn, or the one "
+             "with the fewest open connections; the others follow as failover (default first)")
     add("--auth-http", metavar="URL",
         help="nginx-compatible auth service that decides who may send and names the back-end")
     add("--auth-http-header", action="append", metavar="'NAME: VALUE'", help="extra header on every auth request")
@@ -493,6 +496,7 @@ def validate(args):
         backend_tls_ca=args.backend_tls_ca,
         backend_tls_verify=backend_tls_verify,
         backend_auth=backend_auth,
+        balance=parse_choice("--balance", args.balance, ("first", "roundrobin", "leastconn")),
         timeout=parse_seconds("--timeout", args.timeout),
         proxy_timeout=parse_seconds("--proxy-timeout", args.proxy_timeout),
         data_timeout=parse_seconds("--data-timeout", args.data_timeout),
@@ -1610,7 +1614,12 @@ class Session:
         """
         fresh = self.backend is None
         if fresh:
-            self.backend = open_backend(self, [self.route.backend] if self.route else self.cfg.backend)
+            if self.route:
+                self.backend = open_backend(self, [self.route.backend])
+            else:
+                balancer = self.relay.balancer
+                self.backend = open_backend(self, balancer.order(self.cfg.backend, self.cfg.balance), balancer)
+            self.relay.balancer.opened(self.backend.name)
             fresh = not self.backend.reused     # a pooled one may have gone while idle: replaced once
         try:
             code, text = getattr(self.backend, method)(*args)
@@ -1644,6 +1653,7 @@ class Session:
     def close_backend(self, quit=True):
         if self.backend:
             backend, self.backend = self.backend, None
+            self.relay.balancer.closed(backend.name)
             if quit and not self.mail_sent:     # no transaction open there: it may serve another session
                 backend.release(self)
             else:
@@ -1679,6 +1689,7 @@ REPLY_BYTES_LIMIT = 65536   # a larger reply is a broken back-end
 UNAVAILABLE, TEMPUNAVAIL = "[UNAVAILABLE]", "[TEMPUNAVAIL]"   # XCLIENT_README's "no value"
 POOL_IDLE_SECONDS = 10      # a pooled back-end connection unused this long is closed
 POOL_SIZE = 64              # idle connections kept per back-end
+BACKEND_HOLD_OFF = 10       # seconds a back-end found down is tried last by new sessions (--balance)
 
 
 def xtext(value):
@@ -1736,8 +1747,9 @@ class BackendGone(Exception):
     """The back-end connection broke or timed out in the middle of things."""
 
 
-def open_backend(session, candidates):
-    """Try each back-end in order -> an open connection; all down: SMTPError 451."""
+def open_backend(session, candidates, balancer=None):
+    """Try each back-end in order -> an open connection; all down: SMTPError 451.
+    The balancer (static back-ends) hears which answered and which were down."""
     for backend in candidates:
         try:
             connection = backend.open(session)
@@ -1745,6 +1757,8 @@ def open_backend(session, candidates):
                 log.debug("%s backend %s: an idle connection reused", session.sid, backend)
             else:
                 log.info("%s backend %s connected%s", session.sid, backend, connection.describe())
+            if balancer:
+                balancer.answered(backend)
             return connection
         except BackendUntrusted as e:
             session.event("backend_down", logging.ERROR, f"backend {backend} {e}: {XCLIENT_FIX}",
@@ -1752,8 +1766,67 @@ def open_backend(session, candidates):
         except BackendDown as e:
             session.event("backend_down", logging.WARNING, f"backend {backend} is down: {e}; trying next",
                           backend=str(backend), reason=str(e))
+        if balancer:
+            balancer.failed(backend)
     log.error("%s all back-ends are down", session.sid)
     raise SMTPError(451, "4.4.1 Error: no mail server available; try again later")
+
+
+class Balancer:
+    """--balance over the static back-ends: which one a new back-end session
+    tries first (haproxy's first, roundrobin, leastconn), the others after it
+    in their turn, and passive health: a back-end found down is put last for
+    BACKEND_HOLD_OFF seconds, then one session tries it first again, so a dead
+    one does not cost every session its connect timeout. Back-ends are known
+    by name, so the counts outlive a reload that keeps them."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.turn = 0
+        self.in_use = collections.Counter()     # back-end name -> connections sessions hold open
+        self.held_until = {}                    # back-end name -> when it may be tried again
+
+    def order(self, backends, policy):
+        """The order in which a new back-end session tries `backends` -> list."""
+        with self.lock:
+            if policy == "roundrobin":
+                first = self.turn % len(backends)
+                self.turn += 1
+                backends = backends[first:] + backends[:first]
+            elif policy == "leastconn":
+                backends = sorted(backends, key=lambda b: self.in_use[str(b)])     # ties: as listed
+            now, up, held, retry = time.monotonic(), [], [], []
+            for backend in backends:
+                until = self.held_until.get(str(backend))
+                if until is None:
+                    up.append(backend)
+                elif until <= now and not retry:
+                    retry.append(backend)       # this session tries it first; the others wait for its verdict
+                    self.held_until[str(backend)] = now + BACKEND_HOLD_OFF
+                else:
+                    held.append(backend)
+            return retry + up + held            # held back-ends are a last resort, never skipped
+
+    def answered(self, backend):
+        with self.lock:
+            if self.held_until.pop(str(backend), None) is not None:
+                log.info("backend %s answers again", backend)
+
+    def failed(self, backend):
+        with self.lock:
+            if str(backend) not in self.held_until:
+                log.warning("backend %s is down: new sessions try it last for %gs", backend, BACKEND_HOLD_OFF)
+            self.held_until[str(backend)] = time.monotonic() + BACKEND_HOLD_OFF
+
+    def opened(self, backend_name):
+        with self.lock:
+            self.in_use[backend_name] += 1
+
+    def closed(self, backend_name):
+        with self.lock:
+            self.in_use[backend_name] -= 1
+            if self.in_use[backend_name] <= 0:
+                del self.in_use[backend_name]
 
 
 class SMTPBackend:
@@ -2601,6 +2674,7 @@ class Relay:
         self.stop_reader, self.stop_writer = os.pipe()
         self.pool = BackendPool()       # idle back-end connections (--no-xclient)
         self.workers = Workers()        # the listeners' session threads
+        self.balancer = Balancer()      # --balance and the back-ends' health
 
     def event(self, name, level, message, **fields):
         """Every log line worth counting: the text line, the JSON line's fields and the metrics."""

@@ -1,0 +1,102 @@
+"""--balance over static back-ends (first, roundrobin, leastconn) and the passive health check."""
+import mailbox
+import time
+
+import pytest
+
+from helpers import run_relay
+from test_backends import smtp_client, transaction
+
+
+def one_message(r, sender="a@example.org"):
+    """A session with one message and QUIT -> the reply to the end of data."""
+    client = smtp_client(r)
+    reply = transaction(client, sender=sender)
+    assert client.quit()[0] == 221
+    return reply
+
+
+def test_first_sends_every_session_to_the_first_listed(relay, scripted_backend):
+    backends = [scripted_backend(), scripted_backend(), scripted_backend()]
+    r = relay(*[a for b in backends for a in ("--backend", b.address)])      # --balance first: the default
+    for _ in range(4):
+        assert one_message(r)[0] == 250
+    assert [len(b.sessions) for b in backends] == [4, 0, 0]
+
+
+def test_roundrobin_gives_each_back_end_its_turn_smtp_sink_and_maildir_among_them(relay, scripted_backend,
+                                                                                  smtp_sink, tmp_path):
+    scripted, sink, maildir = scripted_backend(), smtp_sink(), tmp_path / "mail"
+    r = relay("--balance", "roundrobin", "--backend", scripted.address, "--backend", sink.address,
+              "--backend", f"maildir:{maildir}")
+    for n in range(6):
+        assert one_message(r, sender=f"s{n}@example.org")[0] == 250
+    assert len(scripted.sessions) == 2
+    assert len(sink.wait_for_messages(2)) == 2
+    assert len(mailbox.Maildir(maildir)) == 2
+
+
+def test_leastconn_sends_a_new_session_to_the_back_end_with_the_fewest_open(relay, scripted_backend):
+    backends = [scripted_backend(), scripted_backend(), scripted_backend()]
+    r = relay("--balance", "leastconn", *[a for b in backends for a in ("--backend", b.address)])
+    held = []
+    for _ in range(2):                  # two sessions keep a transaction open: on the first and the second
+        client = smtp_client(r)
+        assert client.mail("a@example.org")[0] == 250
+        held.append(client)
+    assert [len(b.sessions) for b in backends] == [1, 1, 0]
+    for _ in range(3):                  # one after another, each to the one with none open
+        assert one_message(r)[0] == 250
+    assert [len(b.sessions) for b in backends] == [1, 1, 3]
+    for client in held:
+        assert client.rcpt("b@example.net")[0] == 250
+        assert client.data(b"Subject: held\r\n\r\nheld\r\n")[0] == 250
+        assert client.quit()[0] == 221
+
+
+def test_a_back_end_found_down_is_tried_last_for_ten_seconds_then_once_first_again(relay, scripted_backend):
+    down, up = scripted_backend(greeting="421 4.3.2 not now"), scripted_backend()
+    r = relay("--backend", down.address, "--backend", up.address)
+    assert one_message(r)[0] == 250     # tried the first, found it down, went on
+    failed = time.monotonic()
+    r.wait_for_log(rf"backend {down.address} is down: new sessions try it last for 10s")
+    for _ in range(3):
+        assert one_message(r)[0] == 250
+    assert len(down.sessions) == 1      # the sessions after the first did not try it
+    assert len(up.sessions) == 4
+
+    down.greeting = "220 scripted ESMTP"     # it recovers; after the hold-off one session finds out
+    deadline = failed + 20
+    while len(down.sessions) < 2:
+        assert time.monotonic() < deadline, "the held-off back-end was never tried again"
+        assert one_message(r)[0] == 250
+        time.sleep(0.2)
+    assert time.monotonic() - failed >= 9.5
+    r.wait_for_log(rf"backend {down.address} answers again")
+    assert one_message(r)[0] == 250     # --balance first: the first listed again
+    assert len(down.sessions) == 3
+
+
+def test_when_every_other_is_down_the_held_off_one_is_still_tried(relay, scripted_backend):
+    down, other = scripted_backend(greeting="421 4.3.2 not now"), scripted_backend()
+    r = relay("--backend", down.address, "--backend", other.address)
+    assert one_message(r)[0] == 250
+    down.greeting = "220 scripted ESMTP"
+    other.greeting = "421 4.3.2 not now either"
+    assert one_message(r)[0] == 250     # the other refused: the held-off one, last, took it
+    assert len(down.sessions) == 2
+
+
+@pytest.mark.parametrize("policy", ["first", "roundrobin", "leastconn"])
+def test_every_policy_fails_over_and_all_down_gives_451(relay, scripted_backend, policy):
+    downs = [scripted_backend(greeting="421 4.3.2 not now") for _ in range(2)]
+    r = relay("--balance", policy, *[a for b in downs for a in ("--backend", b.address)])
+    client = smtp_client(r)
+    code, text = client.mail("a@example.org")
+    assert (code, text[:5]) == (451, b"4.4.1")
+    assert [len(b.sessions) for b in downs] == [1, 1]
+
+
+def test_balance_takes_only_its_three_words():
+    result = run_relay("--backend", "127.0.0.1:25", "--balance", "random", "--check-config")
+    assert result.returncode == 1 and "--balance" in result.stderr
