@@ -200,6 +200,9 @@ def build_parser():
     add("--metrics", metavar="ADDR",
         help="serve Prometheus metrics on http://ADDR/metrics (pip install 'smtprelay[metrics]')")
     add("--check-config", action="store_true", help="validate the configuration, print it and exit")
+    add("--probe", action="store_true",
+        help="validate as --check-config, then connect to each --backend and say what it offers; "
+             "exit 0 only if every back-end would be used")
     add("--version", action="version", version=f"smtprelay {__version__}")
     return p
 
@@ -208,7 +211,7 @@ def build_parser():
 # --check-config prints them, and the sample config must list them all.
 def setting_actions(parser):
     return [a for a in parser._actions
-            if a.option_strings and a.dest not in ("help", "version", "config_file", "check_config")]
+            if a.option_strings and a.dest not in ("help", "version", "config_file", "check_config", "probe")]
 
 
 class Config:
@@ -519,6 +522,7 @@ def validate(args):
         user=parse_user(args.user) if args.user is not None else None,
         metrics=parse_address("--metrics", args.metrics) if args.metrics else None,
         check_config=args.check_config,
+        probe=args.probe,
     )
 
 
@@ -1314,7 +1318,11 @@ class Session:
         if not esmtp:
             self.channel.reply(250, self.cfg.server_name)
             return
+        # SIZE: ours, or the back-ends' where their EHLO said less (static back-ends).
         size = self.cfg.max_message_size
+        known = None if self.cfg.auth_http else self.relay.balancer.size_limit(self.cfg.backend)
+        if known and (not size or known < size):
+            size = known
         extensions = [self.cfg.server_name, "PIPELINING", f"SIZE {size}" if size else "SIZE",
                       "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8"]
         mechanisms = [m.upper() for m in self.offered_mechanisms()]
@@ -1785,6 +1793,7 @@ class Balancer:
         self.turn = 0
         self.in_use = collections.Counter()     # back-end name -> connections sessions hold open
         self.held_until = {}                    # back-end name -> when it may be tried again
+        self.sizes = {}                         # back-end name -> the SIZE its last EHLO gave (0: none)
 
     def order(self, backends, policy):
         """The order in which a new back-end session tries `backends` -> list."""
@@ -1817,6 +1826,12 @@ class Balancer:
             if str(backend) not in self.held_until:
                 log.warning("backend %s is down: new sessions try it last for %gs", backend, BACKEND_HOLD_OFF)
             self.held_until[str(backend)] = time.monotonic() + BACKEND_HOLD_OFF
+
+    def size_limit(self, backends):
+        """The smallest SIZE the back-ends' last EHLOs gave, or None while none is known."""
+        with self.lock:
+            known = [self.sizes[str(b)] for b in backends if self.sizes.get(str(b))]
+        return min(known) if known else None
 
     def opened(self, backend_name):
         with self.lock:
@@ -1914,7 +1929,7 @@ class SMTPConnection(smtplib.SMTP):
     reused = False                  # taken from the pool, not opened for this session
 
     def __init__(self, backend, session, pooled=False):
-        self.name, self.sid = str(backend), session.sid
+        self.name, self.sid, self.balancer = str(backend), session.sid, session.relay.balancer
         self.debug = log.isEnabledFor(logging.DEBUG)
         self.authenticating = False     # masks the AUTH exchange in the debug log
         self.pool_key = pool_key(session, backend) if pooled else None
@@ -1975,6 +1990,8 @@ class SMTPConnection(smtplib.SMTP):
             code, text = self.helo(helo)
             if code != 250:
                 raise BackendDown(f"refused HELO with {code} {printable(text)}")
+        size = self.esmtp_features.get("size", "").strip()
+        self.balancer.sizes[self.name] = int(size) if size.isdigit() else 0     # what EHLO may advertise
 
     def authenticate(self, user, password):
         """AUTH towards the back-end: PLAIN, or LOGIN where only that is offered (Exchange)."""
@@ -3258,6 +3275,93 @@ def inetd_connection():
 
 # --- 7. main() ---------------------------------------------------------------
 
+def probe(setup):
+    """--probe: connect to each static back-end, say what it offers, send nothing
+    beyond EHLO, STARTTLS and QUIT -> 0 if every back-end would be used, else 1."""
+    cfg = setup.cfg
+    if cfg.auth_http:
+        print("--probe checks static back-ends; with --auth-http the auth service names them per client")
+        return 1
+    usable = True
+    for backend in cfg.backend:
+        ok, lines = probe_backend(backend, setup)
+        usable = usable and ok
+        print(f"backend {backend}: {'would be used' if ok else 'would NOT be used'}")
+        for line in lines:
+            print(f"  {line}")
+    return 0 if usable else 1
+
+
+def probe_backend(backend, setup):
+    """One back-end for --probe -> (would it be used, [lines])."""
+    if not isinstance(backend, SMTPBackend):
+        return True, ["built in: nothing to reach"]
+    cfg, lines, ok = setup.cfg, [], True
+    context, tls = setup.backend_tls_context, cfg.backend_tls
+    smtp = (smtplib.SMTP_SSL(context=context, timeout=cfg.proxy_timeout) if tls == "on"
+            else smtplib.SMTP(timeout=cfg.proxy_timeout))
+    smtp._host = backend.host       # for starttls()'s certificate check (only __init__ sets it)
+    try:
+        try:
+            code, text = smtp.connect(backend.host, backend.port)
+        except (OSError, smtplib.SMTPException) as e:
+            reason = getattr(e, "verify_message", None) or getattr(e, "strerror", None) or e
+            return False, [f"not reachable: {printable(str(reason))}"]
+        lines.append(f"greeting: {code} {printable(text.decode('utf-8', 'replace'))}")
+        if code != 220:
+            return False, lines
+        code, _ = smtp.ehlo(cfg.server_name)
+        if code != 250:
+            return False, lines + [f"EHLO refused with {code}: no extensions, so no XCLIENT or TLS"]
+        if tls == "starttls":
+            if not smtp.has_extn("starttls"):
+                return False, lines + ["TLS: no STARTTLS offered, and --backend-tls starttls requires it"]
+            try:
+                smtp.starttls(context=context)
+            except (ssl.SSLError, OSError, smtplib.SMTPException) as e:
+                reason = getattr(e, "verify_message", None) or getattr(e, "reason", None) or e
+                return False, lines + [f"TLS: STARTTLS failed: {printable(str(reason))}"]
+            smtp.ehlo(cfg.server_name)
+        if tls == "off":
+            lines.append("TLS: off (--backend-tls off)" + (", STARTTLS offered" if smtp.has_extn("starttls") else ""))
+        else:
+            verified = (f"certificate verified for {backend.host}" if cfg.backend_tls_verify == "on"
+                        else "certificate NOT verified (--backend-tls-verify off)")
+            lines.append(f"TLS: {smtp.sock.version()}, {verified}")
+        if smtp.has_extn("xclient"):
+            attributes = smtp.esmtp_features["xclient"].strip()
+            works = "--xclient will work" if cfg.xclient else "not used (--no-xclient)"
+            if "ADDR" not in attributes.upper().split():
+                works += "; without ADDR the back-end still sees the relay's address as the client's"
+            lines.append(f"XCLIENT: offered ({attributes}): {works}")
+        elif cfg.xclient:
+            ok = False
+            lines.append(f"XCLIENT: not offered to this relay, so --xclient counts it as down: {XCLIENT_FIX}")
+        else:
+            lines.append("XCLIENT: not offered (--no-xclient: not needed)")
+        mechanisms = smtp.esmtp_features.get("auth", "").split()
+        lines.append(f"AUTH: {' '.join(mechanisms) or 'none offered'}")
+        if cfg.backend_auth and not {"PLAIN", "LOGIN"} & {m.upper() for m in mechanisms}:
+            ok = False
+            lines.append("AUTH: --backend-auth needs PLAIN or LOGIN, and neither is offered")
+        size = smtp.esmtp_features.get("size", "").strip()
+        if not smtp.has_extn("size"):
+            lines.append("SIZE: not offered")
+        elif size.isdigit() and int(size) and (not cfg.max_message_size or int(size) < cfg.max_message_size):
+            ours = f"below --max-message-size {cfg.max_message_size}" if cfg.max_message_size else \
+                "--max-message-size unlimited"
+            lines.append(f"SIZE: {size}, {ours}: EHLO will advertise {size}")
+        else:
+            lines.append(f"SIZE: {size or 'no limit given'}")
+        lines.append(f"PIPELINING: {'offered' if smtp.has_extn('pipelining') else 'not offered'}")
+        return ok, lines
+    finally:
+        try:
+            smtp.quit()
+        except (OSError, smtplib.SMTPException):
+            smtp.close()
+
+
 def main(argv=None):
     """Run smtprelay -> exit status: 0 clean stop, 1 bad configuration, 2 usage."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -3267,6 +3371,8 @@ def main(argv=None):
         if cfg.check_config:
             print(settings)
             return 0
+        if cfg.probe:
+            return probe(setup)
         setup_logging(cfg, log_handler(cfg.log_target))
         connection = inetd_connection() if cfg.inetd else None
         if not cfg.xclient:

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import run_relay
 from postfix_fixture import postfix  # noqa: F401
 
 MESSAGE = b"Subject: relayed\r\n\r\nHello from the relay tests.\r\n"
@@ -159,3 +160,18 @@ def test_the_readmes_postfix_recipe_as_written_queues_under_the_client_and_takes
     assert queue_id in {m["queue_id"] for m in pf.wait_for_queue(1)}
     assert pf.client_of(queue_id) == "unknown[127.0.0.2]"
     client.quit()
+
+
+def test_probe_of_a_real_postfix_says_whether_it_authorises_the_relay_for_xclient(postfix):
+    authorised, not_authorised = postfix(), postfix(xclient_hosts="")
+    result = run_relay("--probe", "--backend", authorised.address, "--max-message-size", "100000000")
+    print(result.stdout)        # what the probe says of a real Postfix, shown with -s
+    assert result.returncode == 0, result.stdout
+    xclient = re.search(r"XCLIENT: offered \(([^)]*)\): --xclient will work\n", result.stdout)
+    assert xclient and {"ADDR", "NAME", "REVERSE_NAME", "HELO"} <= set(xclient[1].split())
+    assert re.search(r"SIZE: \d+, below --max-message-size 100000000", result.stdout)
+    assert "PIPELINING: offered" in result.stdout
+    result = run_relay("--probe", "--backend", not_authorised.address)
+    print(result.stdout)
+    assert result.returncode == 1
+    assert "XCLIENT: not offered to this relay" in result.stdout

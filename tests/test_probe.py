@@ -1,0 +1,75 @@
+"""--probe: connect to each static back-end, say what it offers, exit 0 only if every one would be used."""
+from helpers import free_port, run_relay, verbs
+from scripted_backend import DEFAULT_EXTENSIONS
+from tls_fixtures import tls  # noqa: F401  (fixture)
+
+XCLIENT = "XCLIENT NAME ADDR PORT PROTO HELO LOGIN REVERSE_NAME"
+
+
+def probe(*args):
+    result = run_relay("--probe", *args)
+    return result.returncode, result.stdout
+
+
+def test_smtp_sink_would_be_used_and_the_report_names_what_it_offers(smtp_sink):
+    sink = smtp_sink()
+    code, out = probe("--backend", sink.address)
+    assert code == 0, out
+    assert f"backend {sink.address}: would be used" in out
+    assert "greeting: 220 " in out
+    assert "XCLIENT: offered (" in out and "--xclient will work" in out
+    assert "PIPELINING: offered" in out
+    assert "TLS: off" in out
+
+
+def test_a_back_end_without_xclient_would_not_be_used_and_the_report_says_why(scripted_backend):
+    backend = scripted_backend(extensions=[e for e in DEFAULT_EXTENSIONS if not e.startswith("XCLIENT")])
+    code, out = probe("--backend", backend.address)
+    assert code == 1
+    assert f"backend {backend.address}: would NOT be used" in out
+    assert "XCLIENT: not offered" in out and "smtpd_authorized_xclient_hosts" in out
+    code, out = probe("--backend", backend.address, "--no-xclient")     # where it is not needed
+    assert code == 0, out
+
+
+def test_probe_sends_nothing_beyond_ehlo_and_quit_and_reports_size_below_ours(scripted_backend):
+    backend = scripted_backend(extensions=["PIPELINING", "SIZE 1000", "AUTH PLAIN", XCLIENT])
+    code, out = probe("--backend", backend.address, "--max-message-size", "2000")
+    assert code == 0, out
+    assert "SIZE: 1000, below --max-message-size 2000: EHLO will advertise 1000" in out
+    assert "AUTH: PLAIN" in out
+    [session] = backend.sessions
+    assert session.closed.wait(5)
+    assert verbs(session) == [b"EHLO", b"QUIT"]
+
+
+def test_a_tls_back_end_with_a_certificate_from_another_ca_would_not_be_used(scripted_backend, tls):
+    backend = scripted_backend(starttls_context=tls.server_context(tls.backend))
+    code, out = probe("--backend", backend.address, "--backend-tls", "starttls", "--backend-tls-ca",
+                      tls.client_ca_path)
+    assert code == 1
+    assert "TLS: STARTTLS failed: " in out and "certificate" in out
+    code, out = probe("--backend", backend.address, "--backend-tls", "starttls", "--backend-tls-ca", tls.ca_path)
+    assert code == 0, out
+    assert "certificate verified for 127.0.0.1" in out
+    assert verbs(backend.sessions[-1]) == [b"EHLO", b"STARTTLS", b"EHLO", b"QUIT"]
+
+
+def test_a_closed_port_is_not_reachable_and_a_built_in_back_end_needs_nothing(tmp_path):
+    port = free_port()
+    code, out = probe("--backend", f"127.0.0.1:{port}", "--backend", f"maildir:{tmp_path / 'mail'}")
+    assert code == 1
+    assert f"backend 127.0.0.1:{port}: would NOT be used\n  not reachable: " in out
+    assert f"backend maildir:{tmp_path / 'mail'}: would be used" in out
+
+
+def test_the_size_a_back_end_gave_in_ehlo_is_what_the_relay_advertises_where_it_is_less(relay, scripted_backend):
+    backend = scripted_backend(extensions=["PIPELINING", "SIZE 5000", XCLIENT])
+    r = relay("--backend", backend.address, "--max-message-size", "100000")
+    client = r.smtp()
+    assert client.ehlo("client.example")[0] == 250
+    assert client.esmtp_features["size"] == "100000"    # nothing known of the back-end yet
+    assert client.mail("a@example.org")[0] == 250       # the back-end's EHLO: SIZE 5000
+    client.rset()
+    assert client.ehlo("client.example")[0] == 250
+    assert client.esmtp_features["size"] == "5000"
