@@ -54,6 +54,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import urllib.parse
 
 import configargparse
@@ -201,8 +202,9 @@ def build_parser():
         help="serve Prometheus metrics on http://ADDR/metrics (pip install 'smtprelay[metrics]')")
     add("--check-config", action="store_true", help="validate the configuration, print it and exit")
     add("--probe", action="store_true",
-        help="validate as --check-config, then connect to each --backend and say what it offers; "
-             "exit 0 only if every back-end would be used")
+        help="validate as --check-config, then connect to each --backend (with --auth-http: the one the "
+             "auth service names for a client at 127.0.0.1) and say what it offers; exit 0 only if every "
+             "back-end would be used")
     add("--version", action="version", version=f"smtprelay {__version__}")
     return p
 
@@ -3279,17 +3281,33 @@ def probe(setup):
     """--probe: connect to each static back-end, say what it offers, send nothing
     beyond EHLO, STARTTLS and QUIT -> 0 if every back-end would be used, else 1."""
     cfg = setup.cfg
+    backends = cfg.backend
     if cfg.auth_http:
-        print("--probe checks static back-ends; with --auth-http the auth service names them per client")
-        return 1
+        # The auth service names the back-end per client: ask it once, as for a
+        # loopback client that said EHLO with the relay's own name, and probe that.
+        asking = types.SimpleNamespace(login_attempt=1, peer_ip=PROBE_CLIENT, names=None, helo=cfg.server_name,
+                                       tls_headers=dict)
+        try:
+            answer = setup.auth_service.lookup(asking, "none", mail="MAIL FROM:<>", rcpt="RCPT TO:<postmaster>")
+        except AuthServiceError as e:
+            print(f"auth service {cfg.auth_http}: {e}")
+            return 1
+        if not answer.ok:
+            print(f"auth service {cfg.auth_http}: refused a client at {PROBE_CLIENT}: {answer.text}")
+            return 1
+        print(f"auth service {cfg.auth_http}: for a client at {PROBE_CLIENT}, backend {answer.backend}")
+        backends = [answer.backend]
     usable = True
-    for backend in cfg.backend:
+    for backend in backends:
         ok, lines = probe_backend(backend, setup)
         usable = usable and ok
         print(f"backend {backend}: {'would be used' if ok else 'would NOT be used'}")
         for line in lines:
             print(f"  {line}")
     return 0 if usable else 1
+
+
+PROBE_CLIENT = "127.0.0.1"      # the client --probe asks the auth service about
 
 
 def probe_backend(backend, setup):

@@ -1,4 +1,5 @@
 """--probe: connect to each static back-end, say what it offers, exit 0 only if every one would be used."""
+from auth_fixtures import always, auth_service, ok  # noqa: F401  (fixtures)
 from helpers import free_port, run_relay, verbs
 from scripted_backend import DEFAULT_EXTENSIONS
 from tls_fixtures import tls  # noqa: F401  (fixture)
@@ -73,3 +74,22 @@ def test_the_size_a_back_end_gave_in_ehlo_is_what_the_relay_advertises_where_it_
     client.rset()
     assert client.ehlo("client.example")[0] == 250
     assert client.esmtp_features["size"] == "5000"
+
+
+def test_with_an_auth_service_the_probe_asks_it_once_and_probes_the_back_end_it_names(auth_service, smtp_sink):
+    sink = smtp_sink()
+    service = auth_service(always(*ok(sink)))
+    code, out = probe("--auth-http", service.url)
+    assert code == 0, out
+    assert f"for a client at 127.0.0.1, backend {sink.address}" in out
+    assert f"backend {sink.address}: would be used" in out
+    [request] = service.requests
+    assert ("Client-IP", "127.0.0.1") in request and ("Auth-Method", "none") in request
+
+
+def test_an_auth_service_that_refuses_or_is_down_fails_the_probe(auth_service):
+    service = auth_service(always(("Auth-Status", "Go away")))
+    code, out = probe("--auth-http", service.url)
+    assert code == 1 and "refused a client at 127.0.0.1: Go away" in out
+    code, out = probe("--auth-http", f"http://127.0.0.1:{free_port()}/auth")
+    assert code == 1 and "request failed" in out
