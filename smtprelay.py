@@ -1888,10 +1888,10 @@ class BackendPool:
     def take(self, key):
         while True:
             with self.lock:
-                queue = self.idle.get(key)
-                if not queue:
+                waiting = self.idle.get(key)
+                if not waiting:
                     return None
-                connection, since = queue.pop()     # the newest: the likeliest still open
+                connection, since = waiting.pop()     # the newest: the likeliest still open
             if time.monotonic() - since < POOL_IDLE_SECONDS and connection.quiet():
                 return connection
             connection.close()
@@ -1899,12 +1899,12 @@ class BackendPool:
     def give(self, key, connection):
         now, expired = time.monotonic(), []
         with self.lock:
-            for queue in self.idle.values():
-                while queue and now - queue[0][1] >= POOL_IDLE_SECONDS:
-                    expired.append(queue.popleft()[0])
-            queue = self.idle[key]
-            if len(queue) < POOL_SIZE:
-                queue.append((connection, now))
+            for waiting in self.idle.values():
+                while waiting and now - waiting[0][1] >= POOL_IDLE_SECONDS:
+                    expired.append(waiting.popleft()[0])
+            waiting = self.idle[key]
+            if len(waiting) < POOL_SIZE:
+                waiting.append((connection, now))
             else:
                 expired.append(connection)
         for old in expired:
@@ -1912,7 +1912,7 @@ class BackendPool:
 
     def close(self):
         with self.lock:
-            connections = [c for queue in self.idle.values() for c, _ in queue]
+            connections = [c for waiting in self.idle.values() for c, _ in waiting]
             self.idle.clear()
         for connection in connections:
             connection.close(quit=True)

@@ -81,10 +81,13 @@ class LoggedProcess:
 
     name = "the process"
 
-    def __init__(self, argv, env):
+    def __init__(self, argv, env, stdout=None):
+        """stdout: a file for the process's standard output; then only stderr is in `.lines`."""
         self.argv = argv
         self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                                     stdout=stdout or subprocess.PIPE,
+                                     stderr=subprocess.PIPE if stdout else subprocess.STDOUT)
+        self.output = self.proc.stderr if stdout else self.proc.stdout     # what `.lines` come from
         self.lines = []
         self._cond = threading.Condition()
         self._eof = False
@@ -92,7 +95,7 @@ class LoggedProcess:
         self._drainer.start()
 
     def _drain(self):
-        for raw in self.proc.stdout:
+        for raw in self.output:
             with self._cond:
                 self.lines.append(raw.decode("utf-8", "replace").rstrip("\r\n"))
                 self._cond.notify_all()
@@ -136,8 +139,8 @@ class RelayProcess(LoggedProcess):
 
     name = "the relay"
 
-    def __init__(self, argv, env):
-        super().__init__(argv, env)
+    def __init__(self, argv, env, stdout=None):
+        super().__init__(argv, env, stdout)
         self.host = self.port = self.address = None
         self._clients = []
 
@@ -171,7 +174,7 @@ class RelayProcess(LoggedProcess):
         stop_process(self.proc, sig, timeout)
         self._drainer.join(timeout)
         if not self._drainer.is_alive():
-            self.proc.stdout.close()
+            self.output.close()
         return self.proc.returncode
 
     def peak_rss_kb(self):

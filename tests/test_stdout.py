@@ -1,12 +1,11 @@
 """--backend stdout: each accepted message printed whole to standard output, after its envelope."""
 import hashlib
 import re
-import subprocess
 import threading
 
 import pytest
 
-from helpers import RelayProcess, begin_data, greeted, relay_argv, relay_env, run_relay, send_message, stop_process
+from helpers import RelayProcess, begin_data, greeted, relay_argv, relay_env, run_relay, send_message
 from test_hostile import BIG_CHUNKS, big_chunk
 
 START = b"---------- MESSAGE FOLLOWS ----------\n"
@@ -17,30 +16,9 @@ class StdoutRelay(RelayProcess):
     """The relay with standard output to a file of its own; the log (stderr) in `.lines`."""
 
     def __init__(self, argv, env, out_path):
-        self.argv, self.out_path = argv, out_path
+        self.out_path = out_path
         with open(out_path, "wb") as out:
-            self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.PIPE)
-        self.lines, self._cond, self._eof = [], threading.Condition(), False
-        self.host = self.port = self.address = None
-        self._clients = []
-        self._drainer = threading.Thread(target=self._drain, daemon=True)
-        self._drainer.start()
-
-    def _drain(self):
-        for raw in self.proc.stderr:
-            with self._cond:
-                self.lines.append(raw.decode("utf-8", "replace").rstrip("\r\n"))
-                self._cond.notify_all()
-        with self._cond:
-            self._eof = True
-            self._cond.notify_all()
-
-    def stop(self, timeout=10):
-        stop_process(self.proc, timeout=timeout)
-        self._drainer.join(timeout)
-        if not self._drainer.is_alive():
-            self.proc.stderr.close()
-        return self.proc.returncode
+            super().__init__(argv, env, stdout=out)
 
     def printed(self):
         return self.out_path.read_bytes()
