@@ -1699,7 +1699,7 @@ REPLY_BYTES_LIMIT = 65536   # a larger reply is a broken back-end
 UNAVAILABLE, TEMPUNAVAIL = "[UNAVAILABLE]", "[TEMPUNAVAIL]"   # XCLIENT_README's "no value"
 POOL_IDLE_SECONDS = 10      # a pooled back-end connection unused this long is closed
 POOL_SIZE = 64              # idle connections kept per back-end
-BACKEND_HOLD_OFF = 10       # seconds a back-end found down is tried last by new sessions (--balance)
+BACKEND_HOLD_OFF = 10       # seconds a back-end found down is skipped by new sessions (--balance)
 
 
 def xtext(value):
@@ -1785,10 +1785,10 @@ def open_backend(session, candidates, balancer=None):
 class Balancer:
     """--balance over the static back-ends: which one a new back-end session
     tries first (haproxy's first, roundrobin, leastconn), the others after it
-    in their turn, and passive health: a back-end found down is put last for
-    BACKEND_HOLD_OFF seconds, then one session tries it first again, so a dead
-    one does not cost every session its connect timeout. Back-ends are known
-    by name, so the counts outlive a reload that keeps them."""
+    in their turn, and passive health: a back-end found down is skipped by new
+    sessions for BACKEND_HOLD_OFF seconds, then one session tries it first
+    again, so a dead one does not cost every session its connect timeout.
+    Back-ends are known by name, so the counts outlive a reload that keeps them."""
 
     def __init__(self):
         self.lock = threading.Lock()
@@ -1806,7 +1806,7 @@ class Balancer:
                 backends = backends[first:] + backends[:first]
             elif policy == "leastconn":
                 backends = sorted(backends, key=lambda b: self.in_use[str(b)])     # ties: as listed
-            now, up, held, retry = time.monotonic(), [], [], []
+            now, up, retry = time.monotonic(), [], []
             for backend in backends:
                 until = self.held_until.get(str(backend))
                 if until is None:
@@ -1814,9 +1814,7 @@ class Balancer:
                 elif until <= now and not retry:
                     retry.append(backend)       # this session tries it first; the others wait for its verdict
                     self.held_until[str(backend)] = now + BACKEND_HOLD_OFF
-                else:
-                    held.append(backend)
-            return retry + up + held            # held back-ends are a last resort, never skipped
+            return retry + up                   # the held-off are skipped: all of them down gives 451
 
     def answered(self, backend):
         with self.lock:
@@ -1826,7 +1824,7 @@ class Balancer:
     def failed(self, backend):
         with self.lock:
             if str(backend) not in self.held_until:
-                log.warning("backend %s is down: new sessions try it last for %gs", backend, BACKEND_HOLD_OFF)
+                log.warning("backend %s is down: new sessions skip it for %gs", backend, BACKEND_HOLD_OFF)
             self.held_until[str(backend)] = time.monotonic() + BACKEND_HOLD_OFF
 
     def size_limit(self, backends):
