@@ -40,7 +40,6 @@ import logging
 import logging.handlers
 import mailbox
 import os
-import queue
 import re
 import secrets
 import select
@@ -2642,7 +2641,6 @@ def auth_wait(h):
 
 REFUSAL_TIMEOUT = 1          # seconds to hand a refused client its 421
 ACCEPT_PAUSE = 0.1           # seconds the listener rests when out of descriptors
-WORKER_IDLE_SECONDS = 30     # a session thread with no new connection for this long ends
 # Settings a running relay cannot take up on SIGHUP: the sockets and the
 # process are made once (Config attribute, option name).
 RESTART_SETTINGS = [("listen", "listen"), ("tls_listen", "tls-listen"), ("user", "user"), ("inetd", "inetd"),
@@ -2690,7 +2688,6 @@ class Relay:
         self.stopping = threading.Event()
         self.stop_reader, self.stop_writer = os.pipe()
         self.pool = BackendPool()       # idle back-end connections (--no-xclient)
-        self.workers = Workers()        # the listeners' session threads
         self.balancer = Balancer()      # --balance and the back-ends' health
 
     def event(self, name, level, message, **fields):
@@ -2907,41 +2904,6 @@ def serve_connection(relay, sock, peer, implicit_tls=False):
         relay.connection_closed()
 
 
-class Workers:
-    """Session threads that serve one connection at a time, then wait for the
-    next: still a thread per client, without starting one per connection
-    (for a short session, starting a thread costs as much as its commands)."""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.jobs = queue.SimpleQueue()
-        self.idle = 0       # threads waiting for a job, less the jobs already queued for them
-
-    def run(self, function, *args):
-        """function(*args) in an idle thread, or a new one."""
-        with self.lock:
-            if self.idle:
-                self.idle -= 1
-                self.jobs.put((function, args))
-                return
-        threading.Thread(target=self.work, args=(function, args), name="session", daemon=True).start()
-
-    def work(self, function, args):
-        while True:
-            function(*args)
-            function = args = None      # nothing of the last connection held while idle
-            with self.lock:
-                self.idle += 1
-            try:
-                function, args = self.jobs.get(timeout=WORKER_IDLE_SECONDS)
-            except queue.Empty:
-                with self.lock:
-                    if self.idle:       # no job is on its way to this thread
-                        self.idle -= 1
-                        return
-                function, args = self.jobs.get()
-
-
 class SessionHandler(socketserver.BaseRequestHandler):
     def handle(self):
         serve_connection(self.server.relay, self.request, self.client_address, self.server.tls)
@@ -2957,7 +2919,7 @@ def system_backlog():
 
 
 class RelayServer(socketserver.ThreadingTCPServer):
-    """A listener; each accepted client is served in its own thread (Workers)."""
+    """A listener; each accepted client is served in its own thread."""
 
     daemon_threads = True       # a stuck session must not keep the process alive at exit
     block_on_close = False      # shutdown waits for sessions itself, bounded by --timeout
@@ -2989,9 +2951,6 @@ class RelayServer(socketserver.ThreadingTCPServer):
                 log.error("accept failed: %s; pausing new connections for %g s", e.strerror, ACCEPT_PAUSE)
                 time.sleep(ACCEPT_PAUSE)
             raise
-
-    def process_request(self, request, client_address):
-        self.relay.workers.run(self.process_request_thread, request, client_address)
 
     def handle_error(self, request, client_address):
         log.exception("error in session from %s", client_address[0])
