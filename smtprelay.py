@@ -1114,6 +1114,7 @@ class Session:
         self.peer_ip, self.peer_port = ip or client_ip(peer), peer[1]
         self.sid = secrets.token_hex(4)
         self.backend = None         # open back-end connection, for the rest of the session
+        self.backend_opened = False     # a back-end was tried for this session before (--balance)
         self.login_attempt = 0      # Auth-Login-Attempt
         self.ehlo_required = False  # after STARTTLS, MAIL and AUTH wait for a new EHLO
         self.errors = 0
@@ -1627,7 +1628,9 @@ class Session:
                 self.backend = open_backend(self, [self.route.backend])
             else:
                 balancer = self.relay.balancer
-                self.backend = open_backend(self, balancer.order(self.cfg.backend, self.cfg.balance), balancer)
+                order = balancer.order(self.cfg.backend, self.cfg.balance, new_session=not self.backend_opened)
+                self.backend_opened = True
+                self.backend = open_backend(self, order, balancer)
             self.relay.balancer.opened(self.backend.name)
             fresh = not self.backend.reused     # a pooled one may have gone while idle: replaced once
         try:
@@ -1796,8 +1799,10 @@ class Balancer:
         self.held_until = {}                    # back-end name -> when it may be tried again
         self.sizes = {}                         # back-end name -> the SIZE its last EHLO gave (0: none)
 
-    def order(self, backends, policy):
-        """The order in which a new back-end session tries `backends` -> list."""
+    def order(self, backends, policy, new_session=True):
+        """The order in which a back-end session tries `backends` -> list. A new
+        client session skips the held-off; one that already had a back-end
+        session (a later MAIL) tries them last, as it may have seen them fail."""
         with self.lock:
             if policy == "roundrobin":
                 first = self.turn % len(backends)
@@ -1805,7 +1810,7 @@ class Balancer:
                 backends = backends[first:] + backends[:first]
             elif policy == "leastconn":
                 backends = sorted(backends, key=lambda b: self.in_use[str(b)])     # ties: as listed
-            now, up, retry = time.monotonic(), [], []
+            now, up, held, retry = time.monotonic(), [], [], []
             for backend in backends:
                 until = self.held_until.get(str(backend))
                 if until is None:
@@ -1813,7 +1818,9 @@ class Balancer:
                 elif until <= now and not retry:
                     retry.append(backend)       # this session tries it first; the others wait for its verdict
                     self.held_until[str(backend)] = now + BACKEND_HOLD_OFF
-            return retry + up                   # the held-off are skipped: all of them down gives 451
+                else:
+                    held.append(backend)
+            return retry + up + ([] if new_session else held)
 
     def answered(self, backend):
         with self.lock:
