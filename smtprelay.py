@@ -765,6 +765,7 @@ class Channel:
         self.inbuf, self.inpos = b"", 0
         self.outbuf = []
         self.skipping = False       # the rest of an overlong line is still to be dropped
+        self.data_complete = False  # read_data: the segment out now is the message's last
         self.debug_sid = None       # set to log each line at debug level
         self.interruptible = False  # a stop may cut the wait for input (no transaction open)
 
@@ -916,6 +917,7 @@ class Channel:
         """
         pending, self.inbuf, self.inpos = self.inbuf[self.inpos:], b"", 0
         at, refused = LINE_START, False
+        self.data_complete = False
         while True:
             if at is LINE_START and pending.startswith(b".\r\n"):
                 end = 0
@@ -924,6 +926,7 @@ class Channel:
                 end = end + 2 if end >= 0 else -1
             if end >= 0:
                 segment, self.inbuf = pending[:end], pending[end + 3:]
+                self.data_complete = True
             else:
                 # Pass on whole lines; hold back the partial last one (it may
                 # be the start of the end), unless it grows long. A held-back
@@ -1423,7 +1426,7 @@ class Session:
         if code != 354:
             return
         sender, rcpts, started = self.mail_from, list(self.rcpt_to), self.started
-        failure, size, at_line_start = None, 0, True
+        failure, size, at_line_start, tail = None, 0, True, b""
         limit = self.cfg.max_message_size
         try:
             for segment in self.channel.read_data(self.cfg.bare_newline == "normalize"):
@@ -1436,6 +1439,9 @@ class Session:
                 at_line_start = segment.endswith(b"\r\n")
                 if limit and size > limit:
                     failure = TOO_BIG
+                    continue
+                if self.channel.data_complete:
+                    tail = segment      # goes out with the end of data, in one write
                     continue
                 try:
                     self.backend.data_write(segment)
@@ -1454,7 +1460,7 @@ class Session:
             code, text = failure
         else:
             try:
-                code, text = self.backend_call("data_end")
+                code, text = self.backend_call("data_end", tail)
             except SMTPError as e:
                 code, text = e.code, e.text
         self.log_message(sender, rcpts, size, code, text, started)
@@ -2152,8 +2158,9 @@ class SMTPConnection(smtplib.SMTP):
             self.close()
             raise BackendGone(f"write failed: {e}") from None
 
-    def data_end(self):
-        self.data_write(b".\r\n")
+    def data_end(self, tail=b""):
+        """The last of the message and its end (CRLF.CRLF, the client's) -> the reply."""
+        self.data_write(tail + b".\r\n")
         # RFC 5321 §4.5.3.2.6: the reply to the end of data may take 10
         # minutes (content filters); giving up sooner turns a message the
         # back-end accepted into a 4xx, and the client's retry into a copy.
@@ -2290,7 +2297,9 @@ class MaildirDelivery(LocalDelivery):
             self.abort()
             return maildir_failure(e)
 
-    def data_end(self):
+    def data_end(self, tail=b""):
+        if tail:
+            self.data_write(tail)
         try:
             self.file.flush()
             os.fsync(self.file.fileno())
@@ -2367,7 +2376,9 @@ class StdoutDelivery(LocalDelivery):
             self.abort()
             raise BackendGone(f"cannot spool the message: {e.strerror}") from None
 
-    def data_end(self):
+    def data_end(self, tail=b""):
+        if tail:
+            self.data_write(tail)
         s, message_id = self.session, f"{self.session.sid}.{next(self.counter)}"
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%a, %d %b %Y %H:%M:%S +0000")
         envelope = [f"X-Smtprelay-Id: {message_id}",
@@ -2466,17 +2477,21 @@ class Watchdog:
         self.heap = []              # (deadline, number, watched), the earliest first
         self.numbers = itertools.count()
         self.thread = None
+        self.wake_at = None         # when the watchdog looks next; None: when told
 
     def watch(self, seconds, watched):
+        deadline = time.monotonic() + seconds
         with self.changed:
             while self.heap and self.heap[0][2].done:     # lookups share one timeout: the oldest end first
                 heapq.heappop(self.heap)
-            heapq.heappush(self.heap, (time.monotonic() + seconds, next(self.numbers), watched))
+            heapq.heappush(self.heap, (deadline, next(self.numbers), watched))
             if self.thread is None:
                 self.thread = threading.Thread(target=self.run, name="watchdog", daemon=True)
                 self.thread.start()
-            elif self.heap[0][2] is watched:
-                self.changed.notify()       # earlier than the watchdog's next wake-up
+            elif self.wake_at is None or deadline < self.wake_at:
+                # Only then: waking it for every lookup would cost a thread
+                # switch each; a later deadline waits for its next look.
+                self.changed.notify()
 
     def run(self):
         with self.changed:
@@ -2486,7 +2501,8 @@ class Watchdog:
                     watched = heapq.heappop(self.heap)[2]
                     if not watched.done:
                         watched.cut()
-                self.changed.wait(self.heap[0][0] - time.monotonic() if self.heap else None)
+                self.wake_at = self.heap[0][0] if self.heap else None
+                self.changed.wait(self.wake_at - time.monotonic() if self.heap else None)
 
 
 class AnswerDeadline:
@@ -3197,7 +3213,7 @@ def serve(relay, servers):
             sd_notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
             relay.reload()
             sd_notify("READY=1", status(relay))
-        stopping = [s for s in signums if s != signal.SIGHUP]
+        stopping = [s for s in signums if s in (signal.SIGTERM, signal.SIGINT)]
         if stopping:
             break
     sd_notify("STOPPING=1", f"STATUS=stopping: {relay.sessions} sessions to finish")
