@@ -49,6 +49,7 @@ import socket
 import socketserver
 import ssl
 import stat
+import struct
 import sys
 import tempfile
 import threading
@@ -688,9 +689,29 @@ def set_nodelay(sock):
         pass
 
 
-# Both ends of the relay are non-blocking sockets: a wait is one poll()
-# until the session's deadline, a read or write one call after it. (A socket
-# timeout would cost a poll() inside every call and a syscall to set it.)
+# Waits on both ends: a wait is one poll() until the session's deadline, a
+# read or write one call after it, never blocking (a socket timeout would cost
+# a poll() inside every call and a syscall to set it). The first read of a
+# deadline on a plain socket is cheaper still: a blocking recv() bounded by
+# SO_RCVTIMEO, set once per connection to the whole wait allowed, is the
+# wait and the read in one syscall. Writes to a plain socket never block
+# (MSG_DONTWAIT); a TLS socket is non-blocking throughout.
+
+def set_read_timeout(sock, seconds):
+    """A blocking recv() on plain sock gives up after seconds (SO_RCVTIMEO); the socket made blocking."""
+    sock.setblocking(True)
+    whole = int(seconds)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("@ll", whole, int((seconds - whole) * 1e6)))
+
+
+def receive_within(sock):
+    """One read from a plain socket set up by set_read_timeout -> bytes (b"" at EOF);
+    TimeoutError when its SO_RCVTIMEO runs out first."""
+    try:
+        return sock.recv(RECV_SIZE)
+    except BlockingIOError:
+        raise TimeoutError("timed out") from None
+
 
 def poll_until(poller, deadline):
     """poll() until something is ready -> [(fd, events)]; TimeoutError past the deadline."""
@@ -712,10 +733,10 @@ def wait_once(sock, events, deadline):
 
 def send_all(sock, data, deadline):
     """Write all of data to a non-blocking socket, plain or TLS, by deadline."""
-    view = memoryview(data)
+    view, flags = memoryview(data), 0 if isinstance(sock, ssl.SSLSocket) else socket.MSG_DONTWAIT
     while view:
         try:
-            view = view[sock.send(view):]
+            view = view[sock.send(view, flags):]
         except (BlockingIOError, ssl.SSLWantWriteError):
             wait_once(sock, select.POLLOUT, deadline)
         except ssl.SSLWantReadError:
@@ -729,13 +750,14 @@ def receive_ready(sock, poller, deadline, stop_fd=None):
     socket may still give nothing (part of a TLS record), then wait again.
     Raises Stopping when stop_fd (also in poller) turns readable first.
     """
+    tls = isinstance(sock, ssl.SSLSocket)
     while True:
-        if not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+        if not (tls and sock.pending()):
             ready = poll_until(poller, deadline)
             if stop_fd is not None and any(fd == stop_fd for fd, _ in ready):
                 raise Stopping()
         try:
-            return sock.recv(RECV_SIZE)
+            return sock.recv(RECV_SIZE, 0 if tls else socket.MSG_DONTWAIT)
         except (BlockingIOError, ssl.SSLWantReadError):
             continue
         except ssl.SSLWantWriteError:
@@ -753,7 +775,11 @@ class Channel:
 
     def __init__(self, sock, timeout, stop_fd=None):
         self.sock, self.timeout, self.stop_fd = sock, timeout, stop_fd
-        self.sock.setblocking(False)
+        self.plain = not isinstance(sock, ssl.SSLSocket)    # until STARTTLS
+        if self.plain:
+            set_read_timeout(sock, timeout)
+        else:
+            sock.setblocking(False)
         set_nodelay(sock)
         # Made once: the socket alone, and the socket with the stop (the
         # descriptor stays the same when TLS wraps the socket).
@@ -794,11 +820,14 @@ class Channel:
         stops while the wait is interruptible.
         """
         self.flush()
-        deadline = deadline or time.monotonic() + self.timeout
         interruptible = self.interruptible and self.stop_fd is not None
         try:
-            data = receive_ready(self.sock, self.stop_poller if interruptible else self.poller, deadline,
-                                 self.stop_fd if interruptible else None)
+            if deadline is None and self.plain and not interruptible:
+                data = receive_within(self.sock)        # a whole --timeout: the socket's own
+            else:
+                data = receive_ready(self.sock, self.stop_poller if interruptible else self.poller,
+                                     deadline or time.monotonic() + self.timeout,
+                                     self.stop_fd if interruptible else None)
         except TimeoutError:
             raise
         except OSError as e:
@@ -835,6 +864,8 @@ class Channel:
         self.inbuf, self.inpos = b"", 0
         deadline = time.monotonic() + self.timeout     # the whole handshake, not each read
         try:
+            self.sock.setblocking(False)
+            self.plain = False
             self.sock = context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
             while True:
                 try:
@@ -885,7 +916,9 @@ class Channel:
         if self.skipping:
             self.skip_line()
             self.skipping = False
-        deadline = time.monotonic() + self.timeout     # for the whole line (Postfix's smtpd_per_record_deadline)
+        # One --timeout for the whole line (Postfix's smtpd_per_record_deadline):
+        # the first read may take all of it, later ones what is left.
+        deadline = None
         while True:
             end = self.inbuf.find(b"\n", self.inpos)
             if end >= 0:
@@ -896,7 +929,11 @@ class Channel:
             if len(self.inbuf) - self.inpos >= limit:
                 self.inbuf, self.inpos, self.skipping = b"", 0, True
                 raise SMTPError(*LINE_TOO_LONG)
-            self.fill(deadline)
+            if deadline is None:
+                deadline = time.monotonic() + self.timeout
+                self.fill()
+            else:
+                self.fill(deadline)
 
     def skip_line(self):
         while (end := self.inbuf.find(b"\n", self.inpos)) < 0:
@@ -1954,10 +1991,15 @@ class SMTPConnection(smtplib.SMTP):
         self.reply_timeout = session.cfg.proxy_timeout
         self.data_timeout = session.cfg.data_timeout
         self.xclient = False            # XCLIENT was accepted on this connection
+        self.read_timeout = None        # a plain socket's SO_RCVTIMEO (set_read_timeout)
         try:
             code, text = self.connect(backend.host, backend.port)
             set_nodelay(self.sock)
-            self.sock.setblocking(False)
+            if isinstance(self.sock, ssl.SSLSocket):
+                self.sock.setblocking(False)
+            else:
+                set_read_timeout(self.sock, self.reply_timeout)
+                self.read_timeout = self.reply_timeout
             if code != 220:
                 raise BackendDown(f"greeted with {code} {printable(text)}")
             self.greet(helo)
@@ -1993,6 +2035,7 @@ class SMTPConnection(smtplib.SMTP):
         except smtplib.SMTPResponseException as e:
             raise BackendDown(f"refused STARTTLS with {e.smtp_code} {printable(e.smtp_error)}") from None
         self.sock.setblocking(False)
+        self.read_timeout = None
         self.inbuf = b""        # nothing sent in clear counts inside TLS (RFC 3207 §4.2)
         self.greet(helo)
 
@@ -2070,10 +2113,12 @@ class SMTPConnection(smtplib.SMTP):
         by a deadline for the whole reply (reply_timeout) and bounded in
         lines and bytes: a back-end that trickles or floods is broken."""
         deadline = time.monotonic() + self.reply_timeout
+        first = self.reply_timeout == self.read_timeout    # the first read may take the socket's own timeout
         lines, size = [], 0
         try:
             while True:
-                line = self.reply_line(deadline)
+                line = self.reply_line(deadline, first)
+                first = False
                 size += len(line)
                 if len(lines) >= REPLY_LINES_LIMIT or size > REPLY_BYTES_LIMIT:
                     raise smtplib.SMTPServerDisconnected(
@@ -2091,15 +2136,17 @@ class SMTPConnection(smtplib.SMTP):
                 log.debug("%s B: %s %s", self.sid, code, printable(part))
         return code, text
 
-    def reply_line(self, deadline):
-        """The next line of the back-end's reply, by deadline."""
+    def reply_line(self, deadline, first=False):
+        """The next line of the back-end's reply, by deadline; first: the reply's
+        first read, which a plain socket's SO_RCVTIMEO bounds (the whole reply_timeout)."""
         while (end := self.inbuf.find(b"\n")) < 0:
             if len(self.inbuf) > REPLY_LINE_LIMIT:
                 raise smtplib.SMTPServerDisconnected("reply line too long")
             if not self.sock:
                 raise smtplib.SMTPServerDisconnected("connection closed")
             try:
-                data = receive_ready(self.sock, self.poller, deadline)
+                data = receive_within(self.sock) if first else receive_ready(self.sock, self.poller, deadline)
+                first = False
             except TimeoutError:
                 raise TimeoutError(f"no whole reply within {self.reply_timeout:g}s") from None
             if not data:

@@ -13,7 +13,9 @@ goes through every target:
   nginx                  smtp-source -> nginx mail proxy (auth_http to the same block, xclient off) -> smtp-sink
   line relay             with --reference: smtp-source -> a thread per client passing each line on
                          unchecked (LINE_RELAY_SCRIPT) -> smtp-sink: the least a thread per client
-                         costs in Python, for comparison
+                         costs in Python, for comparison; and E of a bare thread
+                         (GREETER_SCRIPT: a ThreadingTCPServer thread that greets and blocks in
+                         recv), the least an idle session can take in that shape
 
 The nginx that runs the mail proxy also serves the auth_http block, which
 answers every request statically: Auth-Status OK, Auth-Server 127.0.0.1,
@@ -506,6 +508,54 @@ def start_line_relay(lab):
     return Target(LINE_RELAY, port, proc, home / "stderr.log", fresh=lambda: start_line_relay(lab), lab=lab)
 
 
+# --reference: the least memory an idle session can take in a ThreadingTCPServer:
+# a thread blocked in recv() after sending the greeting, holding nothing else.
+GREETER_SCRIPT = """
+import socketserver, sys
+
+
+class Handler(socketserver.BaseRequestHandler):
+    def handle(self):
+        self.request.sendall(b"220 floor.example ESMTP\\r\\n")
+        self.request.recv(1)
+
+
+class Server(socketserver.ThreadingTCPServer):
+    daemon_threads, allow_reuse_address, request_queue_size = True, True, 2048
+
+
+Server(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+"""
+
+
+def thread_floor(lab, connections):
+    """E of GREETER_SCRIPT: added RSS per idle connection (KB), measured as E is."""
+    port = free_port()
+    home = lab.directory("thread-floor")
+    (home / "greeter.py").write_text(GREETER_SCRIPT)
+    proc = lab.processes.start([sys.executable, str(home / "greeter.py"), str(port)], log=home / "stderr.log")
+    wait_accepting(port, proc, "thread floor")
+    clients = []
+    try:
+        for _ in range(5):      # warmed up as E's targets are, by five sessions
+            c = SMTPClient(port)
+            c.reply("220")
+            c.close()
+        time.sleep(0.2)
+        before = rss_kb([proc.pid])
+        for _ in range(connections):
+            c = SMTPClient(port)
+            clients.append(c)
+            c.reply("220")
+        time.sleep(0.5)
+        return (rss_kb([proc.pid]) - before) / connections
+    finally:
+        for c in clients:
+            c.close()
+        proc.terminate()
+        proc.wait()
+
+
 def start_aiosmtpd(lab, python):
     """aiosmtpd's Proxy handler under aiosmtpd's own main (python -m aiosmtpd, logging at
     error): it relays each message at DATA with smtplib, a new back-end connection per
@@ -782,7 +832,8 @@ def main(argv=None):
     p.add_argument("--repetitions", type=int, help="repetitions (default 3; --quick 1)")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
     p.add_argument("--reference", action="store_true",
-                   help="add a line relay: a thread per client passing lines on unchecked, Python's floor")
+                   help="add a line relay (a thread per client passing lines on unchecked) and a bare "
+                        "thread's E: Python's floors")
     args = p.parse_args(argv)
     scale = dict(QUICK if args.quick else FULL)
     if args.repetitions:
@@ -841,6 +892,7 @@ def measure(args, scale, skipped, have_nginx, with_mail, aiosmtpd, processes, st
                  f"{' (--quick)' if args.quick else ''}")
             runs = run(order, sink, scale)
             sent = sink.messages()
+            floor = thread_floor(lab, scale["e_connections"]) if args.reference else None
         except BenchmarkError:
             for t in lab.started if lab else []:
                 lines = t.new_log_lines()
@@ -861,12 +913,16 @@ def measure(args, scale, skipped, have_nginx, with_mail, aiosmtpd, processes, st
             "quick": args.quick, "scale": scale, "targets": [n for n in names if n in targets],
             "skipped": skipped, "units": {key: unit for key, _, unit, _ in METRICS},
             "results": summary, "runs": runs, "messages_at_sink": sent, "proxy_logs": logs,
+            "thread_floor_e_kb": floor,
             "runtime_seconds": round(runtime, 1)}, indent=2))
         return 0
     print(table(summary, names, scale))
     print()
     print(f"Medians of {scale['repetitions']} repetition(s); (×) the median of the per-repetition ratios "
           f"target / nginx. {sent} messages counted at the sink, as many as were sent. {runtime:.0f} s.")
+    if floor is not None:
+        print(f"Thread floor (E of a ThreadingTCPServer thread that greets and blocks in recv, "
+              f"nothing else): {floor:.1f} KB per idle session.")
     for name, why in skipped.items():
         print(f"{name}: left out, {why}")
     for name, lines in logs.items():

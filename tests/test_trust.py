@@ -453,6 +453,67 @@ def test_idle_client_gets_421_4_4_2_after_timeout(smtprelay, tmp_path):
     assert_closed(client)
 
 
+# Inside a transaction the relay's first read of a command line or of data
+# is a blocking recv() bounded by the socket's SO_RCVTIMEO, no poll(): the
+# deadlines must hold there too.
+
+@pytest.mark.parametrize("silent_after", ["MAIL", "RCPT", "DATA", "a line of data"])
+def test_client_silent_inside_a_transaction_gets_421_4_4_2_after_timeout_and_nothing_is_delivered(
+        smtprelay, scripted_backend, silent_after):
+    backend = scripted_backend()
+    r = smtprelay(*backend_args(backend), "--timeout", "2")
+    client = greeted(r, ehlo=CLIENT_HELO, timeout=15)
+    for command, code in [("MAIL FROM:<a@example.org>", 250), ("RCPT TO:<b@example.net>", 250),
+                          ("DATA", 354)]:
+        assert client.say(command).code == code
+        if command.startswith(silent_after):
+            break
+    else:
+        client.send(b"Subject: half\r\n")
+    began = time.monotonic()
+    assert client.reply().text == TIMED_OUT
+    assert 1.5 <= time.monotonic() - began < 8
+    assert_closed(client)
+    backend.wait_for_sessions_closed(1)
+    assert backend.delivered == []
+
+
+def test_a_rcpt_line_trickled_past_timeout_is_cut_the_deadline_is_for_the_whole_line(
+        smtprelay, scripted_backend):
+    backend = scripted_backend()
+    r = smtprelay(*backend_args(backend), "--timeout", "2")
+    client = greeted(r, ehlo=CLIENT_HELO, timeout=15)
+    assert client.say("MAIL FROM:<a@example.org>").code == 250
+    began = time.monotonic()
+    for byte in b"RCPT TO:<b@example.net>":     # a byte every 0.5 s: each read well within 2 s
+        try:
+            client.sock.send(bytes([byte]))
+        except OSError:
+            break
+        if time.monotonic() - began > 6:
+            break
+        time.sleep(0.5)         # pacing the client, on purpose
+    assert client.reply().text == TIMED_OUT
+    assert 1.5 <= time.monotonic() - began < 8
+    assert backend.delivered == []
+
+
+@pytest.mark.parametrize("verb", ["EHLO", "MAIL", "RCPT", "DATA"])
+def test_backend_silent_at_a_command_gives_451_after_the_proxy_timeout_and_the_session_goes_on(
+        smtprelay, scripted_backend, verb):
+    backend = scripted_backend(actions={verb: "hang"})
+    r = smtprelay(*backend_args(backend), "--proxy-timeout", "2")
+    client = greeted(r, ehlo=CLIENT_HELO, timeout=30)
+    began = time.monotonic()
+    replies = [client.say(command) for command in ["MAIL FROM:<a@example.org>", "RCPT TO:<b@example.net>",
+                                                   "DATA"][:["EHLO", "MAIL", "RCPT", "DATA"].index(verb) or 1]]
+    elapsed = time.monotonic() - began
+    assert replies[-1].code == 451, replies[-1]
+    assert 1.5 <= elapsed < 8, elapsed
+    assert all(reply.code == 250 for reply in replies[:-1])
+    assert client.say("NOOP").code == 250
+
+
 def test_message_data_trickled_a_line_every_1_5_s_is_not_cut_by_timeout(smtprelay, scripted_backend):
     # DATA keeps a per-read timeout: the whole message may take longer than --timeout.
     backend = scripted_backend()
