@@ -56,7 +56,7 @@ not fast. smtp-source failing (an SMTP error, a dropped connection) also
 stops the run.
 
     apt-get install postfix nginx-light libnginx-mod-mail python3-venv
-    python3 contrib/benchmark.py                 # about 5 minutes on 2 cores
+    python3 contrib/benchmark.py                 # about 8 minutes on 2 cores (--reference: 10)
     python3 contrib/benchmark.py --quick         # under a minute: smoke test
     python3 contrib/benchmark.py --json          # the results as JSON on stdout
 

@@ -151,6 +151,8 @@ def proc_stats(pid):
     except OSError:
         return None
     fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    if "VmRSS" not in fields:       # exiting (a zombie has no memory left)
+        return None
     return int(fields["VmRSS"].split()[0]), int(fields["Threads"]), fds
 
 
@@ -689,6 +691,15 @@ class Soak:
                 self.faults[f"SIGHUP ({relay.short})"] += 1
 
     def watch_loop(self):
+        """watch(); if it fails, the run fails (nothing would be collected or noticed any more)."""
+        try:
+            self.watch()
+        except Exception as e:
+            self.failures.append(f"the watcher failed: {type(e).__name__}: {e}")
+            self.stop.set()
+            raise
+
+    def watch(self):
         """Sample the relays, collect dumps, notice a relay that died."""
         interval = self.args.sample_interval
         next_sample = 0
@@ -714,7 +725,11 @@ class Soak:
                         child.lock.release()
             if time.monotonic() >= next_sample:
                 for relay in self.relays:
-                    relay.sample()
+                    if relay.lock.acquire(blocking=False):  # not being restarted
+                        try:
+                            relay.sample()
+                        finally:
+                            relay.lock.release()
                 next_sample = time.monotonic() + interval
 
     # -- the run --
