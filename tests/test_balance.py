@@ -77,6 +77,25 @@ def test_a_back_end_found_down_is_skipped_for_ten_seconds_then_tried_first_by_on
     assert len(down.sessions) == 3
 
 
+@pytest.mark.parametrize("policy", ["first", "roundrobin", "leastconn"])
+def test_a_back_end_that_never_greets_costs_one_session_its_timeout_and_the_next_ones_nothing(
+        relay, scripted_backend, policy):
+    silent, up = scripted_backend(actions={"CONNECT": "hang"}), scripted_backend()
+    r = relay("--balance", policy, "--proxy-timeout", "3", "--backend", silent.address, "--backend", up.address)
+    began = time.monotonic()
+    while not silent.connections:       # roundrobin and leastconn may start with the other one
+        assert one_message(r)[0] == 250
+        assert time.monotonic() - began < 30
+    first_wait = time.monotonic() - began
+    assert first_wait >= 2.5            # that session waited for the greeting, --proxy-timeout
+    for _ in range(4):
+        began = time.monotonic()
+        assert one_message(r)[0] == 250
+        assert time.monotonic() - began < 2.5       # well under the timeout: never tried again
+    assert silent.connections == 1
+    assert len(up.sessions) >= 4
+
+
 def test_while_every_back_end_is_held_off_a_session_gets_451_without_a_connection_tried(relay, scripted_backend):
     downs = [scripted_backend(greeting="421 4.3.2 not now") for _ in range(2)]
     r = relay("--backend", downs[0].address, "--backend", downs[1].address)
