@@ -732,7 +732,7 @@ def wait_once(sock, events, deadline):
 
 
 def send_all(sock, data, deadline):
-    """Write all of data to a non-blocking socket, plain or TLS, by deadline."""
+    """Write all of data to a socket, plain or TLS, by deadline, never blocking in a write."""
     view, flags = memoryview(data), 0 if isinstance(sock, ssl.SSLSocket) else socket.MSG_DONTWAIT
     while view:
         try:
@@ -744,7 +744,7 @@ def send_all(sock, data, deadline):
 
 
 def receive_ready(sock, poller, deadline, stop_fd=None):
-    """One read from a non-blocking socket, plain or TLS, by deadline -> bytes (b"" at EOF).
+    """One read from a socket, plain or TLS, by deadline -> bytes (b"" at EOF).
 
     poll() first, unless TLS already holds decrypted bytes; a readable
     socket may still give nothing (part of a TLS record), then wait again.
@@ -2087,7 +2087,7 @@ class SMTPConnection(smtplib.SMTP):
         return f" ({tls}, {'XCLIENT' if self.xclient else 'no XCLIENT'})"
 
     def send(self, s):
-        """smtplib's, on the non-blocking socket."""
+        """smtplib's, by send_all (a write never blocks)."""
         if not self.sock:
             raise smtplib.SMTPServerDisconnected("please run connect() first")
         try:
