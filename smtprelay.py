@@ -698,10 +698,16 @@ def set_nodelay(sock):
 # (MSG_DONTWAIT); a TLS socket is non-blocking throughout.
 
 def set_read_timeout(sock, seconds):
-    """A blocking recv() on plain sock gives up after seconds (SO_RCVTIMEO); the socket made blocking."""
-    sock.setblocking(True)
+    """Make a blocking recv() on plain sock give up after seconds (SO_RCVTIMEO) -> whether
+    it does; where the kernel takes no such timeval, sock stays non-blocking (poll() only)."""
     whole = int(seconds)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("@ll", whole, int((seconds - whole) * 1e6)))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("@ll", whole, int((seconds - whole) * 1e6)))
+    except OSError:
+        sock.setblocking(False)
+        return False
+    sock.setblocking(True)
+    return True
 
 
 def receive_within(sock):
@@ -732,15 +738,20 @@ def wait_once(sock, events, deadline):
 
 
 def send_all(sock, data, deadline):
-    """Write all of data to a socket, plain or TLS, by deadline, never blocking in a write."""
+    """Write all of data to a socket, plain or TLS, by deadline, never blocking in a write
+    -> whether it had to wait for the peer."""
     view, flags = memoryview(data), 0 if isinstance(sock, ssl.SSLSocket) else socket.MSG_DONTWAIT
+    waited = False
     while view:
         try:
             view = view[sock.send(view, flags):]
+            continue
         except (BlockingIOError, ssl.SSLWantWriteError):
             wait_once(sock, select.POLLOUT, deadline)
         except ssl.SSLWantReadError:
             wait_once(sock, select.POLLIN, deadline)
+        waited = True
+    return waited
 
 
 def receive_ready(sock, poller, deadline, stop_fd=None):
@@ -775,10 +786,10 @@ class Channel:
 
     def __init__(self, sock, timeout, stop_fd=None):
         self.sock, self.timeout, self.stop_fd = sock, timeout, stop_fd
-        self.plain = not isinstance(sock, ssl.SSLSocket)    # until STARTTLS
-        if self.plain:
-            set_read_timeout(sock, timeout)
-        else:
+        # A plain socket's first read of a deadline is a recv() bounded by
+        # SO_RCVTIMEO (set_read_timeout); until STARTTLS.
+        self.timed_reads = not isinstance(sock, ssl.SSLSocket) and set_read_timeout(sock, timeout)
+        if not self.timed_reads:
             sock.setblocking(False)
         set_nodelay(sock)
         # Made once: the socket alone, and the socket with the stop (the
@@ -803,26 +814,29 @@ class Channel:
         self.outbuf.append(data)
 
     def flush(self):
+        """Write the queued replies -> whether that had to wait for the client."""
         if self.outbuf:
             data, self.outbuf = b"".join(self.outbuf), []
             try:
-                send_all(self.sock, data, time.monotonic() + self.timeout)
+                return send_all(self.sock, data, time.monotonic() + self.timeout)
             except TimeoutError:
                 raise
             except OSError as e:
                 raise ClientGone(f"write failed: {e}") from None
+        return False
 
-    def receive(self, deadline=None):
+    def receive(self, deadline=None, first=True):
         """More bytes from the client by deadline (default: one --timeout from now);
-        queued replies are written first.
+        queued replies are written first. first: nothing of the deadline is used up
+        yet, unless writing the replies took time.
 
         Raises TimeoutError past the deadline, and Stopping when the relay
         stops while the wait is interruptible.
         """
-        self.flush()
+        waited = self.flush()
         interruptible = self.interruptible and self.stop_fd is not None
         try:
-            if deadline is None and self.plain and not interruptible:
+            if first and not waited and self.timed_reads and not interruptible:
                 data = receive_within(self.sock)        # a whole --timeout: the socket's own
             else:
                 data = receive_ready(self.sock, self.stop_poller if interruptible else self.poller,
@@ -865,7 +879,7 @@ class Channel:
         deadline = time.monotonic() + self.timeout     # the whole handshake, not each read
         try:
             self.sock.setblocking(False)
-            self.plain = False
+            self.timed_reads = False
             self.sock = context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
             while True:
                 try:
@@ -900,8 +914,8 @@ class Channel:
         except OSError:
             pass
 
-    def fill(self, deadline=None):
-        data = self.receive(deadline)
+    def fill(self, deadline=None, first=True):
+        data = self.receive(deadline, first)
         self.inbuf = self.inbuf[self.inpos:] + data if self.inpos < len(self.inbuf) else data
         self.inpos = 0
 
@@ -918,7 +932,7 @@ class Channel:
             self.skipping = False
         # One --timeout for the whole line (Postfix's smtpd_per_record_deadline):
         # the first read may take all of it, later ones what is left.
-        deadline = None
+        deadline, first = time.monotonic() + self.timeout, True
         while True:
             end = self.inbuf.find(b"\n", self.inpos)
             if end >= 0:
@@ -929,11 +943,8 @@ class Channel:
             if len(self.inbuf) - self.inpos >= limit:
                 self.inbuf, self.inpos, self.skipping = b"", 0, True
                 raise SMTPError(*LINE_TOO_LONG)
-            if deadline is None:
-                deadline = time.monotonic() + self.timeout
-                self.fill()
-            else:
-                self.fill(deadline)
+            self.fill(deadline, first)
+            first = False
 
     def skip_line(self):
         while (end := self.inbuf.find(b"\n", self.inpos)) < 0:
@@ -1995,11 +2006,10 @@ class SMTPConnection(smtplib.SMTP):
         try:
             code, text = self.connect(backend.host, backend.port)
             set_nodelay(self.sock)
-            if isinstance(self.sock, ssl.SSLSocket):
-                self.sock.setblocking(False)
-            else:
-                set_read_timeout(self.sock, self.reply_timeout)
+            if not isinstance(self.sock, ssl.SSLSocket) and set_read_timeout(self.sock, self.reply_timeout):
                 self.read_timeout = self.reply_timeout
+            else:
+                self.sock.setblocking(False)
             if code != 220:
                 raise BackendDown(f"greeted with {code} {printable(text)}")
             self.greet(helo)
@@ -3232,6 +3242,18 @@ def status(relay):
     return f"STATUS={relay.sessions} sessions"
 
 
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def accept_loop(server):
+    """A listener's accept loop, in a thread that keeps the handled signals out,
+    and so do the session threads it starts (they inherit its mask): the main
+    thread takes them all. One landing in a session's blocking recv() would
+    restart the read, and with it the whole SO_RCVTIMEO."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+    server.serve_forever(poll_interval=0.05)        # prompt shutdown()
+
+
 def serve(relay, servers):
     """Serve until SIGTERM or SIGINT, then drain the sessions -> exit status 0."""
     # A signal may be taken by any thread, but Python runs handlers only in
@@ -3241,10 +3263,10 @@ def serve(relay, servers):
     wakeup, wakeup_writer = socket.socketpair()
     wakeup_writer.setblocking(False)
     signal.set_wakeup_fd(wakeup_writer.fileno())
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for signum in HANDLED_SIGNALS:
         signal.signal(signum, lambda signum, frame: None)      # the work is done below
-    threads = [threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.05},   # prompt shutdown()
-                                name=f"listen {s.describe()}", daemon=True) for s in servers]
+    threads = [threading.Thread(target=accept_loop, args=(s,), name=f"listen {s.describe()}", daemon=True)
+               for s in servers]
     for s, t in zip(servers, threads):
         t.start()
         log.info("listening on %s", s.describe())

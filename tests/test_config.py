@@ -451,13 +451,23 @@ def keep_connecting(address, stop, connected):
         connected.release()
 
 
+def blocked_signals(pid, tid):
+    """The signals thread `tid` of process `pid` blocks (SigBlk in its status)."""
+    with open(f"/proc/{pid}/task/{tid}/status") as status:
+        mask = int(next(line for line in status if line.startswith("SigBlk:")).split()[1], 16)
+    return {sig for sig in signal.Signals if mask >> (sig - 1) & 1}
+
+
 def test_a_stop_signal_is_acted_on_while_clients_keep_connecting(relay, tmp_path):
     # The failure this guards against showed when the kernel handed SIGTERM to the
-    # thread busy accepting (in about half the runs under load); tgkill hands it
-    # to that thread every time. Started with one listener and no client, the
-    # relay's only thread besides the main one is the listener's.
+    # thread busy accepting (in about half the runs under load). That thread now
+    # blocks the stop signals, so the kernel hands them to the main thread.
+    # Started with one listener and no client, the relay's only thread besides
+    # the main one is the listener's.
     r = relay("--backend", f"maildir:{tmp_path / 'mail'}")
     [listener] = [int(tid) for tid in os.listdir(f"/proc/{r.proc.pid}/task") if int(tid) != r.proc.pid]
+    assert {signal.SIGTERM, signal.SIGINT, signal.SIGHUP} <= blocked_signals(r.proc.pid, listener)
+    assert not {signal.SIGTERM, signal.SIGINT, signal.SIGHUP} & blocked_signals(r.proc.pid, r.proc.pid)
     stop, connected = threading.Event(), threading.Semaphore(0)
     clients = [threading.Thread(target=keep_connecting, args=((r.host, r.port), stop, connected))
                for _ in range(4)]
@@ -466,13 +476,13 @@ def test_a_stop_signal_is_acted_on_while_clients_keep_connecting(relay, tmp_path
     try:
         for _ in range(20):
             assert connected.acquire(timeout=10), "the relay stopped taking connections"
-        signal_thread(r.proc.pid, listener, signal.SIGTERM)
+        r.proc.send_signal(signal.SIGTERM)
         try:
             code = r.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             r.proc.kill()
-            pytest.fail("SIGTERM taken by the listener thread not acted on within 5 s while clients kept "
-                        "connecting; last log lines:\n" + "\n".join(r.lines[-3:]), pytrace=False)
+            pytest.fail("SIGTERM not acted on within 5 s while clients kept connecting; last log lines:\n"
+                        + "\n".join(r.lines[-3:]), pytrace=False)
         assert code == 0, r.log_text()
     finally:
         stop.set()
@@ -490,19 +500,27 @@ def signal_thread(pid, tid, sig):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_stop_signal_taken_by_a_thread_other_than_the_main_one_still_stops_the_relay(relay, tmp_path, sig):
-    # The kernel may hand a process-directed signal to any thread that does not
-    # block it (it does so under load, see the test above); tgkill makes that certain.
+def test_a_stop_signal_taken_by_the_main_thread_while_another_thread_waits_stops_the_relay(relay, tmp_path, sig):
+    # Every thread but the main one blocks the stop signals (a session's blocking
+    # recv() must not take them); tgkill hands one to the main thread itself
+    # while a session thread waits inside a transaction.
     r = relay("--backend", f"maildir:{tmp_path / 'mail'}")
+    client = r.smtp()
+    assert client.ehlo("client.example")[0] == 250
+    assert client.mail("a@example.org")[0] == 250
     workers = [int(tid) for tid in os.listdir(f"/proc/{r.proc.pid}/task") if int(tid) != r.proc.pid]
-    assert workers, "the relay runs no thread besides the main one"
-    signal_thread(r.proc.pid, workers[0], sig)
+    assert len(workers) >= 2, "the relay runs no session thread"
+    assert all(sig in blocked_signals(r.proc.pid, tid) for tid in workers)
+    signal_thread(r.proc.pid, r.proc.pid, sig)
+    assert client.rcpt("b@example.net")[0] == 250       # the transaction is finished first
+    assert client.data(b"Subject: drained\r\n\r\nhello\r\n")[0] == 250
     try:
         code = r.proc.wait(timeout=5)
     except subprocess.TimeoutExpired:
         r.proc.kill()
-        pytest.fail(f"{sig.name} taken by a worker thread was not acted on within 5 s", pytrace=False)
+        pytest.fail(f"{sig.name} was not acted on within 5 s", pytrace=False)
     assert code == 0, r.log_text()
+    assert len(maildir_messages(tmp_path / "mail")) == 1
 
 
 def test_a_stop_signal_with_an_idle_client_closes_it_with_421_and_exits_0(relay, tmp_path):

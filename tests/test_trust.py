@@ -11,6 +11,7 @@ sleeps pace a client on purpose.
 """
 import errno
 import itertools
+import os
 import re
 import resource
 import selectors
@@ -20,6 +21,8 @@ import threading
 import time
 
 import pytest
+
+import smtprelay as relay_module  # the module; `smtprelay` here is the fixture
 
 from auth_fixtures import always, auth_service, ok, raw_listener  # noqa: F401  (fixtures)
 from auth_http_example import AuthHandler   # contrib/, put on sys.path by auth_fixtures
@@ -496,6 +499,63 @@ def test_a_rcpt_line_trickled_past_timeout_is_cut_the_deadline_is_for_the_whole_
     assert client.reply().text == TIMED_OUT
     assert 1.5 <= time.monotonic() - began < 8
     assert backend.delivered == []
+
+
+def test_a_line_s_deadline_counts_the_time_spent_writing_the_replies_before_it():
+    # Replies queued for a client that reads them late: one --timeout covers
+    # writing them and the next command line, as when every wait was a poll().
+    listener = socket.create_server(("127.0.0.1", 0))
+    peer = socket.create_connection(listener.getsockname())
+    accepted, _ = listener.accept()
+    listener.close()
+    channel = relay_module.Channel(accepted, timeout=2.0)
+    replies = b"250 queued\r\n" * 2_000_000     # 24 MB: more than both socket buffers hold
+    channel.outbuf.append(replies)
+    drained = threading.Event()
+
+    def late_reader():      # reads it all after 1.2 s, then says nothing
+        time.sleep(1.2)     # pacing the peer, on purpose
+        got = 0
+        while got < len(replies):
+            data = peer.recv(1 << 22)
+            if not data:
+                return
+            got += len(data)
+        drained.set()
+
+    reader = threading.Thread(target=late_reader, daemon=True)
+    began = time.monotonic()
+    reader.start()
+    try:
+        with pytest.raises(TimeoutError):
+            channel.read_line()
+        elapsed = time.monotonic() - began
+        assert drained.is_set()             # the replies were written, then the line timed out
+        assert elapsed < 2.8, elapsed       # one --timeout (2 s) for both; two would be 3.2 or more
+    finally:
+        channel.sock.close()
+        peer.close()
+        reader.join(10)
+
+
+def test_session_threads_keep_the_handled_signals_out_so_they_all_reach_the_main_thread(smtprelay, tmp_path):
+    # A signal landing in a session's blocking recv() would restart its SO_RCVTIMEO.
+    r = smtprelay("--backend", f"maildir:{tmp_path / 'md'}")
+    client = greeted(r, ehlo=CLIENT_HELO)
+    assert client.say("MAIL FROM:<a@example.org>").code == 250     # a session thread waits in a transaction
+    pid = r.proc.pid
+    handled = (1 << (signal.SIGHUP - 1)) | (1 << (signal.SIGINT - 1)) | (1 << (signal.SIGTERM - 1))
+    masks = {}
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/status") as f:
+            status = f.read()
+        masks[int(task)] = int(re.search(r"^SigBlk:\s*([0-9a-f]+)", status, re.M)[1], 16)
+    assert len(masks) >= 3          # main, a listener, the session
+    assert masks.pop(pid) & handled == 0                # the main thread takes them
+    assert all(mask & handled == handled for mask in masks.values()), masks
+    r.proc.send_signal(signal.SIGHUP)                   # and still does: the reload happens
+    r.wait_for_log("configuration reloaded")
+    assert client.say("RCPT TO:<b@example.net>").code == 250
 
 
 @pytest.mark.parametrize("verb", ["EHLO", "MAIL", "RCPT", "DATA"])
