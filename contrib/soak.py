@@ -861,6 +861,7 @@ class Soak:
             "reply_lost_at_backend_kill": len(kill_race),
             "corrupt": len(ledger.corrupt),
             "unknown": len(ledger.unknown),
+            "lost_detail": [lost_detail(i, ledger.sent[i], kills, self.relays) for i in lost[:5]],
             "examples": {"lost": lost[:5], "duplicates": duplicates[:5], "wrongly_delivered":
                          [(i, ledger.sent[i].get("reply")) for i in wrongly[:5]],
                          "corrupt": ledger.corrupt[:5], "unknown": ledger.unknown[:5]},
@@ -873,6 +874,19 @@ class Soak:
             "interrupted": self.interrupted,
             "workdir": str(self.workdir) if self.args.keep else None,
         }
+
+
+def lost_detail(msg_id, rec, kills, relays):
+    """What can be told of a lost message: its relay, its relay's log lines naming it,
+    and the nearest back-end kill after its 250 (smtp-sink killed before its dump
+    was whole would explain it)."""
+    at = rec.get("replied_at")
+    after = [k - at for k in kills if at is not None and k >= at]
+    relay = next((r for r in relays if r.short == rec.get("relay")), None)
+    text = relay.log_path.read_text(errors="replace") if relay and relay.log_path.exists() else ""
+    return {"id": msg_id, "relay": rec.get("relay"), "size": rec.get("size"), "pipelined": rec.get("pipelined"),
+            "reply": rec.get("reply"), "kill_after_s": round(min(after), 3) if after else None,
+            "log": [line for line in text.splitlines() if msg_id in line][:5]}
 
 
 def print_table(r):
@@ -909,6 +923,11 @@ def print_table(r):
         print(f"  {name:<{width}}  {value}")
     for name, n in r["session_errors"].items():
         print(f"  session ended by: {name}  x{n}")
+    for d in r["lost_detail"]:
+        print(f"  lost: {d['id']} via {d['relay']}, {d['size']} bytes, pipelined {d['pipelined']}, "
+              f"reply {d['reply']!r}, next back-end kill {d['kill_after_s']} s after the 250")
+        for line in d["log"]:
+            print(f"    {line}")
     for f in r["failures"]:
         print(f"  FAILURE: {f}")
     print("PASS" if r["ok"] else "FAIL")
