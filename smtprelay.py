@@ -20,8 +20,6 @@ Every option also reads from SMTPRELAY_<OPTION> and from the config file
 It runs as a daemon with its own listeners, on sockets systemd passes on
 (socket activation, sd_notify), or one session at a time from inetd
 (--inetd); behind haproxy it reads the PROXY protocol.
-
-XXX To do: --balance, the stdout: back-end, --probe.
 """
 
 import argparse
@@ -38,7 +36,6 @@ import itertools
 import json
 import logging
 import logging.handlers
-import mailbox
 import os
 import re
 import secrets
@@ -175,6 +172,9 @@ def build_parser():
     add("--greeting-delay", default="0", metavar="SECONDS",
         help="hold the greeting back; a client that talks first is refused (default 0)")
     add("--max-errors", default="5", metavar="N", help="protocol errors before the session is closed (default 5)")
+    add("--max-refusals", default="20", metavar="N",
+        help="refused MAIL and RCPT (and junk commands past 100) a session may have without delivering a "
+             "message, as Postfix's smtpd_hard_error_limit; 0 for no limit (default 20)")
     add("--max-clients", default="1000", metavar="N", help="concurrent sessions (default 1000)")
     add("--max-clients-per-ip", default="0", metavar="N",
         help="concurrent sessions from one address, 0 for no limit (default 0)")
@@ -507,6 +507,7 @@ def validate(args):
         data_timeout=parse_seconds("--data-timeout", args.data_timeout),
         greeting_delay=parse_seconds("--greeting-delay", args.greeting_delay, 0),
         max_errors=parse_number("--max-errors", args.max_errors),
+        max_refusals=parse_number("--max-refusals", args.max_refusals),
         max_clients=parse_number("--max-clients", args.max_clients, 1),
         max_clients_per_ip=parse_number("--max-clients-per-ip", args.max_clients_per_ip),
         max_message_size=parse_number("--max-message-size", args.max_message_size),
@@ -542,6 +543,10 @@ def load_config(argv=None):
             parser.error("unrecognized arguments: " + " ".join(unknown))
         raise ConfigError(args.config_file or DEFAULT_CONFIG_FILE,
                           "unknown setting " + " ".join(u.split("=")[0].lstrip("-") for u in unknown if u.startswith("--")))
+    for option in ("--check-config", "--probe"):
+        if getattr(args, option[2:].replace("-", "_")) and option not in argv:
+            # From the config file or the environment, the daemon would print and exit at every start.
+            raise ConfigError(option, "command line only, not in the config file or the environment")
     cfg = validate(args)
     lines = []
     for action in setting_actions(parser):
@@ -689,13 +694,23 @@ def set_nodelay(sock):
         pass
 
 
-# Waits on both ends: a wait is one poll() until the session's deadline, a
-# read or write one call after it, never blocking (a socket timeout would cost
-# a poll() inside every call and a syscall to set it). The first read of a
-# deadline on a plain socket is cheaper still: a blocking recv() bounded by
-# SO_RCVTIMEO, set once per connection to the whole wait allowed, is the
-# wait and the read in one syscall. Writes to a plain socket never block
-# (MSG_DONTWAIT); a TLS socket is non-blocking throughout.
+# One way to talk to a peer. Every byte the relay reads from or writes to
+# anyone (a client, a back-end, standard output for stdout:, a metrics
+# client) passes through a Wire, which owns the input buffer, the deadline of
+# each wait and the size of each line. A wait is one poll() until its
+# deadline, then one read or write that never blocks; the first read of a
+# deadline on a plain socket is cheaper still, a blocking recv() bounded by
+# SO_RCVTIMEO (set once per connection to the whole wait allowed): the wait
+# and the read in one syscall.
+
+class LineTooLong(Exception):
+    """No line end within the limit. whole: the line was read to its end (else
+    what was read of it is dropped, and the rest is still to come)."""
+
+    def __init__(self, whole):
+        super().__init__()
+        self.whole = whole
+
 
 def set_read_timeout(sock, seconds):
     """Make a blocking recv() on plain sock give up after seconds (SO_RCVTIMEO) -> whether
@@ -710,15 +725,6 @@ def set_read_timeout(sock, seconds):
     return True
 
 
-def receive_within(sock):
-    """One read from a plain socket set up by set_read_timeout -> bytes (b"" at EOF);
-    TimeoutError when its SO_RCVTIMEO runs out first."""
-    try:
-        return sock.recv(RECV_SIZE)
-    except BlockingIOError:
-        raise TimeoutError("timed out") from None
-
-
 def poll_until(poller, deadline):
     """poll() until something is ready -> [(fd, events)]; TimeoutError past the deadline."""
     while True:
@@ -730,83 +736,261 @@ def poll_until(poller, deadline):
             return ready
 
 
-def wait_once(sock, events, deadline):
-    """Wait for `events` on sock, with a poller made for this wait (the rare ones: a full send buffer)."""
-    poller = select.poll()
-    poller.register(sock, events)
-    poll_until(poller, deadline)
+class Wire:
+    """The bytes between the relay and one peer, over a socket (plain or TLS)
+    or a pair of descriptors (--inetd on pipes or a terminal; standard output).
 
-
-def send_all(sock, data, deadline):
-    """Write all of data to a socket, plain or TLS, by deadline, never blocking in a write
-    -> whether it had to wait for the peer."""
-    view, flags = memoryview(data), 0 if isinstance(sock, ssl.SSLSocket) else socket.MSG_DONTWAIT
-    waited = False
-    while view:
-        try:
-            view = view[sock.send(view, flags):]
-            continue
-        except (BlockingIOError, ssl.SSLWantWriteError):
-            wait_once(sock, select.POLLOUT, deadline)
-        except ssl.SSLWantReadError:
-            wait_once(sock, select.POLLIN, deadline)
-        waited = True
-    return waited
-
-
-def receive_ready(sock, poller, deadline, stop_fd=None):
-    """One read from a socket, plain or TLS, by deadline -> bytes (b"" at EOF).
-
-    poll() first, unless TLS already holds decrypted bytes; a readable
-    socket may still give nothing (part of a TLS record), then wait again.
-    Raises Stopping when stop_fd (also in poller) turns readable first.
+    Reads and writes go by a deadline and raise TimeoutError past it, OSError
+    when the connection breaks; receive() gives b"" at the end of input. The
+    input is buffered here and handed out as bounded lines (read_line),
+    exact counts (read_exactly) or all that is there (take).
     """
-    tls = isinstance(sock, ssl.SSLSocket)
-    while True:
-        if not (tls and sock.pending()):
-            ready = poll_until(poller, deadline)
-            if stop_fd is not None and any(fd == stop_fd for fd, _ in ready):
-                raise Stopping()
+
+    def __init__(self, sock=None, first_read=None, reader=None, writer=None):
+        """first_read: the seconds a plain socket's first read of a deadline may
+        block in recv() (SO_RCVTIMEO); None: every read waits in poll()."""
+        self.sock = sock
+        self.reader, self.writer = (reader, writer) if sock is None else (sock.fileno(),) * 2
+        self.tls = isinstance(sock, ssl.SSLSocket)
+        self.first_read = None
+        if sock is not None:
+            if not self.tls and first_read is not None and set_read_timeout(sock, first_read):
+                self.first_read = first_read
+            else:
+                sock.setblocking(False)
+            set_nodelay(sock)
+        self.poller = select.poll()     # made once: the descriptor stays the same when TLS wraps a socket
+        if self.reader is not None:
+            self.poller.register(self.reader, select.POLLIN)
+        self.inbuf, self.inpos = b"", 0
+
+    def fileno(self):
+        return self.reader
+
+    # Reads -----------------------------------------------------------------
+
+    def receive(self, deadline, first=False, stop=None):
+        """One read by deadline -> bytes, b"" at the end of input.
+
+        first: the deadline is one first_read from now and nothing of it is
+        used up, so a plain socket's recv() may wait all of it. stop: a
+        (poller, fd) pair whose fd turning readable first raises Stopping.
+        """
+        if first and self.first_read is not None and stop is None:
+            try:
+                return self.sock.recv(RECV_SIZE)
+            except BlockingIOError:             # SO_RCVTIMEO ran out
+                raise TimeoutError("timed out") from None
+        poller, stop_fd = stop or (self.poller, None)
+        while True:
+            if not (self.tls and self.sock.pending()):     # TLS may hold decrypted bytes already
+                ready = poll_until(poller, deadline)
+                if stop_fd is not None and any(fd == stop_fd for fd, _ in ready):
+                    raise Stopping()
+            try:
+                if self.sock is None:
+                    return os.read(self.reader, RECV_SIZE)
+                return self.sock.recv(RECV_SIZE, 0 if self.tls else socket.MSG_DONTWAIT)
+            except (BlockingIOError, ssl.SSLWantReadError):
+                continue        # readable, yet nothing whole (part of a TLS record)
+            except ssl.SSLWantWriteError:
+                self.wait(select.POLLOUT, deadline)
+
+    def fill(self, deadline, first=False, stop=None):
+        """Read more into the buffer -> False at the end of input."""
+        data = self.receive(deadline, first, stop)
+        if not data:
+            return False
+        self.inbuf = self.inbuf[self.inpos:] + data if self.inpos < len(self.inbuf) else data
+        self.inpos = 0
+        return True
+
+    def read_line(self, limit, deadline, first=False, stop=None):
+        """The next line, its LF included, by one deadline for the whole line -> bytes;
+        b"" at the end of input. Raises LineTooLong where limit bytes pass with no LF
+        (they are dropped) or the line found is longer (it is consumed)."""
+        while True:
+            end = self.inbuf.find(b"\n", self.inpos)
+            if end >= 0:
+                line, self.inpos = self.inbuf[self.inpos:end + 1], end + 1
+                if len(line) > limit:
+                    raise LineTooLong(whole=True)
+                return line
+            if len(self.inbuf) - self.inpos >= limit:
+                self.inbuf, self.inpos = b"", 0
+                raise LineTooLong(whole=False)
+            if not self.fill(deadline, first, stop):
+                return b""
+            first = False
+
+    def skip_line(self, deadline):
+        """Drop input up to and including the next LF -> False at the end of input."""
+        while (end := self.inbuf.find(b"\n", self.inpos)) < 0:
+            self.inbuf, self.inpos = b"", 0
+            if not self.fill(deadline):
+                return False
+        self.inpos = end + 1
+        return True
+
+    def read_exactly(self, count, deadline):
+        """count bytes and not one more, read past the buffer from the peer (a
+        PROXY header: the TLS handshake after it must stay unread) -> bytes, short at the end of input."""
+        data = self.take(count)
+        while len(data) < count:
+            self.wait(select.POLLIN, deadline)
+            try:
+                chunk = (os.read(self.reader, count - len(data)) if self.sock is None else
+                         self.sock.recv(count - len(data), socket.MSG_DONTWAIT))
+            except BlockingIOError:
+                continue
+            if not chunk:
+                break
+            data += chunk
+        return data
+
+    def take(self, limit=None):
+        """What is buffered (at most limit bytes), out of the buffer."""
+        end = len(self.inbuf) if limit is None else min(len(self.inbuf), self.inpos + limit)
+        data, self.inpos = self.inbuf[self.inpos:end], end
+        if self.inpos >= len(self.inbuf):
+            self.inbuf, self.inpos = b"", 0
+        return data
+
+    def give_back(self, data):
+        """Put bytes read too far (past the end of message data) back in front of the buffer."""
+        self.inbuf, self.inpos = data + self.inbuf[self.inpos:], 0
+
+    @property
+    def buffered(self):
+        return len(self.inbuf) - self.inpos
+
+    def pending(self):
+        """Whether input waits: buffered, or arriving now (the end of input included).
+        A readable TLS socket may hold no data (a TLS 1.3 session ticket): that is none."""
+        if self.buffered:
+            return True
+        if not (self.tls and self.sock.pending()) and not self.poller.poll(0):
+            return False
         try:
-            return sock.recv(RECV_SIZE, 0 if tls else socket.MSG_DONTWAIT)
-        except (BlockingIOError, ssl.SSLWantReadError):
-            continue
-        except ssl.SSLWantWriteError:
-            wait_once(sock, select.POLLOUT, deadline)
+            data = (os.read(self.reader, RECV_SIZE) if self.sock is None else
+                    self.sock.recv(RECV_SIZE, 0 if self.tls else socket.MSG_DONTWAIT))
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return False
+        except OSError:
+            return True         # broken: the next read says how
+        self.inbuf, self.inpos = self.inbuf[self.inpos:] + data, 0
+        return True
+
+    def readable_within(self, seconds):
+        return bool(self.buffered or self.poller.poll(seconds * 1000))
+
+    # Writes ----------------------------------------------------------------
+
+    def send(self, data, deadline):
+        """Write all of data by deadline, never blocking -> whether it had to wait for the peer."""
+        view, waited = memoryview(data), False
+        while view:
+            try:
+                if self.sock is None:
+                    # A descriptor may be blocking and shared (a pipe, a terminal):
+                    # poll first, then at most PIPE_BUF, which a pipe with room takes at once.
+                    if not self.poller_out().poll(0):
+                        waited = True
+                        self.wait(select.POLLOUT, deadline)
+                    view = view[os.write(self.writer, view[:select.PIPE_BUF]):]
+                else:
+                    view = view[self.sock.send(view, 0 if self.tls else socket.MSG_DONTWAIT):]
+                continue
+            except (BlockingIOError, ssl.SSLWantWriteError):
+                self.wait(select.POLLOUT, deadline)
+            except ssl.SSLWantReadError:
+                self.wait(select.POLLIN, deadline)
+            waited = True
+        return waited
+
+    def poller_out(self):
+        poller = select.poll()
+        poller.register(self.writer, select.POLLOUT)
+        return poller
+
+    def wait(self, events, deadline):
+        """Wait for events on the connection (POLLIN on the reader, POLLOUT on the writer)."""
+        poller = select.poll()
+        poller.register(self.writer if events == select.POLLOUT else self.reader, events)
+        poll_until(poller, deadline)
+
+    # TLS and the end ---------------------------------------------------------
+
+    def start_tls(self, context, deadline, server_hostname=None):
+        """Wrap the socket in TLS and run the handshake by deadline; a server side
+        unless server_hostname is given. RFC 3207 §4.2: whatever was buffered in
+        clear is dropped, never read as if it came inside TLS (STARTTLS injection)."""
+        self.inbuf, self.inpos = b"", 0
+        self.sock.setblocking(False)
+        self.first_read = None
+        self.sock = context.wrap_socket(self.sock, server_side=server_hostname is None,
+                                        server_hostname=server_hostname, do_handshake_on_connect=False)
+        self.tls = True
+        while True:
+            try:
+                self.sock.do_handshake()
+                return
+            except ssl.SSLWantReadError:
+                self.wait(select.POLLIN, deadline)
+            except ssl.SSLWantWriteError:
+                self.wait(select.POLLOUT, deadline)
+
+    def close(self, linger=0):
+        """Close the connection; linger: seconds to read what the peer still sends, so
+        that our last reply is not destroyed by the reset that unread input causes."""
+        if self.sock is None:
+            for fd in {self.reader, self.writer} - {None}:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            return
+        try:
+            if self.tls:
+                self.sock.setblocking(False)    # send our close_notify (RFC 8446 §6.1), don't wait for theirs
+                self.sock.unwrap()
+            elif linger:
+                self.sock.shutdown(socket.SHUT_WR)
+                deadline = time.monotonic() + linger
+                while self.receive(deadline):
+                    pass
+        except (OSError, ValueError, TimeoutError):
+            pass
+        try:
+            self.sock.close()
+        except OSError:
+            pass
 
 
 class Channel:
-    """The client's end of the wire, over a socket, plain or TLS.
+    """The client's end of the SMTP dialogue, over its Wire.
 
-    It keeps to the socket calls that an accepted, an inherited and a
-    TLS-wrapped socket share, so a session runs the same on each. Replies
-    are queued and written when the session next waits for input, so a
-    pipelined burst gets its replies in one write (RFC 2920 §3.1).
+    Replies are queued and written when the session next waits for input,
+    so a pipelined burst gets its replies in one write (RFC 2920 §3.1).
     """
 
-    def __init__(self, sock, timeout, stop_fd=None):
-        self.sock, self.timeout, self.stop_fd = sock, timeout, stop_fd
-        # A plain socket's first read of a deadline is a recv() bounded by
-        # SO_RCVTIMEO (set_read_timeout); until STARTTLS.
-        self.timed_reads = not isinstance(sock, ssl.SSLSocket) and set_read_timeout(sock, timeout)
-        if not self.timed_reads:
-            sock.setblocking(False)
-        set_nodelay(sock)
-        # Made once: the socket alone, and the socket with the stop (the
-        # descriptor stays the same when TLS wraps the socket).
-        self.poller, self.stop_poller = select.poll(), select.poll()
-        self.poller.register(sock, select.POLLIN)
-        self.stop_poller.register(sock, select.POLLIN)
-        if stop_fd is not None:
-            self.stop_poller.register(stop_fd, select.POLLIN)
-        self.inbuf, self.inpos = b"", 0
+    def __init__(self, wire, timeout, stop_fd=None):
+        self.wire, self.timeout, self.stop_fd = wire, timeout, stop_fd
+        self.stop = None            # (poller, fd): the wait for input that a stop cuts short
+        if stop_fd is not None and wire.reader is not None:
+            poller = select.poll()
+            poller.register(wire.reader, select.POLLIN)
+            poller.register(stop_fd, select.POLLIN)
+            self.stop = poller, stop_fd
         self.outbuf = []
+        self.last_code = None       # of the last reply queued
         self.skipping = False       # the rest of an overlong line is still to be dropped
         self.data_complete = False  # read_data: the segment out now is the message's last
         self.debug_sid = None       # set to log each line at debug level
         self.interruptible = False  # a stop may cut the wait for input (no transaction open)
 
     def reply(self, code, text):
+        self.last_code = code
         data = format_reply(code, text)
         if self.debug_sid:
             for line in data.split(b"\r\n")[:-1]:
@@ -818,139 +1002,88 @@ class Channel:
         if self.outbuf:
             data, self.outbuf = b"".join(self.outbuf), []
             try:
-                return send_all(self.sock, data, time.monotonic() + self.timeout)
+                return self.wire.send(data, time.monotonic() + self.timeout)
             except TimeoutError:
                 raise
             except OSError as e:
                 raise ClientGone(f"write failed: {e}") from None
         return False
 
-    def receive(self, deadline=None, first=True):
-        """More bytes from the client by deadline (default: one --timeout from now);
-        queued replies are written first. first: nothing of the deadline is used up
-        yet, unless writing the replies took time.
-
-        Raises TimeoutError past the deadline, and Stopping when the relay
-        stops while the wait is interruptible.
-        """
+    def fill(self, deadline=None, first=True):
+        """More bytes from the client by deadline (default: one --timeout from now); queued
+        replies are written first. first: nothing of the deadline is used up yet, unless
+        writing the replies took time. Raises TimeoutError past the deadline, ClientGone
+        at its end, and Stopping when the relay stops while the wait is interruptible."""
         waited = self.flush()
-        interruptible = self.interruptible and self.stop_fd is not None
+        stop = self.stop if self.interruptible else None
         try:
-            if first and not waited and self.timed_reads and not interruptible:
-                data = receive_within(self.sock)        # a whole --timeout: the socket's own
-            else:
-                data = receive_ready(self.sock, self.stop_poller if interruptible else self.poller,
-                                     deadline or time.monotonic() + self.timeout,
-                                     self.stop_fd if interruptible else None)
-        except TimeoutError:
+            more = self.wire.fill(deadline or time.monotonic() + self.timeout, first and not waited, stop)
+        except (TimeoutError, Stopping):
             raise
         except OSError as e:
             raise ClientGone(f"read failed: {e}") from None
-        if not data:
+        if not more:
             raise ClientGone("client closed the connection")
-        return data
+
+    def read_line(self, limit=COMMAND_LINE_LIMIT):
+        """The next line without its CRLF (or bare LF, as most servers accept).
+
+        One --timeout for the whole line (Postfix's smtpd_per_record_deadline);
+        queued replies are written first when the line is not here yet. Raises
+        SMTPError 500 for a line over limit bytes, after reading past its end
+        so the stream stays in step (aiosmtpd), and holding at most limit plus
+        one read meanwhile: the reply goes out at once, and the rest of the
+        line is dropped (by one more --timeout) before the next line is read.
+        """
+        stop = self.stop if self.interruptible else None
+        try:
+            if self.skipping:
+                self.flush()
+                self.skipping = False
+                if not self.wire.skip_line(time.monotonic() + self.timeout):
+                    raise ClientGone("client closed the connection")
+            # The first read may take the whole --timeout in one recv(), unless
+            # writing the replies had to wait for the client's reading.
+            deadline = time.monotonic() + self.timeout
+            waited = self.flush() if self.wire.inbuf.find(b"\n", self.wire.inpos) < 0 else False
+            line = self.wire.read_line(limit, deadline, not waited, stop)
+        except LineTooLong as e:
+            self.skipping = not e.whole
+            raise SMTPError(*LINE_TOO_LONG) from None
+        except OSError as e:
+            if isinstance(e, TimeoutError):
+                raise
+            raise ClientGone(f"read failed: {e}") from None
+        if not line:
+            raise ClientGone("client closed the connection")
+        return line[:-2] if line.endswith(b"\r\n") else line[:-1]
 
     def spoke_within(self, seconds):
         """Whether the client sends anything within `seconds` (before the greeting it should not)."""
-        if self.inpos < len(self.inbuf):
-            return True
-        poller = select.poll()
-        poller.register(self.sock, select.POLLIN)
-        return bool(poller.poll(seconds * 1000))
+        return self.wire.readable_within(seconds)
 
     def tls_parameters(self):
         """(protocol, cipher) of the TLS in use."""
-        return self.sock.version(), self.sock.cipher()[0]
+        return self.wire.sock.version(), self.wire.sock.cipher()[0]
 
     def client_certificate(self):
         """The client's verified certificate as Auth-SSL-* values, or None."""
-        return client_certificate(self.sock)
+        return client_certificate(self.wire.sock)
 
     def start_tls(self, context):
-        """Run the server side of a TLS handshake on the connection.
-
-        RFC 3207 §4.2: whatever the client sent in clear before the
-        handshake is dropped, never run as a command inside TLS (STARTTLS
-        command injection). A failed handshake raises ClientGone; one
-        --timeout bounds it.
-        """
+        """Run the server side of a TLS handshake, bounded by one --timeout.
+        A failed handshake raises ClientGone."""
         self.flush()
-        self.inbuf, self.inpos = b"", 0
-        deadline = time.monotonic() + self.timeout     # the whole handshake, not each read
+        if self.wire.sock is None:
+            raise ClientGone("TLS needs a socket, and the client is on a pipe")
         try:
-            self.sock.setblocking(False)
-            self.timed_reads = False
-            self.sock = context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
-            while True:
-                try:
-                    self.sock.do_handshake()
-                    break
-                except ssl.SSLWantReadError:
-                    wait_once(self.sock, select.POLLIN, deadline)
-                except ssl.SSLWantWriteError:
-                    wait_once(self.sock, select.POLLOUT, deadline)
+            self.wire.start_tls(context, time.monotonic() + self.timeout)
         except (ssl.SSLError, OSError) as e:
             raise ClientGone(f"TLS handshake failed: {getattr(e, 'reason', None) or e}") from None
 
     def close(self):
         """Close the connection so that the last reply reaches the client."""
-        try:
-            if isinstance(self.sock, ssl.SSLSocket):
-                self.sock.setblocking(False)    # send our close_notify (RFC 8446 §6.1), don't wait for theirs
-                self.sock.unwrap()
-            else:
-                # Input left unread at close() makes the kernel answer with a
-                # reset, which can destroy a 421 still on its way: send our
-                # FIN, then read what the client still sends, for a moment.
-                self.sock.shutdown(socket.SHUT_WR)
-                self.sock.settimeout(LINGER_SECONDS)
-                deadline = time.monotonic() + LINGER_SECONDS
-                while self.sock.recv(RECV_SIZE) and time.monotonic() < deadline:
-                    pass
-        except (OSError, ValueError):
-            pass
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-
-    def fill(self, deadline=None, first=True):
-        data = self.receive(deadline, first)
-        self.inbuf = self.inbuf[self.inpos:] + data if self.inpos < len(self.inbuf) else data
-        self.inpos = 0
-
-    def read_line(self, limit=COMMAND_LINE_LIMIT):
-        """The next line without its CRLF (or bare LF, as most servers accept).
-
-        Raises SMTPError 500 for a line over limit bytes, after reading past
-        its end so the stream stays in step (aiosmtpd), and holding at most
-        limit plus one read meanwhile. The reply goes out at once; the rest
-        of the line is dropped before the next line is read.
-        """
-        if self.skipping:
-            self.skip_line()
-            self.skipping = False
-        # One --timeout for the whole line (Postfix's smtpd_per_record_deadline):
-        # the first read may take all of it, later ones what is left.
-        deadline, first = time.monotonic() + self.timeout, True
-        while True:
-            end = self.inbuf.find(b"\n", self.inpos)
-            if end >= 0:
-                line, self.inpos = self.inbuf[self.inpos:end], end + 1
-                if len(line) + 1 > limit:
-                    raise SMTPError(*LINE_TOO_LONG)
-                return line[:-1] if line.endswith(b"\r") else line
-            if len(self.inbuf) - self.inpos >= limit:
-                self.inbuf, self.inpos, self.skipping = b"", 0, True
-                raise SMTPError(*LINE_TOO_LONG)
-            self.fill(deadline, first)
-            first = False
-
-    def skip_line(self):
-        while (end := self.inbuf.find(b"\n", self.inpos)) < 0:
-            self.inbuf, self.inpos = b"", 0
-            self.fill()
-        self.inpos = end + 1
+        self.wire.close(linger=LINGER_SECONDS)
 
     def read_data(self, normalize):
         """Yield message data as it arrives, up to the CRLF.CRLF that ends it.
@@ -963,7 +1096,7 @@ class Channel:
         BARE_NEWLINE marker is yielded once and the rest is read and dropped.
         Bytes after the end stay buffered for the next command.
         """
-        pending, self.inbuf, self.inpos = self.inbuf[self.inpos:], b"", 0
+        pending = self.wire.take()
         at, refused = LINE_START, False
         self.data_complete = False
         while True:
@@ -973,7 +1106,8 @@ class Channel:
                 end = pending.find(b"\r\n.\r\n")
                 end = end + 2 if end >= 0 else -1
             if end >= 0:
-                segment, self.inbuf = pending[:end], pending[end + 3:]
+                segment = pending[:end]
+                self.wire.give_back(pending[end + 3:])
                 self.data_complete = True
             else:
                 # Pass on whole lines; hold back the partial last one (it may
@@ -996,10 +1130,15 @@ class Channel:
             at = line_state_after(segment, at)
             if end >= 0:
                 return
-            pending += self.receive()
+            self.fill()
+            pending += self.wire.take()
 
 
 # Parsing command arguments (RFC 5321 §4.1.2) ---------------------------------
+
+# RFC 5321 §4.5.3.1.3 allows 256 octets; more is taken, but within what one
+# header line of the captured mail can hold (RFC 5322 §2.1.1: 998).
+PATH_LIMIT = 900
 
 # RFC 5321 §4.1.2 Mailbox, loosely: a dot-string or quoted local part, one
 # @, a domain or an address literal; UTF-8 passes (RFC 6531). Exactly one
@@ -1040,6 +1179,8 @@ def parse_path(arg, keyword):
         if ":" not in address:
             raise SMTPError(501, "5.1.7 Bad address syntax: bad source route")
         address = address.split(":", 1)[1]
+    if len(address) > PATH_LIMIT:
+        raise SMTPError(501, "5.1.3 Path too long")       # RFC 5321 §4.5.3.1.10
     if address and not MAILBOX.fullmatch(address) and address.lower() != "postmaster":
         raise SMTPError(501, "5.1.3 Bad address syntax")
     parsed = {}
@@ -1084,14 +1225,24 @@ def decode_utf8(data):
 # replies to MAIL, RCPT and DATA pass to the client verbatim.
 
 HELP_TEXT = "2.0.0 Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP"
+JUNK_COMMANDS = {"NOOP", "RSET", "VRFY", "EXPN", "HELP"}
+JUNK_LIMIT = 100            # Postfix's smtpd_junk_command_limit: past it, each one is a refusal
 
 
 def client_ip(peer):
-    """A peer's address as text; a v4 client on a dual-stack listener as plain v4."""
+    """A peer's IP address as text, a v4 client on a dual-stack listener as plain v4;
+    None for a peer with no IP address (a UNIX socket, a pipe)."""
+    if not isinstance(peer, tuple) or not peer:
+        return None
     if ":" not in peer[0]:
         return peer[0]          # IPv4, as the kernel wrote it
     ip = ipaddress.ip_address(peer[0].split("%")[0])
     return str(getattr(ip, "ipv4_mapped", None) or ip)
+
+
+def peer_text(ip, peer):
+    """A client for the log: ADDR:PORT, or what it has instead of an address."""
+    return format_address(ip, peer[1]) if ip else "a client with no IP address"
 
 
 def valid_hostname(name):
@@ -1128,29 +1279,82 @@ def lookup_client_names(ip):
     return (reverse_name if ip in found else UNAVAILABLE), reverse_name
 
 
-class ClientNames:
-    """A client's names, looked up in a thread of their own from the start of
-    the session; get() waits at most --resolve-timeout from that start."""
+RESOLVER_THREADS = 8        # name lookups at once, for all sessions together
+RESOLVER_QUEUE = 64         # lookups waiting for a thread; one that finds the queue full is [TEMPUNAVAIL]
 
-    def __init__(self, ip, timeout):
-        self.deadline = time.monotonic() + timeout
+
+class ClientNames:
+    """One client's names, as the Resolver finds them: get() waits at most
+    --resolve-timeout from the start of the session."""
+
+    def __init__(self, ip, deadline):
+        self.ip, self.deadline = ip, deadline
         self.names = None
         self.done = threading.Event()
-        threading.Thread(target=self.lookup, args=(ip,), name=f"resolve {ip}", daemon=True).start()
 
-    def lookup(self, ip):
-        self.names = lookup_client_names(ip)
+    def found(self, names):
+        self.names = names
         self.done.set()
 
     def get(self):
         """(name, reverse_name); [TEMPUNAVAIL] for both past the deadline."""
-        if self.done.wait(max(self.deadline - time.monotonic(), 0)):
+        if self.done.wait(max(self.deadline - time.monotonic(), 0)) and self.names:
             return self.names
         return TEMPUNAVAIL, TEMPUNAVAIL
 
     @property
     def name(self):
         return self.get()[0]
+
+    def abandon(self):
+        """The session is over: a lookup still waiting for a thread is not made."""
+        self.deadline = 0
+
+
+class Resolver:
+    """Name lookups for every session from one small pool of threads.
+
+    A slow resolver costs RESOLVER_THREADS threads, never one per session:
+    a lookup waits in a bounded queue, is skipped once nobody waits for it
+    any more, and finds [TEMPUNAVAIL] at once where the queue is full.
+    """
+
+    def __init__(self):
+        self.lock = threading.Condition()
+        self.waiting = collections.deque()
+        self.threads = self.idle = 0
+
+    def lookup(self, ip, timeout):
+        """Start looking up ip's names -> ClientNames."""
+        names = ClientNames(ip, time.monotonic() + timeout)
+        with self.lock:
+            if len(self.waiting) >= RESOLVER_QUEUE:
+                names.found((TEMPUNAVAIL, TEMPUNAVAIL))
+                return names
+            self.waiting.append(names)
+            if self.idle > len(self.waiting) - 1 or self.threads >= RESOLVER_THREADS:
+                self.lock.notify()
+                return names
+            try:
+                threading.Thread(target=self.work, name="resolver", daemon=True).start()
+                self.threads += 1
+            except RuntimeError as e:       # the relay's own shortage: no name, no failure
+                log.error("cannot start a resolver thread: %s", e)
+                self.waiting.remove(names)
+                names.found((TEMPUNAVAIL, TEMPUNAVAIL))
+        return names
+
+    def work(self):
+        while True:
+            with self.lock:
+                self.idle += 1
+                self.lock.wait_for(lambda: self.waiting)
+                self.idle -= 1
+                names = self.waiting.popleft()
+            if time.monotonic() < names.deadline:
+                names.found(lookup_client_names(names.ip))
+            else:
+                names.found((TEMPUNAVAIL, TEMPUNAVAIL))
 
 
 class Session:
@@ -1162,25 +1366,30 @@ class Session:
         self.implicit_tls = implicit_tls
         self.tls = False            # the connection is TLS now
         self.certificate = None     # the client's verified certificate (Auth-SSL-* headers)
-        self.peer_ip, self.peer_port = ip or client_ip(peer), peer[1]
+        self.peer_ip = ip           # None: a client with no IP address (--inetd on a UNIX socket or pipes)
+        self.peer_port = peer[1] if ip else None
         self.sid = secrets.token_hex(4)
         self.backend = None         # open back-end connection, for the rest of the session
         self.backend_opened = False     # a back-end was tried for this session before (--balance)
         self.login_attempt = 0      # Auth-Login-Attempt
         self.ehlo_required = False  # after STARTTLS, MAIL and AUTH wait for a new EHLO
         self.errors = 0
+        self.refusals = 0           # MAIL and RCPT refused, junk past JUNK_LIMIT (--max-refusals)
+        self.junk = 0               # junk commands since the last delivered message
+        self.verb = None            # of the command being handled
         self.done = False
         self.reset(forget_helo=True)
         if log.isEnabledFor(logging.DEBUG):
             channel.debug_sid = self.sid
         # The client's name is looked up from the start, beside the greeting,
         # where anyone will ask for it (XCLIENT, the auth service).
-        self.names = ClientNames(self.peer_ip, self.cfg.resolve_timeout) if setup.needs_names else None
+        self.names = (relay.resolver.lookup(self.peer_ip, self.cfg.resolve_timeout)
+                      if setup.needs_names and self.peer_ip else None)
 
     @functools.cached_property
     def peer_address(self):
         """The client's address as an ipaddress object, for the checks that need one."""
-        return ipaddress.ip_address(self.peer_ip)
+        return ipaddress.ip_address(self.peer_ip) if self.peer_ip else None
 
     def reset(self, forget_helo=False):
         """Forget the mail transaction (RFC 5321 §4.1.1.5); with forget_helo, who the client said it was too."""
@@ -1206,13 +1415,13 @@ class Session:
         self.connected = time.monotonic()
         if self.relay.wants(logging.INFO):
             via = f" via {format_address(*self.via[:2])}" if self.via else ""
-            self.event("connect", logging.INFO, f"connect from {format_address(self.peer_ip, self.peer_port)}{via}",
+            self.event("connect", logging.INFO, f"connect from {peer_text(self.peer_ip, (None, self.peer_port))}{via}",
                        port=self.peer_port)
         try:
             if self.implicit_tls:
                 self.begin_tls()
             if not self.allowed_in():
-                self.event("refused", logging.WARNING, f"refused {self.peer_ip}: not in --allow-from",
+                self.event("refused", logging.WARNING, f"refused {self.peer_ip or 'a client with no IP address'}: not in --allow-from",
                            reply="554 5.7.1 Access denied")
                 self.say_last(554, "5.7.1 Access denied")
             elif self.greet():
@@ -1228,11 +1437,13 @@ class Session:
             self.say_last(421, f"4.4.2 {self.cfg.server_name} Error: timeout exceeded")
         finally:
             self.close_backend()
+            if self.names:
+                self.names.abandon()
 
     def log_disconnect(self):
         """The session's last line, once its slot is free (serve_connection)."""
         if self.relay.wants(logging.INFO):
-            self.event("disconnect", logging.INFO, f"disconnect from {self.peer_ip}",
+            self.event("disconnect", logging.INFO, f"disconnect from {self.peer_ip or 'a client with no IP address'}",
                        seconds=round(time.monotonic() - self.connected, 3))
 
     def begin_tls(self):
@@ -1270,7 +1481,7 @@ class Session:
             return methods
         if self.tls_required:
             return []
-        if self.peer_address.is_loopback:
+        if self.peer_address is not None and self.peer_address.is_loopback:
             return [m for m in methods if m != "external"]
         return [m for m in methods if m not in ("plain", "login", "external")]
 
@@ -1287,7 +1498,9 @@ class Session:
         return headers
 
     def allowed_in(self):
-        return not self.cfg.allow_from or any(self.peer_address in net for net in self.cfg.allow_from)
+        # A client with no IP address is trusted no more than a remote one: only the default admits it.
+        return not self.cfg.allow_from or self.peer_address is not None and any(
+            self.peer_address in net for net in self.cfg.allow_from)
 
     def greet(self):
         """Send the greeting; False if the client spoke first during --greeting-delay."""
@@ -1315,15 +1528,24 @@ class Session:
         if idle and self.relay.stopping.is_set():
             raise Stopping()
         self.channel.interruptible = idle
+        self.verb = None
         try:
             line = self.channel.read_line(AUTH_LINE_LIMIT)
             if len(line) + 2 > COMMAND_LINE_LIMIT and not re.match(rb"(?i)AUTH ", line):
                 raise SMTPError(*LINE_TOO_LONG)
             if self.channel.debug_sid:
                 log.debug("%s C: %s", self.sid, printable(mask_secrets(line)))
+            if self.cfg.max_refusals and self.refusals >= self.cfg.max_refusals:
+                # Postfix's smtpd_hard_error_limit: a client that only probes is sent away.
+                log.info("%s %d refusals without a delivered message: closing", self.sid, self.refusals)
+                self.channel.reply(421, "4.7.0 Error: too many refusals, closing connection")
+                self.done = True
+                return
             self.dispatch(line)
+            self.counted(self.channel.last_code)
         except SMTPError as e:
             self.channel.reply(e.code, e.text)
+            self.counted(e.code, protocol_error=e.counted)
             if e.counted:
                 self.errors += 1
                 log.info("%s error %d %s (%d of %d)", self.sid, e.code, e.text, self.errors, self.cfg.max_errors)
@@ -1340,6 +1562,18 @@ class Session:
             self.channel.reply(421, "4.3.0 Internal error, closing connection")
             self.done = True
 
+    def counted(self, code, protocol_error=False):
+        """Count the command just answered toward --max-refusals, and RCPT in the metrics."""
+        if self.verb in JUNK_COMMANDS:
+            self.junk += 1
+            if self.junk > JUNK_LIMIT:
+                self.refusals += 1
+        elif self.verb in ("MAIL", "RCPT") and code >= 400 and not protocol_error:
+            self.refusals += 1
+        if self.verb == "RCPT" and self.relay.wants(logging.DEBUG):
+            outcome = "accepted" if code < 400 else "deferred" if code < 500 else "refused"
+            self.event("recipient", logging.DEBUG, f"recipient {outcome} with {code}", outcome=outcome, code=code)
+
     def dispatch(self, line):
         if COMMAND_CONTROLS.search(line):
             raise SMTPError(500, "5.5.2 Syntax error: control character in command")
@@ -1352,6 +1586,7 @@ class Session:
         handler = getattr(self, "smtp_" + verb.upper(), None) if verb.isascii() and verb.isalpha() else None
         if handler is None:
             raise SMTPError(500, "5.5.2 Error: command not recognized")
+        self.verb = verb.upper()
         handler(arg.strip(" "))
 
     # Verbs --------------------------------------------------------------------
@@ -1512,6 +1747,8 @@ class Session:
             except SMTPError as e:
                 code, text = e.code, e.text
         self.log_message(sender, rcpts, size, code, text, started)
+        if 200 <= code < 300:
+            self.refusals = self.junk = 0
         self.reset()
         self.channel.reply(code, text)
 
@@ -1672,12 +1909,17 @@ class Session:
     def backend_call(self, method, *args):
         """Run a back-end method -> its (code, text); opens a back-end first if need be.
 
-        A back-end gone mid-transaction gives the client 451 4.4.2 and the
-        next MAIL opens a new one. At MAIL, a back-end that went away while
-        the session was idle is replaced once, since nothing is lost yet.
+        A back-end that breaks gives the client 451 4.4.2, and the next MAIL
+        opens a new one. One that says 421 (it is closing the connection,
+        RFC 5321 §3.8) is passed on and ends the client's session as well,
+        so that no fresh back-end session goes on where that one stopped
+        (Postfix's smtpd_hard_error_limit). A connection found closed at its
+        first command, one from the pool or at a MAIL after this session's
+        last transaction (a back-end's idle timeout, with no 421), is replaced
+        once, since nothing is lost yet.
         """
-        fresh = self.backend is None
-        if fresh:
+        from_pool, kept = False, self.backend is not None
+        if self.backend is None:
             if self.route:
                 self.backend = open_backend(self, [self.route.backend])
             else:
@@ -1686,15 +1928,18 @@ class Session:
                 self.backend_opened = True
                 self.backend = open_backend(self, order, balancer)
             self.relay.balancer.opened(self.backend.name)
-            fresh = not self.backend.reused     # a pooled one may have gone while idle: replaced once
+            from_pool = self.backend.reused
         try:
             code, text = getattr(self.backend, method)(*args)
         except BackendGone as e:
             log.warning("%s backend %s failed at %s: %s", self.sid, self.backend.name, method, e)
             self.drop_backend()
-            if method == "mail" and not fresh:
+            if from_pool or kept and method == "mail" and not e.reply:
                 return self.backend_call(method, *args)
             self.reset()
+            if e.reply:
+                self.done = True
+                return e.reply
             raise SMTPError(*BACKEND_LOST) from None
         if code >= 400 and method != "data_end":       # the end of data has its own line, log_message
             verb = {"data_start": "DATA"}.get(method, method.upper())
@@ -1771,11 +2016,11 @@ def xclient_arguments(session, wanted, login):
     so every wanted one is sent; where the line would pass 512 octets, the
     names give way to [UNAVAILABLE] (the stricter value), then LOGIN goes.
     """
-    ip = session.peer_address
+    ip = session.peer_address       # None: the client has none, and the back-end must not take the relay's
     name, reverse_name = session.names.get() if session.names else (UNAVAILABLE, UNAVAILABLE)
     values = {
-        "ADDR": f"IPV6:{ip}" if ip.version == 6 else str(ip),
-        "PORT": str(session.peer_port),
+        "ADDR": UNAVAILABLE if ip is None else f"IPV6:{ip}" if ip.version == 6 else str(ip),
+        "PORT": UNAVAILABLE if ip is None else str(session.peer_port),
         "NAME": name,
         "REVERSE_NAME": reverse_name,
         "HELO": session.helo or UNAVAILABLE,
@@ -1810,7 +2055,32 @@ class BackendUntrusted(BackendDown):
 
 
 class BackendGone(Exception):
-    """The back-end connection broke or timed out in the middle of things."""
+    """The back-end connection broke, timed out or fell out of step in the middle of
+    things; reply: its 421 (it is closing the connection), to be passed on."""
+
+    def __init__(self, message, reply=None):
+        super().__init__(message)
+        self.reply = reply
+
+
+class UnaskedReply(smtplib.SMTPServerDisconnected):
+    """The back-end said something before it was asked; reply: its 421, where that was all."""
+
+    def __init__(self, reply):
+        super().__init__(f"said {'421' if reply else 'something'} before it was asked")
+        self.reply = reply
+
+
+# An unasked reply that is only a 421, the back-end's notice that it closes.
+UNASKED_CLOSING = re.compile(rb"(?:421-[^\n]*\n)*421(?: [^\n]*)?\n")
+
+
+class LocalFailure(Exception):
+    """The relay itself ran short (file descriptors, memory, threads): no back-end's fault."""
+
+
+LOCAL_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+LOCAL_TROUBLE = (451, "4.3.0 Error: the relay is short of resources; try again later")
 
 
 def open_backend(session, candidates, balancer=None):
@@ -1832,6 +2102,10 @@ def open_backend(session, candidates, balancer=None):
         except BackendDown as e:
             session.event("backend_down", logging.WARNING, f"backend {backend} is down: {e}; trying next",
                           backend=str(backend), reason=str(e))
+        except LocalFailure as e:
+            # Ours, not the back-end's: it is not held off, and the next one would fail alike.
+            log.error("%s cannot reach backend %s: the relay is short of resources: %s", session.sid, backend, e)
+            raise SMTPError(*LOCAL_TROUBLE) from None
         if balancer:
             balancer.failed(backend)
     log.error("%s all back-ends are down", session.sid)
@@ -1856,7 +2130,11 @@ class Balancer:
     def order(self, backends, policy, new_session=True):
         """The order in which a back-end session tries `backends` -> list. A new
         client session skips the held-off; one that already had a back-end
-        session (a later MAIL) tries them last, as it may have seen them fail."""
+        session (a later MAIL) tries them last, as it may have seen them fail.
+        Where every one is held off (a lone back-end once found down), they are
+        tried anyway, the one found down earliest first: a restart of the only
+        mail server must not refuse mail for the hold-off (nginx never counts
+        a single server unavailable)."""
         with self.lock:
             if policy == "roundrobin":
                 first = self.turn % len(backends)
@@ -1874,7 +2152,9 @@ class Balancer:
                     self.held_until[str(backend)] = now + BACKEND_HOLD_OFF
                 else:
                     held.append(backend)
-            return retry + up + ([] if new_session else held)
+            if new_session and (retry or up):
+                return retry + up
+            return retry + up + sorted(held, key=lambda b: self.held_until[str(b)])
 
     def answered(self, backend):
         with self.lock:
@@ -1983,7 +2263,11 @@ class SMTPConnection(smtplib.SMTP):
     built from its lower layers: docmd("DATA"), send() per chunk, getreply().
     Commands are rebuilt from parsed values; nothing the client typed is
     passed on raw, so a client cannot reach XCLIENT or AUTH on a back-end
-    that trusts the relay.
+    that trusts the relay. Every byte goes through the connection's Wire,
+    and replies are read strictly in step: a reply is read only as the
+    answer to the command just sent, so bytes that are there before a
+    command goes out (an unasked reply, or one too many) make the back-end
+    broken, never the answer to a later command.
     """
 
     reused = False                  # taken from the pool, not opened for this session
@@ -1996,20 +2280,14 @@ class SMTPConnection(smtplib.SMTP):
         # A connection that may serve other clients says the relay's own name.
         helo = session.cfg.server_name if pooled else session.helo or session.cfg.server_name
         self.tls_mode, self.tls_context = session.cfg.backend_tls, session.setup.backend_tls_context
-        super().__init__(timeout=session.cfg.proxy_timeout, local_hostname=helo)
-        self._host = backend.host       # smtplib's starttls() verifies this name; only __init__ sets it
-        self.inbuf = b""                # what the back-end sent beyond the last reply line read
-        self.reply_timeout = session.cfg.proxy_timeout
+        self.wire = None
+        self.reply_timeout = self.proxy_timeout = session.cfg.proxy_timeout
         self.data_timeout = session.cfg.data_timeout
+        super().__init__(timeout=session.cfg.proxy_timeout, local_hostname=helo)
+        self._host = backend.host       # the name TLS verifies; only smtplib's __init__ sets it
         self.xclient = False            # XCLIENT was accepted on this connection
-        self.read_timeout = None        # a plain socket's SO_RCVTIMEO (set_read_timeout)
         try:
             code, text = self.connect(backend.host, backend.port)
-            set_nodelay(self.sock)
-            if not isinstance(self.sock, ssl.SSLSocket) and set_read_timeout(self.sock, self.reply_timeout):
-                self.read_timeout = self.reply_timeout
-            else:
-                self.sock.setblocking(False)
             if code != 220:
                 raise BackendDown(f"greeted with {code} {printable(text)}")
             self.greet(helo)
@@ -2020,7 +2298,15 @@ class SMTPConnection(smtplib.SMTP):
                 self.send_xclient(session, helo, login=None if credentials else session.login())
             if credentials:
                 self.authenticate(*credentials)
-        except (OSError, smtplib.SMTPException, UnicodeError) as e:
+        except OSError as e:
+            self.close()
+            if e.errno in LOCAL_ERRNOS:
+                raise LocalFailure(e.strerror) from None
+            raise BackendDown(printable(str(e)) or type(e).__name__) from None
+        except MemoryError:
+            self.close()
+            raise LocalFailure("out of memory") from None
+        except (smtplib.SMTPException, UnicodeError) as e:
             self.close()
             raise BackendDown(printable(str(e)) or type(e).__name__) from None
         except BackendDown:
@@ -2028,25 +2314,26 @@ class SMTPConnection(smtplib.SMTP):
             raise
 
     def _get_socket(self, host, port, timeout):
+        """smtplib's connect (bounded by --proxy-timeout), then the connection's Wire;
+        implicit TLS (--backend-tls on) as smtplib.SMTP_SSL."""
         sock = super()._get_socket(host, port, timeout)
-        if self.tls_mode == "on":           # implicit TLS, as smtplib.SMTP_SSL
-            sock = self.tls_context.wrap_socket(sock, server_hostname=host)
-        self.poller = select.poll()         # for every reply; TLS keeps the descriptor
-        self.poller.register(sock, select.POLLIN)
-        return sock
+        self.wire = Wire(sock, first_read=self.proxy_timeout)
+        if self.tls_mode == "on":
+            self.wire.start_tls(self.tls_context, time.monotonic() + self.timeout, server_hostname=host)
+        return self.wire.sock
 
     def start_tls(self, helo):
         """STARTTLS to the back-end; one that does not offer it is down, never used in clear."""
         if not self.has_extn("starttls"):
             raise BackendDown("offers no STARTTLS, and --backend-tls starttls requires it")
-        self.sock.settimeout(self.timeout)      # smtplib's handshake wants a blocking socket
-        try:
-            self.starttls(context=self.tls_context)
-        except smtplib.SMTPResponseException as e:
-            raise BackendDown(f"refused STARTTLS with {e.smtp_code} {printable(e.smtp_error)}") from None
-        self.sock.setblocking(False)
-        self.read_timeout = None
-        self.inbuf = b""        # nothing sent in clear counts inside TLS (RFC 3207 §4.2)
+        code, text = self.docmd("STARTTLS")
+        if code != 220:
+            raise BackendDown(f"refused STARTTLS with {code} {printable(text)}")
+        self.wire.start_tls(self.tls_context, time.monotonic() + self.timeout, server_hostname=self._host)
+        self.sock = self.wire.sock
+        # As smtplib.starttls(): nothing the server said in clear counts (RFC 3207 §4.2).
+        self.helo_resp = self.ehlo_resp = None
+        self.esmtp_features, self.does_esmtp = {}, False
         self.greet(helo)
 
     def greet(self, helo):
@@ -2079,12 +2366,15 @@ class SMTPConnection(smtplib.SMTP):
     def send_xclient(self, session, helo, login):
         """Postfix XCLIENT_README: the client's attributes the back-end asked for.
 
-        Required: a back-end that does not take it would judge the relay's
-        own address (which its mynetworks may trust), so it counts as down.
+        Required, with ADDR: a back-end that does not take it would judge the
+        relay's own address (which its mynetworks may trust), so it counts as down.
         """
         if not self.has_extn("xclient"):
             raise BackendUntrusted("does not offer XCLIENT to this relay")
         wanted = self.esmtp_features["xclient"].upper().split()
+        if "ADDR" not in wanted:
+            # smtp-sink offers "XCLIENT NAME HELO": the back-end would still judge the relay's address.
+            raise BackendUntrusted(f"offers XCLIENT without ADDR ({' '.join(wanted) or 'no attributes'})")
         code, text = self.docmd("XCLIENT", xclient_arguments(session, wanted, login))
         if code not in (220, 250):      # Postfix greets anew with 220; some answer 250
             raise BackendUntrusted(f"refused XCLIENT with {code} {printable(text.decode('utf-8', 'replace'))}")
@@ -2096,13 +2386,34 @@ class SMTPConnection(smtplib.SMTP):
         tls = f"TLS {self.sock.version()}" if isinstance(self.sock, ssl.SSLSocket) else "no TLS"
         return f" ({tls}, {'XCLIENT' if self.xclient else 'no XCLIENT'})"
 
+    def in_step(self):
+        """Raise UnaskedReply where the back-end has said anything since its last reply was read."""
+        if self.wire.pending():
+            reply = self.unasked_reply()
+            self.close()
+            raise UnaskedReply(reply)
+
+    def unasked_reply(self):
+        """What the back-end said unasked -> (421, text) where that is all it said (RFC 5321
+        §3.8: it is closing the connection), else None."""
+        try:
+            if not self.wire.buffered:
+                self.wire.fill(time.monotonic() + self.timeout)     # readable: no wait
+        except OSError:
+            pass
+        said = self.wire.take(REPLY_BYTES_LIMIT)
+        if not UNASKED_CLOSING.fullmatch(said):
+            return None
+        return 421, "\n".join(line[4:].strip() for line in said.decode("utf-8", "replace").splitlines())
+
     def send(self, s):
-        """smtplib's, by send_all (a write never blocks)."""
+        """smtplib's: every command goes out here, only while the back-end is silent."""
         if not self.sock:
             raise smtplib.SMTPServerDisconnected("please run connect() first")
+        self.in_step()
         try:
-            send_all(self.sock, s.encode(self.command_encoding) if isinstance(s, str) else s,
-                     time.monotonic() + self.timeout)
+            self.wire.send(s.encode(self.command_encoding) if isinstance(s, str) else s,
+                           time.monotonic() + self.timeout)
         except OSError:
             self.close()
             raise smtplib.SMTPServerDisconnected("Server not connected") from None
@@ -2123,11 +2434,18 @@ class SMTPConnection(smtplib.SMTP):
         by a deadline for the whole reply (reply_timeout) and bounded in
         lines and bytes: a back-end that trickles or floods is broken."""
         deadline = time.monotonic() + self.reply_timeout
-        first = self.reply_timeout == self.read_timeout    # the first read may take the socket's own timeout
+        first = self.reply_timeout == self.wire.first_read     # the first read may take the socket's own timeout
         lines, size = [], 0
         try:
             while True:
-                line = self.reply_line(deadline, first)
+                try:
+                    line = self.wire.read_line(REPLY_LINE_LIMIT, deadline, first)
+                except LineTooLong:
+                    raise smtplib.SMTPServerDisconnected("reply line too long") from None
+                except TimeoutError:
+                    raise TimeoutError(f"no whole reply within {self.reply_timeout:g}s") from None
+                if not line:
+                    raise smtplib.SMTPServerDisconnected("Connection unexpectedly closed")
                 first = False
                 size += len(line)
                 if len(lines) >= REPLY_LINES_LIMIT or size > REPLY_BYTES_LIMIT:
@@ -2146,40 +2464,23 @@ class SMTPConnection(smtplib.SMTP):
                 log.debug("%s B: %s %s", self.sid, code, printable(part))
         return code, text
 
-    def reply_line(self, deadline, first=False):
-        """The next line of the back-end's reply, by deadline; first: the reply's
-        first read, which a plain socket's SO_RCVTIMEO bounds (the whole reply_timeout)."""
-        while (end := self.inbuf.find(b"\n")) < 0:
-            if len(self.inbuf) > REPLY_LINE_LIMIT:
-                raise smtplib.SMTPServerDisconnected("reply line too long")
-            if not self.sock:
-                raise smtplib.SMTPServerDisconnected("connection closed")
-            try:
-                data = receive_within(self.sock) if first else receive_ready(self.sock, self.poller, deadline)
-                first = False
-            except TimeoutError:
-                raise TimeoutError(f"no whole reply within {self.reply_timeout:g}s") from None
-            if not data:
-                raise smtplib.SMTPServerDisconnected("Connection unexpectedly closed")
-            self.inbuf += data
-        line, self.inbuf = self.inbuf[:end + 1], self.inbuf[end + 1:]
-        return line
-
     # The interface the session uses.
     def checked(self, what, exchange):
-        """Run one exchange -> (code, text); a broken connection or nonsense reply: BackendGone."""
+        """Run one exchange -> (code, text); a broken connection or nonsense reply:
+        BackendGone, with the reply where the back-end said 421 (it is closing)."""
         try:
             code, text = exchange()
         except (OSError, smtplib.SMTPException) as e:
             self.close()
-            raise BackendGone(f"at {what}: {printable(str(e))}") from None
+            raise BackendGone(f"at {what}: {printable(str(e))}", getattr(e, "reply", None)) from None
         if not 200 <= code <= 599:
             self.close()
             raise BackendGone(f"bad reply to {what}: {code} {printable(text)}")
-        if code == 421:     # RFC 5321 §3.8: it is closing; an idle one may have said so long ago
+        text = text.decode("utf-8", "surrogateescape")
+        if code == 421:     # RFC 5321 §3.8: it is closing the connection
             self.close()
-            raise BackendGone(f"closing, said {code} {printable(text)} to {what}")
-        return code, text.decode("utf-8", "surrogateescape")
+            raise BackendGone(f"closing, said {code} {printable(text)} to {what}", (code, text))
+        return code, text
 
     def command(self, verb, args=""):
         return self.checked(verb, lambda: self.docmd(verb, args))
@@ -2210,13 +2511,18 @@ class SMTPConnection(smtplib.SMTP):
         if not self.sock:
             raise BackendGone("connection closed")
         try:
-            send_all(self.sock, segment, time.monotonic() + self.timeout)
+            self.wire.send(segment, time.monotonic() + self.timeout)
         except OSError as e:
             self.close()
             raise BackendGone(f"write failed: {e}") from None
 
     def data_end(self, tail=b""):
-        """The last of the message and its end (CRLF.CRLF, the client's) -> the reply."""
+        """The last of the message and its end (CRLF.CRLF, the client's) -> the reply.
+        A back-end that spoke during the data is out of step: the end is not sent."""
+        try:
+            self.in_step()
+        except UnaskedReply as e:
+            raise BackendGone(f"before the end of data: {e}", e.reply) from None
         self.data_write(tail + b".\r\n")
         # RFC 5321 §4.5.3.2.6: the reply to the end of data may take 10
         # minutes (content filters); giving up sooner turns a message the
@@ -2225,7 +2531,7 @@ class SMTPConnection(smtplib.SMTP):
         try:
             return self.checked("end of data", self.getreply)
         finally:
-            self.reply_timeout = self.timeout
+            self.reply_timeout = self.proxy_timeout
 
     def rset(self):
         return self.command("RSET")
@@ -2233,7 +2539,7 @@ class SMTPConnection(smtplib.SMTP):
     def quiet(self):
         """Open and silent: a pooled connection the back-end has closed, or said
         421 on, is readable."""
-        return bool(self.sock) and not self.inbuf and not self.poller.poll(0)
+        return bool(self.sock) and not self.wire.pending()
 
     def release(self, session):
         """The session is done with it, between transactions: back to the pool, or QUIT."""
@@ -2270,13 +2576,35 @@ class MaildirBackend:
     def create(self, owner=None):
         """Make the Maildir (cur/, new/, tmp/) if it is missing, owned by `owner`
         (--user's pwd entry) so that it can deliver after the drop; raises OSError."""
-        mailbox.Maildir(self.path, create=True)
+        # Not mailbox.Maildir(create=True): two relays started at once (inetd) race to make it.
+        for directory in (self.path, *(os.path.join(self.path, sub) for sub in ("cur", "new", "tmp"))):
+            os.makedirs(directory, 0o700, exist_ok=True)
         if owner and os.geteuid() == 0:
             for directory in (self.path, *(os.path.join(self.path, sub) for sub in ("cur", "new", "tmp"))):
                 os.chown(directory, owner.pw_uid, owner.pw_gid)
 
     def open(self, session):
         return MaildirDelivery(self, session)
+
+
+HEADER_FOLD = 78           # RFC 5322 §2.1.1: lines SHOULD stay within 78 characters, MUST within 998
+
+
+def folded(name, items):
+    """A header field "name: item, item, ..." folded between items (RFC 5322 §2.2.3), each
+    line within HEADER_FOLD where an item allows; items are at most PATH_LIMIT long."""
+    lines, line = [], f"{name}:"
+    for n, item in enumerate(items):
+        word = item + ("," if n < len(items) - 1 else "")
+        if len(line) + 1 + len(word) > HEADER_FOLD and line.strip(" ") != f"{name}:":
+            lines.append(line)
+            line = ""
+        line += " " + word
+    return "\n".join(lines + [line])
+
+
+def timestamp():
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%a, %d %b %Y %H:%M:%S +0000")
 
 
 def maildir_failure(error):
@@ -2330,19 +2658,25 @@ class MaildirDelivery(LocalDelivery):
         except OSError as e:
             return maildir_failure(e)
         s = self.session
-        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%a, %d %b %Y %H:%M:%S +0000")
-        header = (f"Return-Path: <{self.sender}>\n"
-                  f"X-Envelope-To: {', '.join(f'<{r}>' for r in self.recipients)}\n"
-                  f"Received: from {s.helo or 'unknown'} ([{s.peer_ip}])\n"
+        header = [f"Return-Path: <{printable(self.sender)}>",
+                  folded("X-Envelope-To", [f"<{printable(r)}>" for r in self.recipients]),
+                  f"Received: from {printable(s.helo or 'unknown')} "
+                  f"({f'[{s.peer_ip}]' if s.peer_ip else 'no IP address'})\n"
                   f"\tby {s.cfg.server_name} (smtprelay) with {'ESMTP' if s.esmtp else 'SMTP'}"
-                  f" id {self.filename}; {stamp}\n")
-        self.at_line_start = True
-        return self.write(header.encode("utf-8")) or (354, "End data with <CR><LF>.<CR><LF>")
+                  f" id {self.filename}; {timestamp()}", ""]
+        self.at_line_start = self.at_message_start = True
+        return self.write("\n".join(header).encode("utf-8")) or (354, "End data with <CR><LF>.<CR><LF>")
 
     def data_write(self, segment):
         # Unstuffed, with LF line ends, as local delivery stores mail.
         text = unstuff(segment, self.at_line_start)
         self.at_line_start = segment.endswith(b"\r\n")
+        if self.at_message_start and text:
+            self.at_message_start = False
+            if text.startswith((b" ", b"\t")):
+                # No header line to continue: it would fold into our Received:. As
+                # Postfix's cleanup, the message has no header section then, only a body.
+                text = b"\n" + text
         error = self.write(text.replace(b"\r\n", b"\n"))
         if error:
             raise BackendGone(error[1])
@@ -2390,10 +2724,14 @@ class StdoutBackend:
     A message is spooled to an unlinked temporary file while it arrives and
     printed under one lock at the end of data, so messages never interleave,
     a client that stalls mid-message holds up nobody, a message of any size
-    passes in bounded memory, and one that is abandoned never appears.
+    passes in bounded memory, and one that is abandoned never appears. The
+    print keeps to --data-timeout, waiting for the lock included: standard
+    output that nobody reads makes a 451, never a session without reply.
     """
 
     lock = threading.Lock()     # one message at a time on standard output
+    wire = None                 # standard output, made at the first message
+    cut = False                 # a message was cut short: its frame never ended
 
     def __str__(self):
         return "stdout:"
@@ -2407,6 +2745,17 @@ class StdoutBackend:
 
 STDOUT_START = b"---------- MESSAGE FOLLOWS ----------\n"
 STDOUT_END = b"------------ END MESSAGE ------------\n"
+STDOUT_CUT = b"\n------------ MESSAGE CUT SHORT: not accepted ------------\n"
+# A body line that begins as a frame line gets one more ">" (as mbox quotes
+# "From "), so no message can end its frame or start another one.
+FRAME_LINE = re.compile(rb"^>*(?:---------- MESSAGE FOLLOWS|------------ (?:END MESSAGE|MESSAGE CUT))", re.MULTILINE)
+
+
+def quote_frame_lines(text, at_line_start):
+    quoted = FRAME_LINE.sub(rb">\g<0>", text)
+    if not at_line_start and FRAME_LINE.match(text):
+        quoted = quoted[1:]         # it goes on a line already begun: no frame line
+    return quoted
 
 
 class StdoutDelivery(LocalDelivery):
@@ -2424,8 +2773,9 @@ class StdoutDelivery(LocalDelivery):
         return 354, "End data with <CR><LF>.<CR><LF>"
 
     def data_write(self, segment):
-        # As the client sent it, less the dot-stuffing: byte for byte.
-        text = unstuff(segment, self.at_line_start)
+        # As the client sent it, less the dot-stuffing: byte for byte, but
+        # for a line that would pass for a frame line.
+        text = quote_frame_lines(unstuff(segment, self.at_line_start), self.at_line_start)
         self.at_line_start = segment.endswith(b"\r\n")
         try:
             self.file.write(text)
@@ -2437,21 +2787,35 @@ class StdoutDelivery(LocalDelivery):
         if tail:
             self.data_write(tail)
         s, message_id = self.session, f"{self.session.sid}.{next(self.counter)}"
-        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%a, %d %b %Y %H:%M:%S +0000")
         envelope = [f"X-Smtprelay-Id: {message_id}",
                     f"X-Envelope-From: <{printable(self.sender)}>",
-                    f"X-Envelope-To: {', '.join(f'<{printable(r)}>' for r in self.recipients)}",
-                    f"X-Peer: {format_address(s.peer_ip, s.peer_port)} HELO {printable(s.helo or 'unknown')}",
-                    f"X-Received-At: {stamp}", "", ""]
+                    folded("X-Envelope-To", [f"<{printable(r)}>" for r in self.recipients]),
+                    f"X-Peer: {peer_text(s.peer_ip, (None, s.peer_port))} HELO {printable(s.helo or 'unknown')}",
+                    f"X-Received-At: {timestamp()}", "", ""]
+        deadline = time.monotonic() + s.cfg.data_timeout
+        backend = StdoutBackend      # one standard output, whatever the reloads
         try:
             self.file.seek(0)
-            with self.backend.lock:
-                out = sys.stdout.buffer
-                out.write(STDOUT_START + "\n".join(envelope).encode("utf-8"))
+            if not backend.lock.acquire(timeout=s.cfg.data_timeout):
+                return 451, "4.3.0 Error: standard output is not being read; try again later"
+            try:
+                if backend.wire is None:
+                    backend.wire = Wire(writer=sys.stdout.fileno())
+                out = backend.wire
+                if backend.cut:
+                    out.send(STDOUT_CUT, deadline)
+                    backend.cut = False
+                backend.cut = True
+                out.send(STDOUT_START + "\n".join(envelope).encode("utf-8"), deadline)
                 while chunk := self.file.read(RECV_SIZE):
-                    out.write(chunk)
-                out.write(STDOUT_END)
-                out.flush()
+                    out.send(chunk, deadline)
+                out.send(STDOUT_END, deadline)
+                backend.cut = False
+            finally:
+                backend.lock.release()
+        except TimeoutError:
+            log.error("%s standard output took no message within --data-timeout %gs", s.sid, s.cfg.data_timeout)
+            return 451, "4.3.0 Error: standard output is not being read; try again later"
         except (OSError, ValueError) as e:      # ValueError: standard output closed
             return 451, f"4.3.0 Error: cannot print the message: {getattr(e, 'strerror', None) or e}"
         finally:
@@ -2471,6 +2835,9 @@ class StdoutDelivery(LocalDelivery):
 # one thread at a time, serves every client session (nginx opens a new
 # connection per lookup).
 
+CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")          # C0, DEL and C1: never in a header
+HEADER_ESCAPED = re.compile(r"[\x00-\x20%\x7f-\x9f]")
+AUTH_BODY_READ = 4096     # bytes of an answer's body read to keep its connection; a longer one is dropped
 AUTH_WAIT_ROUNDS = 10       # Auth-Status: WAIT is asked again at most this often
 AUTH_WAIT_MAX = 3600        # seconds; a longer Auth-Wait would outlast any client
 
@@ -2492,13 +2859,14 @@ class AuthAnswer:
 
 
 def escape_auth_value(text):
-    """nginx's escaping of Auth-User and Auth-Pass: control bytes, space and % as %XX."""
-    return re.sub(rb"[\x00-\x20%\x7f]", lambda m: b"%%%02X" % m.group()[0], text.encode("utf-8"))
+    """nginx's escaping of Auth-User and Auth-Pass: control characters (C0, DEL and C1),
+    space and % as %XX of their UTF-8 bytes."""
+    return HEADER_ESCAPED.sub(lambda m: "".join(f"%{b:02X}" for b in m.group().encode("utf-8")), text).encode("utf-8")
 
 
 def header_value(text):
-    """A client-supplied value made safe for an HTTP header: no control bytes at all."""
-    return re.sub(rb"[\x00-\x1f\x7f]", b"", text.encode("utf-8"))
+    """A client-supplied value made safe for an HTTP header: no control characters at all, C1 included."""
+    return CONTROLS.sub("", text).encode("utf-8")
 
 
 RDN_NAMES = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU", "countryName": "C",
@@ -2652,8 +3020,15 @@ class AuthService:
         try:
             request.prepare_headers(headers)
             with deadline:
-                response = transport.send(request, timeout=self.timeout)
-                response.content        # read whole, so the connection is kept for the next lookup
+                # The headers are the answer; a body is never held (nginx reads one
+                # fixed buffer). A small announced one is read, so that the kept-alive
+                # connection serves the next lookup; any other drops the connection.
+                response = transport.send(request, timeout=self.timeout, stream=True)
+                length = response.headers.get("Content-Length", "")
+                if is_number(length) and int(length) <= AUTH_BODY_READ:
+                    response.content
+                else:
+                    response.close()
         except requests.RequestException as e:
             transport.close()
             if deadline.expired:
@@ -2670,7 +3045,7 @@ class AuthService:
         if salt:
             headers["Auth-Salt"] = salt
         headers.update({"Auth-Protocol": "smtp", "Auth-Login-Attempt": str(session.login_attempt),
-                        "Client-IP": session.peer_ip,
+                        "Client-IP": session.peer_ip or UNAVAILABLE,
                         "Client-Host": session.names.name if session.names else UNAVAILABLE})
         if method == "none":
             headers.update({"Auth-SMTP-Helo": header_value(session.helo or ""),
@@ -2691,7 +3066,7 @@ class AuthService:
         if status != "OK":
             code = re.fullmatch(r"([45]\d\d)(?: +(\d\.\d{1,3}\.\d{1,3}))?", h.get("Auth-Error-Code", "").strip())
             error_code = (int(code[1]), code[2] or "") if code else None
-            return AuthAnswer(False, text=re.sub(r"[\x00-\x1f\x7f]", "", status), wait=auth_wait(h),
+            return AuthAnswer(False, text=CONTROLS.sub("", status), wait=auth_wait(h),
                               error_code=error_code)
         host, port = h.get("Auth-Server", "").strip().strip("[]"), h.get("Auth-Port", "").strip()
         if not host or not port:
@@ -2768,6 +3143,8 @@ class Relay:
         self.stopping = threading.Event()
         self.stop_reader, self.stop_writer = os.pipe()
         self.pool = BackendPool()       # idle back-end connections (--no-xclient)
+        self.resolver = Resolver()      # the clients' names, from a few threads for all sessions
+        self.stop_signal = None         # the signal that stops the relay, once one came
         self.balancer = Balancer()      # --balance and the back-ends' health
 
     def event(self, name, level, message, **fields):
@@ -2784,6 +3161,18 @@ class Relay:
     def stop(self):
         self.stopping.set()
         os.write(self.stop_writer, b"x")
+
+    def begin_stop(self, signum):
+        """SIGTERM or SIGINT: the one way the relay stops, daemon and --inetd alike.
+        Idle sessions get 421 at once; each transaction in flight is finished first."""
+        with self.lock:
+            if self.stop_signal is not None:
+                return
+            self.stop_signal = signum
+            self.lock.notify_all()
+        sd_notify("STOPPING=1", f"STATUS=stopping: {self.sessions} sessions to finish")
+        log.info("%s: stopping; messages in flight are finished first", signal.Signals(signum).name)
+        self.stop()
 
     def admit(self, ip):
         """Count a new session in -> None, or the refusal (code, text) to send instead."""
@@ -2857,35 +3246,28 @@ class ProxyHeaderError(Exception):
     """A PROXY header that is missing, malformed or late; str() says which."""
 
 
-def receive_exactly(sock, count, deadline):
-    data = b""
-    while len(data) < count:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError()
-        sock.settimeout(remaining)
-        chunk = sock.recv(count - len(data))
-        if not chunk:
-            raise ProxyHeaderError("connection closed inside the header")
-        data += chunk
+def receive_exactly(wire, count, deadline):
+    data = wire.read_exactly(count, deadline)
+    if len(data) < count:
+        raise ProxyHeaderError("connection closed inside the header")
     return data
 
 
-def read_proxy_header(sock, timeout):
-    """The PROXY header on sock -> the client's (ip, port), or None where the
+def read_proxy_header(wire, timeout):
+    """The PROXY header on the connection -> the client's (ip, port), or None where the
     header names none (v1 UNKNOWN, v2 LOCAL, other families): then the peer
     is the client. Raises ProxyHeaderError, TimeoutError past `timeout`."""
     deadline = time.monotonic() + timeout
-    start = receive_exactly(sock, 5, deadline)
+    start = receive_exactly(wire, 5, deadline)
     if start == PROXY_V2_SIGNATURE[:5]:
-        return parse_proxy_v2(start + receive_exactly(sock, 11, deadline), sock, deadline)
+        return parse_proxy_v2(start + receive_exactly(wire, 11, deadline), wire, deadline)
     if start != b"PROXY":
         raise ProxyHeaderError(f"starts with {printable(start.decode('latin-1'))!r}")
     line = start
     while not line.endswith(b"\r\n"):
         if len(line) >= PROXY_V1_LIMIT:
             raise ProxyHeaderError(f"v1 line longer than {PROXY_V1_LIMIT} bytes")
-        line += receive_exactly(sock, 1, deadline)
+        line += receive_exactly(wire, 1, deadline)
     return parse_proxy_v1(line[:-2].decode("latin-1"))
 
 
@@ -2906,13 +3288,13 @@ def parse_proxy_v1(line):
     return str(ip), int(port)
 
 
-def parse_proxy_v2(head, sock, deadline):
+def parse_proxy_v2(head, wire, deadline):
     if head[:12] != PROXY_V2_SIGNATURE:
         raise ProxyHeaderError("bad v2 signature")
     version, command, family = head[12] >> 4, head[12] & 0xF, head[13]
     if version != 2 or command not in (0, 1):
         raise ProxyHeaderError(f"unknown v2 version {version} or command {command}")
-    body = receive_exactly(sock, int.from_bytes(head[14:16], "big"), deadline)   # addresses, then TLVs (skipped)
+    body = receive_exactly(wire, int.from_bytes(head[14:16], "big"), deadline)   # addresses, then TLVs (skipped)
     if command == 0:            # LOCAL: the proxy's own connection (a health check)
         return None
     for code, size, v6 in ((0x11, 12, False), (0x21, 36, True)):    # TCP over IPv4, TCP over IPv6
@@ -2925,23 +3307,26 @@ def parse_proxy_v2(head, sock, deadline):
     return None                 # UNSPEC, UDP, UNIX: the spec says use the real connection's
 
 
-def serve_connection(relay, sock, peer, implicit_tls=False):
-    """One client connection, however it came: its PROXY header, admission,
-    the session, the release and the close."""
-    setup, channel, ip = relay.setup, None, client_ip(peer)
-    cfg = setup.cfg
+def serve_connection(relay, connection, peer, implicit_tls=False):
+    """One client connection, however it came (a socket, or a Wire over
+    pipes), its peer's address or None: its PROXY header, admission, the
+    session, the release and the close."""
+    setup, channel = relay.setup, None
+    cfg, ip = setup.cfg, client_ip(peer)
+    wire = connection if isinstance(connection, Wire) else Wire(connection, first_read=cfg.timeout)
     if relay.wants(logging.DEBUG):
-        relay.event("connection", logging.DEBUG, f"connection from {format_address(ip, peer[1])}", client=ip)
+        relay.event("connection", logging.DEBUG, f"connection from {peer_text(ip, peer)}", client=ip)
     relay.connection_opened()
     try:
         via = None
         if cfg.proxy_protocol:
-            if not any(ipaddress.ip_address(ip) in net for net in cfg.real_ip_from):
+            if ip is None or not any(ipaddress.ip_address(ip) in net for net in cfg.real_ip_from):
                 relay.event("refused", logging.WARNING,
-                            f"refused {ip}: PROXY protocol from a peer outside --real-ip-from", client=ip)
+                            f"refused {ip or 'a client with no address'}: PROXY protocol from a peer outside "
+                            "--real-ip-from", client=ip)
                 return
             try:
-                real = read_proxy_header(sock, cfg.timeout)
+                real = read_proxy_header(wire, cfg.timeout)
             except TimeoutError:
                 relay.event("refused", logging.WARNING, f"{ip}: no PROXY header within {cfg.timeout:g}s", client=ip)
                 return
@@ -2955,14 +3340,13 @@ def serve_connection(relay, sock, peer, implicit_tls=False):
             relay.event("refused", logging.WARNING, f"refused {ip}: %d %s" % refusal, client=ip,
                         reply="%d %s" % refusal)
             try:
-                sock.settimeout(REFUSAL_TIMEOUT)
-                sock.sendall(format_reply(*refusal))
+                wire.send(format_reply(*refusal), time.monotonic() + REFUSAL_TIMEOUT)
             except OSError:
                 pass
             return
         session = None
         try:
-            channel = Channel(sock, cfg.timeout, relay.stop_reader)
+            channel = Channel(wire, cfg.timeout, relay.stop_reader)
             session = Session(relay, setup, channel, peer, via, implicit_tls, ip)
             session.run()
         finally:
@@ -2976,11 +3360,12 @@ def serve_connection(relay, sock, peer, implicit_tls=False):
         if channel:
             channel.close()
         else:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            sock.close()
+            if wire.sock is not None:
+                try:
+                    wire.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            wire.close()
         relay.connection_closed()
 
 
@@ -3032,8 +3417,21 @@ class RelayServer(socketserver.ThreadingTCPServer):
                 time.sleep(ACCEPT_PAUSE)
             raise
 
+    def process_request(self, request, client_address):
+        """A thread for the client; where none can be had, it hears 421 now, not a silent close."""
+        try:
+            super().process_request(request, client_address)
+        except RuntimeError as e:
+            log.error("no thread for a client from %s: %s", client_ip(client_address), e)
+            try:
+                request.setblocking(False)
+                request.send(format_reply(421, "4.3.2 Service busy, try again later"))
+            except OSError:
+                pass
+            self.shutdown_request(request)
+
     def handle_error(self, request, client_address):
-        log.exception("error in session from %s", client_address[0])
+        log.exception("error in session from %s", client_ip(client_address))
 
     def describe(self):
         host, port = self.server_address[:2]
@@ -3147,11 +3545,19 @@ class Metrics:
             self.messages.labels(outcome)
         for result in ("ok", "refused", "error"):
             self.auth_lookups.labels(result)
+        self.recipients = prom.Counter("smtprelay_recipients", "Recipients by what the client heard for RCPT",
+                                       ["outcome"], registry=registry)
+        for outcome in ("accepted", "deferred", "refused"):
+            self.recipients.labels(outcome)
+        from prometheus_client.exposition import generate_latest
+        self.page = lambda: generate_latest(registry)
         host, port = address
         try:
-            prom.start_http_server(port, host or "::", registry=registry)
+            self.server = MetricsServer((host, port), self)
         except OSError as e:
             raise ConfigError("--metrics", f"{format_address(host or '*', port)}: {e.strerror or e}") from None
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.5}, name="metrics",
+                         daemon=True).start()
         self.url = f"http://{format_address(host or '[::]', port)}/metrics"
 
     def observe(self, name, fields):
@@ -3166,6 +3572,78 @@ class Metrics:
         elif name == "auth_lookup":
             self.auth_lookups.labels(fields["result"]).inc()
             self.auth_seconds.observe(fields["seconds"])
+        elif name == "recipient":
+            self.recipients.labels(fields["outcome"]).inc()
+
+
+METRICS_REQUESTS = 8        # served at a time; more are closed at once
+METRICS_SECONDS = 5         # to send a request and get its answer, whole
+METRICS_REQUEST_LIMIT = 8192    # bytes of a request's line and headers
+
+
+class MetricsServer(socketserver.ThreadingTCPServer):
+    """--metrics over HTTP/1.0: GET /metrics alone, from a bounded number of threads."""
+
+    daemon_threads = True
+    block_on_close = False
+    allow_reuse_address = True
+
+    def __init__(self, address, metrics):
+        self.metrics = metrics
+        self.slots = threading.BoundedSemaphore(METRICS_REQUESTS)
+        host, port = address
+        self.address_family = socket.AF_INET6 if ":" in host or not host else socket.AF_INET
+        super().__init__((host or "::", port), None)
+
+    def server_bind(self):
+        if self.address_family == socket.AF_INET6 and self.server_address[0] == "::":
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+    def process_request(self, request, client_address):
+        if not self.slots.acquire(blocking=False):
+            self.shutdown_request(request)      # METRICS_REQUESTS are being served: closed at once
+            return
+        try:
+            super().process_request(request, client_address)
+        except RuntimeError:        # no thread to be had: the relay's shortage, and no answer
+            self.slots.release()
+            self.shutdown_request(request)
+
+    def finish_request(self, request, client_address):
+        try:
+            answer_metrics(Wire(request), self.metrics)
+        finally:
+            self.slots.release()
+
+    def handle_error(self, request, client_address):
+        log.exception("error answering a metrics request from %s", client_address[0])
+
+
+def answer_metrics(wire, metrics):
+    """Read one request and answer it, all within METRICS_SECONDS; a slow, long or broken one is closed."""
+    deadline = time.monotonic() + METRICS_SECONDS
+    try:
+        head = wire.read_line(METRICS_REQUEST_LIMIT, deadline)
+        size = len(head)
+        while (line := wire.read_line(METRICS_REQUEST_LIMIT, deadline)).strip():     # the headers: skipped
+            size += len(line)
+            if size > METRICS_REQUEST_LIMIT:
+                raise LineTooLong(whole=False)
+        method, path, *_ = head.decode("latin-1").split() + ["", ""]
+        if method != "GET":
+            status, body, extra = "405 Method Not Allowed", b"GET only\n", "Allow: GET\r\n"
+        elif path.partition("?")[0] != "/metrics":
+            status, body, extra = "404 Not Found", b"GET /metrics\n", ""
+        else:
+            status, body, extra = "200 OK", metrics.page(), ""
+        kind = "text/plain; version=0.0.4; charset=utf-8" if status == "200 OK" else "text/plain; charset=utf-8"
+        wire.send(f"HTTP/1.0 {status}\r\nContent-Type: {kind}\r\nContent-Length: {len(body)}\r\n{extra}"
+                  f"Connection: close\r\n\r\n".encode("latin-1") + body, deadline)
+    except (OSError, LineTooLong, UnicodeError):
+        pass
+    finally:
+        wire.close()
 
 
 class JSONFormatter(logging.Formatter):
@@ -3242,86 +3720,108 @@ def status(relay):
     return f"STATUS={relay.sessions} sessions"
 
 
-HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+HANDLED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
-def accept_loop(server):
-    """A listener's accept loop, in a thread that keeps the handled signals out,
-    and so do the session threads it starts (they inherit its mask): the main
-    thread takes them all. One landing in a session's blocking recv() would
-    restart the read, and with it the whole SO_RCVTIMEO."""
+def block_signals():
+    """Keep the handled signals pending for take_signals(): called by the main
+    thread before any other starts, so that every thread inherits the mask.
+    None lands in a session's blocking recv() (which would restart the read,
+    and its whole SO_RCVTIMEO), and none is lost: a pending signal is one
+    bit however often it came, so a flood costs nothing (no wakeup fd to fill)."""
     signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
-    server.serve_forever(poll_interval=0.05)        # prompt shutdown()
 
 
-def serve(relay, servers):
-    """Serve until SIGTERM or SIGINT, then drain the sessions -> exit status 0."""
-    # A signal may be taken by any thread, but Python runs handlers only in
-    # the main thread, which would sleep on. So the C-level handler writes
-    # the signal's number to a socket (set_wakeup_fd), whichever thread it
-    # ran in, and the main thread waits on that socket instead.
-    wakeup, wakeup_writer = socket.socketpair()
-    wakeup_writer.setblocking(False)
-    signal.set_wakeup_fd(wakeup_writer.fileno())
-    for signum in HANDLED_SIGNALS:
-        signal.signal(signum, lambda signum, frame: None)      # the work is done below
-    threads = [threading.Thread(target=accept_loop, args=(s,), name=f"listen {s.describe()}", daemon=True)
-               for s in servers]
-    for s, t in zip(servers, threads):
-        t.start()
-        log.info("listening on %s", s.describe())
-    sd_notify("READY=1", status(relay))
-    wakeup.settimeout(watchdog_interval())
+def take_signals(relay, inetd=False):
+    """The signals thread: SIGTERM and SIGINT stop the relay (taken before a
+    SIGHUP that is pending beside them), SIGHUP reloads it (not with --inetd:
+    one session has nothing to reload); WATCHDOG=1 in between."""
+    interval = watchdog_interval()
     while True:
-        try:
-            signums = list(wakeup.recv(64))
-        except TimeoutError:
+        info = signal.sigtimedwait(HANDLED_SIGNALS, interval) if interval else signal.sigwaitinfo(HANDLED_SIGNALS)
+        if info is None:
             sd_notify("WATCHDOG=1", status(relay))
             continue
-        if signal.SIGHUP in signums:
+        signum = info.si_signo
+        if signum not in STOP_SIGNALS and (stops := signal.sigpending() & STOP_SIGNALS):
+            signum = signal.sigwaitinfo(stops).si_signo
+        if signum in STOP_SIGNALS:
+            relay.begin_stop(signum)
+        elif not inetd and relay.stop_signal is None:
             sd_notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
-            relay.reload()
+            try:
+                relay.reload()
+            except Exception:       # this thread must live on: it is the only one that can stop the relay
+                log.exception("SIGHUP: keeping the old configuration")
             sd_notify("READY=1", status(relay))
-        stopping = [s for s in signums if s in (signal.SIGTERM, signal.SIGINT)]
-        if stopping:
-            break
-    sd_notify("STOPPING=1", f"STATUS=stopping: {relay.sessions} sessions to finish")
-    for s in servers:       # no new connections from here on (close after the accept loop ended)
-        s.shutdown()
-        s.server_close()
-    relay.stop()
-    log.info("%s: stopping; messages in flight are finished first", signal.Signals(stopping[0]).name)
+
+
+def serve(relay, servers, client=None):
+    """Serve until SIGTERM or SIGINT, then drain the sessions -> exit status 0.
+    With --inetd, client is (connection, peer): its one session, which a
+    stop drains as the daemon drains every session."""
+    threading.Thread(target=take_signals, args=(relay, client is not None), name="signals", daemon=True).start()
+    for s in servers:
+        threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.05}, name=f"listen {s.describe()}",
+                         daemon=True).start()
+        log.info("listening on %s", s.describe())
+    if client:
+        serve_connection(relay, *client)
+    else:
+        sd_notify("READY=1", status(relay))
+        with relay.lock:
+            relay.lock.wait_for(lambda: relay.stop_signal is not None)
+        for s in servers:       # no new connections from here on (close after the accept loop ended)
+            s.shutdown()
+            s.server_close()
     # Every wait of a session in flight has a deadline: the client's
     # command lines (--timeout), the back-end's replies, the end of data.
-    # The drain as a whole gets what INTERFACE.md promises (and the shipped
+    # The drain as a whole gets what the README promises (and the shipped
     # units' TimeoutStopSec= allows): --data-timeout plus --timeout.
     cfg = relay.setup.cfg
     if not relay.wait_idle(cfg.data_timeout + cfg.timeout):
         log.warning("stopping with %d sessions still open", relay.connections)
     relay.pool.close()
-    log.info("stopped")
+    if relay.stop_signal is not None:
+        log.info("stopped")
     return 0
 
 
 def inetd_connection():
-    """--inetd: the TCP connection on fd 0 -> (socket, peer); raises ConfigError otherwise."""
+    """--inetd: the client on standard input and output -> (connection, peer).
+
+    A connected stream socket on fd 0 (inetd, systemd's Accept=yes), TCP or
+    UNIX; anything else is fds 0 and 1 as they are (pipes, a terminal: SMTP
+    typed by hand, as sendmail -bs). peer is None for a client with no IP
+    address. Raises ConfigError where there is no client to serve.
+    """
     try:
         mode = os.fstat(0).st_mode
+        os.fstat(1)
     except OSError:
-        mode = 0
+        raise ConfigError("--inetd", "standard input or output is closed") from None
     if not stat.S_ISSOCK(mode):
-        raise ConfigError("--inetd", "standard input is not a socket")
+        return Wire(reader=0, writer=1), None
     sock = socket.socket(fileno=os.dup(0))
     try:
-        if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:
-            raise ConfigError("--inetd", "standard input is not a TCP connection")
+        if sock.type != socket.SOCK_STREAM:
+            raise ConfigError("--inetd", "standard input is not a stream socket")
         try:
-            return sock, sock.getpeername()
+            peer = sock.getpeername()
         except OSError:
             raise ConfigError("--inetd", "standard input is not a connected socket") from None
+        return sock, peer if sock.family in (socket.AF_INET, socket.AF_INET6) else None
     except ConfigError:
         sock.close()
         raise
+
+
+def load_lazy_modules():
+    """What a session may import late, imported before --user drops privileges: the
+    interpreter or the venv may sit where the user cannot read (a venv in /root)."""
+    "localhost".encode("idna")      # encodings.idna: getaddrinfo() on a client's PTR name
+    b"localhost".decode("idna")
 
 
 # --- 7. main() ---------------------------------------------------------------
@@ -3397,9 +3897,13 @@ def probe_backend(backend, setup):
             lines.append(f"TLS: {smtp.sock.version()}, {verified}")
         if smtp.has_extn("xclient"):
             attributes = smtp.esmtp_features["xclient"].strip()
-            works = "--xclient will work" if cfg.xclient else "not used (--no-xclient)"
             if "ADDR" not in attributes.upper().split():
-                works += "; without ADDR the back-end still sees the relay's address as the client's"
+                works = "without ADDR, so the back-end would still judge the relay's address"
+                if cfg.xclient:
+                    ok = False
+                    works += f": --xclient counts it as down; {XCLIENT_FIX}"
+            else:
+                works = "--xclient will work" if cfg.xclient else "not used (--no-xclient)"
             lines.append(f"XCLIENT: offered ({attributes}): {works}")
         elif cfg.xclient:
             ok = False
@@ -3449,12 +3953,14 @@ def main(argv=None):
             log.warning("--backend-tls-verify off: back-end certificates are not checked; for lab set-ups only")
         raise_open_files_limit()
         setup.create_backends(cfg.user)
+        block_signals()         # before any thread starts: every thread keeps them out
         relay = Relay(setup, argv)
         servers = [] if cfg.inetd else make_servers(relay)
         if cfg.metrics:
             relay.metrics = Metrics(relay, cfg.metrics)
             log.info("metrics on %s", relay.metrics.url)
         if cfg.user:
+            load_lazy_modules()
             drop_privileges(cfg.user)
         elif os.geteuid() == 0 and "INVOCATION_ID" not in os.environ and not cfg.inetd:
             log.warning("running as root: give --user to drop privileges once the listeners are bound")
@@ -3464,10 +3970,7 @@ def main(argv=None):
             return 1
         print(f"smtprelay: {e}", file=sys.stderr)
         return 1
-    if connection:      # --inetd: the one session on stdin/stdout
-        serve_connection(relay, *connection)
-        return 0
-    return serve(relay, servers)
+    return serve(relay, servers, connection)
 
 
 def log_config_error(error):

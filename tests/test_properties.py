@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import smtprelay
-from smtprelay import BARE_NEWLINE, Channel, SMTPError, parse_path
+from smtprelay import BARE_NEWLINE, Channel, SMTPError, Wire, parse_path
 
 BOUNDED = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -72,7 +72,7 @@ def scanned(data, cuts, normalize):
                     client.sendall(piece)
         sender = threading.Thread(target=send)
         sender.start()
-        channel = Channel(server, 5)
+        channel = Channel(Wire(server, first_read=5), 5)
         segments = list(channel.read_data(normalize))
         after = channel.read_line()
         sender.join()

@@ -255,8 +255,8 @@ def test_pipelined_transaction_gets_its_replies_in_order_and_is_delivered(start_
 
 def test_pipelined_burst_of_noops_gets_every_reply_in_order(start_relay):
     client = greeted(start_relay())
-    replies = client.talk(*[f"NOOP {n}" for n in range(500)], "HELP")
-    assert codes(replies) == [250] * 500 + [214]
+    replies = client.talk(*[f"NOOP {n}" for n in range(100)], "HELP")     # within the junk limit, 100
+    assert codes(replies) == [250] * 100 + [214]
 
 
 # --- Long lines ---------------------------------------------------------------------

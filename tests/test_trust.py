@@ -508,7 +508,7 @@ def test_a_line_s_deadline_counts_the_time_spent_writing_the_replies_before_it()
     peer = socket.create_connection(listener.getsockname())
     accepted, _ = listener.accept()
     listener.close()
-    channel = relay_module.Channel(accepted, timeout=2.0)
+    channel = relay_module.Channel(relay_module.Wire(accepted, first_read=2.0), timeout=2.0)
     replies = b"250 queued\r\n" * 2_000_000     # 24 MB: more than both socket buffers hold
     channel.outbuf.append(replies)
     drained = threading.Event()
@@ -533,13 +533,15 @@ def test_a_line_s_deadline_counts_the_time_spent_writing_the_replies_before_it()
         assert drained.is_set()             # the replies were written, then the line timed out
         assert elapsed < 2.8, elapsed       # one --timeout (2 s) for both; two would be 3.2 or more
     finally:
-        channel.sock.close()
+        channel.wire.sock.close()
         peer.close()
         reader.join(10)
 
 
-def test_session_threads_keep_the_handled_signals_out_so_they_all_reach_the_main_thread(smtprelay, tmp_path):
+def test_session_threads_keep_the_handled_signals_out_so_they_all_reach_the_signals_thread(smtprelay, tmp_path):
     # A signal landing in a session's blocking recv() would restart its SO_RCVTIMEO.
+    # Every thread blocks them; the kernel lifts them from the mask of the one
+    # thread waiting for them in sigwaitinfo().
     r = smtprelay("--backend", f"maildir:{tmp_path / 'md'}")
     client = greeted(r, ehlo=CLIENT_HELO)
     assert client.say("MAIL FROM:<a@example.org>").code == 250     # a session thread waits in a transaction
@@ -550,9 +552,10 @@ def test_session_threads_keep_the_handled_signals_out_so_they_all_reach_the_main
         with open(f"/proc/{pid}/task/{task}/status") as f:
             status = f.read()
         masks[int(task)] = int(re.search(r"^SigBlk:\s*([0-9a-f]+)", status, re.M)[1], 16)
-    assert len(masks) >= 3          # main, a listener, the session
-    assert masks.pop(pid) & handled == 0                # the main thread takes them
-    assert all(mask & handled == handled for mask in masks.values()), masks
+    assert len(masks) >= 4          # main, signals, a listener, the session
+    assert masks.pop(pid) & handled == handled          # the main thread keeps them out too
+    assert sum(mask & handled == 0 for mask in masks.values()) == 1, masks     # the signals thread takes them
+    assert sum(mask & handled == handled for mask in masks.values()) == len(masks) - 1, masks
     r.proc.send_signal(signal.SIGHUP)                   # and still does: the reload happens
     r.wait_for_log("configuration reloaded")
     assert client.say("RCPT TO:<b@example.net>").code == 250

@@ -1,0 +1,527 @@
+"""Bounds: every wait has a deadline, every buffer a size and every pool of threads a cap, whoever is at
+the other end: a resolver that never answers, an auth service with an endless body, a metrics client
+that never finishes its request, a standard output nobody reads, the relay's own descriptor limit, and
+a Python the --user account cannot read.
+
+Real processes and real sockets throughout. The one thing simulated is the slow resolver, and only
+inside the relay's process: a sitecustomize.py on its PYTHONPATH makes the socket module's lookups of
+client addresses take 20 s. Thread and descriptor counts are read from /proc/PID.
+"""
+import fcntl
+import importlib.util
+import os
+import pwd
+import select
+import signal
+import socket
+import socketserver
+import subprocess
+import sys
+import sysconfig
+import threading
+import time
+
+import pytest
+import requests
+
+from helpers import (RelayProcess, SMTPClient, begin_data, free_port, greeted, relay_argv, relay_env,
+                     send_message, xclient_attributes)
+from scripted_backend import ThreadingServer
+
+BODY = b"Subject: bounds\r\n\r\nHello.\r\n"
+XCLIENT_EXTENSIONS = ["PIPELINING", "8BITMIME", "XCLIENT ADDR NAME REVERSE_NAME HELO"]
+
+
+# --- Looking at the relay from outside: /proc ----------------------------------------------
+
+def thread_count(pid):
+    """The Threads: line of /proc/PID/status."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("Threads:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no Threads: line in /proc/{pid}/status")
+
+
+def open_descriptors(pid):
+    """How many file descriptors the process has open now."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+class ThreadWatch:
+    """Samples a process's thread count in a thread of its own until stop(); `peak` is the most seen."""
+
+    def __init__(self, pid):
+        self.pid, self.peak, self.stopping = pid, thread_count(pid), threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        while not self.stopping.wait(0.002):        # the sampling interval: /proc tells no one of a change
+            try:
+                self.peak = max(self.peak, thread_count(self.pid))
+            except (OSError, AssertionError):       # the process has gone
+                return
+
+    def stop(self):
+        self.stopping.set()
+        self.thread.join(5)
+        return self.peak
+
+
+def wait_until(condition, timeout, what):
+    """Poll condition() until it is truthy -> its value; AssertionError naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout}s")
+        time.sleep(0.01)        # the poll interval: /proc signals nothing
+    return value
+
+
+@pytest.fixture
+def started(tmp_path):
+    """start(*args, env=None, wrapper=(), stdout=None) -> RelayProcess, not through the `relay` fixture:
+    `wrapper` goes before the relay's own command line (e.g. to set a limit and exec it), `stdout` is
+    a descriptor for its standard output. Each relay is SIGKILLed at teardown, its clients closed
+    first: the tests here leave it with sessions and lookups that a graceful stop would wait for."""
+    made = []
+
+    def start(*args, env=None, wrapper=(), stdout=None):
+        config = tmp_path / f"smtprelay-{len(made)}.conf"
+        config.write_text("")
+        relay = RelayProcess([*wrapper, *relay_argv(config, "127.0.0.1:0", args)], relay_env(env), stdout=stdout)
+        made.append(relay)
+        relay.wait_listening(1)
+        return relay
+
+    yield start
+    for relay in made:
+        relay.close_clients()
+        relay.stop(signal.SIGKILL)
+
+
+# --- Name lookups: a small fixed pool ---------------------------------------------------
+
+# The system resolver as a broken DNS server makes it: every lookup of a client's address (by
+# gethostbyaddr or getnameinfo) and of a name (getaddrinfo) fails after 20 s. getaddrinfo of an
+# address literal (connecting to the back-end's 127.0.0.1) and of the machine's own names is untouched.
+SLOW_RESOLVER = '''\
+import ipaddress
+import socket
+import time
+
+DELAY = 20
+_gethostbyaddr, _getnameinfo, _getaddrinfo = socket.gethostbyaddr, socket.getnameinfo, socket.getaddrinfo
+
+
+def _is_address(host):
+    if isinstance(host, bytes):
+        host = host.decode("ascii", "replace")
+    try:
+        ipaddress.ip_address(str(host).split("%")[0])
+        return True
+    except ValueError:
+        return False
+
+
+def gethostbyaddr(host):
+    if _is_address(host):
+        time.sleep(DELAY)
+        raise socket.herror(1, "Unknown host")
+    return _gethostbyaddr(host)
+
+
+def getnameinfo(sockaddr, flags):
+    if flags & socket.NI_NUMERICHOST:
+        return _getnameinfo(sockaddr, flags)
+    time.sleep(DELAY)
+    raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+
+def getaddrinfo(host, *args, **kwargs):
+    if host is not None and not _is_address(host) and host not in ("localhost", socket.gethostname()):
+        time.sleep(DELAY)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+    return _getaddrinfo(host, *args, **kwargs)
+
+
+socket.gethostbyaddr, socket.getnameinfo, socket.getaddrinfo = gethostbyaddr, getnameinfo, getaddrinfo
+'''
+
+FLOOD_SESSIONS = 1500
+FLOOD_CLIENTS = 4           # client threads, each opening its share of the sessions one after another
+THREAD_BOUND = 40           # a few sessions at a time, the resolver pool, the listener and main threads
+
+
+def test_sessions_whose_names_never_resolve_keep_the_threads_few_and_mail_flowing(
+        started, scripted_backend, tmp_path):
+    """Name lookups run in a small fixed pool (README: client names, --resolve-timeout; nginx's
+    resolver and Postfix's smtpd have no thread per lookup either): with the resolver answering in
+    20 s, 1500 sessions that connect and QUIT at once leave lookups behind them, which must not
+    grow the relay's thread count; and a client after them still gets its greeting and its mail
+    delivered, its names [TEMPUNAVAIL], as the pool being full or the lookup's deadline both give."""
+    site = tmp_path / "slow-resolver"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SLOW_RESOLVER)
+    backend = scripted_backend(extensions=XCLIENT_EXTENSIONS)
+    relay = started("--backend", backend.address, "--resolve", "on", "--resolve-timeout", "2",
+                    "--server-name", "relay.test", env={"PYTHONPATH": str(site)})
+    watch = ThreadWatch(relay.proc.pid)
+    failures, done = [], []
+
+    def client(count):
+        try:
+            for _ in range(count):
+                if watch.peak >= THREAD_BOUND:
+                    return      # already failed: a relay without the bound would spawn a thread per session
+                with socket.create_connection((relay.host, relay.port), timeout=30) as sock:
+                    c = SMTPClient(sock)
+                    assert c.reply().code == 220
+                    assert c.say("QUIT").code == 221
+                done.append(1)
+        except (AssertionError, OSError) as e:
+            failures.append(repr(e))
+
+    clients = [threading.Thread(target=client, args=(FLOOD_SESSIONS // FLOOD_CLIENTS,))
+               for _ in range(FLOOD_CLIENTS)]
+    for t in clients:
+        t.start()
+    for t in clients:
+        t.join(120)
+    peak = watch.stop()
+    assert peak < THREAD_BOUND, f"the relay ran {peak} threads after {len(done)} sessions that connected and quit"
+    assert not failures, failures[:5]
+    assert len(done) == FLOOD_SESSIONS
+
+    began = time.monotonic()
+    client_after = greeted(relay, timeout=30, ehlo="client.example")
+    assert send_message(client_after, BODY).code == 250
+    assert time.monotonic() - began < 20        # the names' 2 s deadline at most, never the resolver's 20 s
+    assert client_after.say("QUIT").code == 221
+    [message] = backend.delivered
+    attributes = xclient_attributes(backend.sessions[-1])
+    assert (attributes["NAME"], attributes["REVERSE_NAME"]) == ("[TEMPUNAVAIL]", "[TEMPUNAVAIL]")
+    assert message.content == BODY
+    assert thread_count(relay.proc.pid) < THREAD_BOUND
+
+
+# --- The auth service's answer: headers only --------------------------------------------
+
+AUTH_BODY_SIZE = 1536 * 2 ** 20         # 1.5 GiB
+
+
+class _StreamingHandler(socketserver.BaseRequestHandler):
+    def handle(self):
+        owner = self.server.owner
+        self.request.settimeout(0.5)    # each send in turn, so stop() is seen
+        head = b""
+        try:
+            while b"\r\n\r\n" not in head:
+                chunk = self.request.recv(4096)
+                if not chunk:
+                    return
+                head += chunk
+            owner.heads.append(head)
+            self.request.sendall(owner.answer_head)
+        except OSError:
+            return
+        chunk, left = memoryview(b"x" * 2 ** 20), owner.body_size
+        while left and not owner.stopping.is_set():
+            try:
+                left -= self.request.send(chunk[:min(len(chunk), left)])
+            except TimeoutError:
+                continue        # the relay reads nothing right now
+            except OSError:
+                break           # the relay closed the connection: the rest of the body is not wanted
+        owner.body_sent.append(owner.body_size - left)
+
+
+class BodyStreamingAuthService:
+    """An auth service on 127.0.0.1:<port 0> answering every request Auth-Status: OK, naming `backend`,
+    with a body of `body_size` bytes streamed for as long as the reader takes them (never held whole)."""
+
+    def __init__(self, backend, body_size):
+        self.answer_head = (b"HTTP/1.1 200 OK\r\nAuth-Status: OK\r\nAuth-Server: %s\r\nAuth-Port: %d\r\n"
+                            b"Content-Type: application/octet-stream\r\nContent-Length: %d\r\n\r\n"
+                            % (backend.host.encode(), backend.port, body_size))
+        self.body_size, self.heads, self.body_sent, self.stopping = body_size, [], [], threading.Event()
+        self.server = ThreadingServer(("127.0.0.1", 0), _StreamingHandler)
+        self.server.owner = self
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/auth"
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.stopping.set()
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+def test_an_auth_answer_with_a_huge_body_is_taken_by_its_headers_in_little_memory(started, scripted_backend):
+    """nginx's auth_http protocol carries the answer in its headers (README: auth_http), and nginx
+    reads no body: an auth service answering OK with a 1.5 GB body behind the headers gets the RCPT
+    its 250 promptly, well within --auth-http-timeout, and the relay never holds the body (its peak
+    resident memory stays far below the body's size)."""
+    backend = scripted_backend()
+    service = BodyStreamingAuthService(backend, AUTH_BODY_SIZE)
+    try:
+        relay = started("--auth-http", service.url, "--auth-http-timeout", "60", "--resolve", "off")
+        client = greeted(relay, timeout=90, ehlo="client.example")
+        assert client.say("MAIL FROM:<a@example.org>").code == 250
+        began = time.monotonic()
+        assert client.say("RCPT TO:<b@example.net>").code == 250
+        seconds = time.monotonic() - began
+        peak_kb = relay.peak_rss_kb()
+        assert peak_kb < 150 * 1024, f"relay peak RSS {peak_kb} kB after an auth answer with a 1.5 GB body"
+        assert seconds < 20, f"RCPT answered after {seconds:.1f}s"
+        assert client.say("DATA").code == 354
+        client.send(BODY + b".\r\n")
+        assert client.reply().code == 250
+        assert client.say("QUIT").code == 221
+        [message] = backend.delivered
+        assert message.content == BODY
+        assert len(service.heads) == 1
+    finally:
+        service.stop()
+
+
+# --- Out of descriptors: the relay's failure, not the back-end's --------------------------
+
+NOFILE_LIMIT = 40
+# Runs the rest of its command line (the relay) with RLIMIT_NOFILE's soft and hard limits at argv[1].
+WITH_NOFILE_LIMIT = [sys.executable, "-c",
+                     "import os, resource, sys; n = int(sys.argv[1]); "
+                     "resource.setrlimit(resource.RLIMIT_NOFILE, (n, n)); os.execv(sys.argv[2], sys.argv[2:])",
+                     str(NOFILE_LIMIT)]
+
+
+def test_running_out_of_descriptors_gives_451_and_holds_no_backend_off(started, scripted_backend):
+    """Out of file descriptors is the relay's own failure (README: --balance, back-ends found down):
+    the client gets a 4xx to retry (RFC 5321 §4.2.5: 451, local error in processing) and the log an
+    ERROR line, but no back-end is found down by it: once descriptors are free again, the next
+    session's MAIL gets 250 at once from the first back-end listed, not 451 for the hold-off."""
+    first, second = scripted_backend(), scripted_backend()
+    relay = started("--backend", first.address, "--backend", second.address, "--resolve", "off",
+                    "--server-name", "relay.test", wrapper=WITH_NOFILE_LIMIT)
+    pid = relay.proc.pid
+    fillers, cost = [], 1
+    # Idle sessions take the relay's descriptors until one session more leaves it none at all.
+    while NOFILE_LIMIT - (before := open_descriptors(pid)) > cost:
+        fillers.append(greeted(relay, timeout=30))
+        cost = max(1, open_descriptors(pid) - before)
+        assert len(fillers) < NOFILE_LIMIT, "the sessions take no descriptors?"
+    client = greeted(relay, timeout=30, ehlo="client.example")
+    assert open_descriptors(pid) == NOFILE_LIMIT, (
+        f"setup: the relay should have all {NOFILE_LIMIT} descriptors in use, has {open_descriptors(pid)}")
+    errors_before = [line for line in relay.lines if " ERROR " in line]
+    assert errors_before == []
+    assert client.say("MAIL FROM:<a@example.org>").code == 451
+    relay.wait_for_log(r"smtprelay ERROR ", timeout=10)
+    assert client.say("QUIT").code == 221
+    client.sock.close()
+    for filler in fillers[:3]:
+        filler.sock.close()
+    wait_until(lambda: open_descriptors(pid) <= NOFILE_LIMIT - 4, 10, "descriptors freed after 4 sessions ended")
+
+    after = greeted(relay, timeout=30, ehlo="client.example")
+    began = time.monotonic()
+    reply = after.say("MAIL FROM:<a@example.org>")
+    assert reply.code == 250, f"MAIL after the descriptors came back: {reply}"
+    assert time.monotonic() - began < 5
+    assert after.say("RCPT TO:<b@example.net>").code == 250
+    assert after.say("DATA").code == 354
+    after.send(BODY + b".\r\n")
+    assert after.reply().code == 250
+    assert after.say("QUIT").code == 221
+    [message] = first.delivered
+    assert message.content == BODY
+    assert second.connections == 0
+
+
+# --- --metrics: GET /metrics, a few at a time, each with a deadline ----------------------------
+
+HAVE_PROMETHEUS = importlib.util.find_spec("prometheus_client") is not None
+needs_prometheus = pytest.mark.skipif(not HAVE_PROMETHEUS,
+                                      reason="prometheus_client is not installed: pip install 'smtprelay[metrics]'")
+HALF_SENT = 600
+METRICS_ANSWER_SECONDS = 5
+
+
+@pytest.fixture
+def metrics_relay(started):
+    """start(*options) -> (relay, metrics port): the relay with --metrics on 127.0.0.1, its line logged."""
+    def start(*options):
+        port = free_port()
+        relay = started("--metrics", f"127.0.0.1:{port}", *options)
+        relay.wait_for_log(rf"smtprelay INFO metrics on http://127\.0\.0\.1:{port}/metrics$")
+        return relay, port
+
+    return start
+
+
+def closed_by_peer(sock):
+    """Read until the peer closes (EOF or reset) -> True; False if it only times out."""
+    try:
+        while sock.recv(65536):
+            pass
+        return True
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+@needs_prometheus
+def test_half_sent_metrics_requests_hold_no_thread_each_and_are_closed_within_their_deadline(
+        metrics_relay, tmp_path):
+    """The metrics endpoint serves a few requests at a time, each answered or closed within 5 s
+    (README: --metrics; nginx's client_header_timeout): 600 requests left half-sent do not get a
+    thread each, every one is closed within the deadline (plus a margin for a loaded machine), and a
+    whole GET /metrics after them still gets 200."""
+    relay, port = metrics_relay("--backend", f"maildir:{tmp_path / 'mail'}")
+    watch = ThreadWatch(relay.proc.pid)
+    half_sent = []
+    try:
+        for _ in range(HALF_SENT):
+            if watch.peak >= THREAD_BOUND:
+                break       # already failed: no need to open the rest
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            half_sent.append(sock)
+            try:
+                sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n")      # no empty line: never ends
+            except OSError:
+                pass        # closed already: one over the limit
+            # One over the limit is closed at once: a moment's wait for that keeps the connections from
+            # coming faster than the relay takes them, so none waits out a SYN dropped by a full backlog.
+            select.select([sock], [], [], 0.1)
+        all_sent = time.monotonic()
+        peak = watch.peak
+        assert peak < THREAD_BOUND, f"the relay ran {peak} threads for {len(half_sent)} half-sent metrics requests"
+        margin = 10
+        not_closed = []
+        for sock in half_sent:
+            sock.settimeout(max(all_sent + METRICS_ANSWER_SECONDS + margin - time.monotonic(), 0.01))
+            if not closed_by_peer(sock):
+                not_closed.append(sock)
+        assert not not_closed, (f"{len(not_closed)} of {len(half_sent)} half-sent requests still open "
+                                f"{METRICS_ANSWER_SECONDS + margin}s after the last was sent")
+        peak = watch.stop()
+        assert peak < THREAD_BOUND, f"the relay ran {peak} threads for {len(half_sent)} half-sent metrics requests"
+    finally:
+        watch.stop()
+        for sock in half_sent:
+            sock.close()
+    with requests.Session() as http:
+        http.trust_env = False
+        response = http.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
+    assert response.status_code == 200
+    assert "smtprelay_sessions_total" in response.text
+
+
+@needs_prometheus
+def test_metrics_answers_get_metrics_only(metrics_relay, tmp_path):
+    """`GET /metrics` is the one request served (README: --metrics): another path is 404 Not Found
+    and another method 405 Method Not Allowed (RFC 9110 §15.5.5, §15.5.6)."""
+    relay, port = metrics_relay("--backend", f"maildir:{tmp_path / 'mail'}")
+    base = f"http://127.0.0.1:{port}"
+    with requests.Session() as http:
+        http.trust_env = False
+        assert http.get(f"{base}/metrics", timeout=10).status_code == 200
+        assert http.get(f"{base}/", timeout=10).status_code == 404
+        assert http.get(f"{base}/other", timeout=10).status_code == 404
+        assert http.post(f"{base}/metrics", timeout=10).status_code == 405
+        assert http.delete(f"{base}/metrics", timeout=10).status_code == 405
+
+
+# --- stdout: a deadline on standard output too -----------------------------------------------
+
+PIPE_SIZE = 4096
+
+
+@pytest.fixture
+def full_pipe():
+    """A pipe whose buffer is full, for the relay's standard output -> its write end; nobody reads it.
+    The read end stays open (so a write blocks rather than fails) until teardown."""
+    read_end, write_end = os.pipe()
+    try:
+        fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:
+        pass        # the default size: more to fill
+    os.set_blocking(write_end, False)       # only to fill it: the relay gets it blocking, as a shell's pipe
+    try:
+        while True:
+            os.write(write_end, b"x" * PIPE_SIZE)
+    except BlockingIOError:
+        pass
+    os.set_blocking(write_end, True)
+    yield write_end
+    os.close(read_end)      # any write still blocked now fails: the relay can stop
+    os.close(write_end)
+
+
+def test_stdout_nobody_reads_gives_451_within_data_timeout_to_the_printer_and_to_the_one_waiting(
+        started, full_pipe):
+    """Printing a message has the end-of-data deadline (README: stdout:, --data-timeout): with standard
+    output a full pipe nobody reads, a session's end of data gets 451 within about --data-timeout,
+    and a second session waiting for the print lock meanwhile gets 451 within its own, never
+    blocking for ever (RFC 5321 §4.2.5: 451, local error in processing)."""
+    relay = started("--backend", "stdout:", "--data-timeout", "3", stdout=full_pipe)
+    first = greeted(relay, timeout=12, ehlo="first.example")
+    second = greeted(relay, timeout=12, ehlo="second.example")
+    for client in (first, second):
+        begin_data(client)
+        client.send(b"Subject: never printed\r\n\r\n" + b"line of a message nobody reads\r\n" * 400)
+    first.send(b".\r\n")
+    first_sent = time.monotonic()
+    second.send(b".\r\n")
+    second_sent = time.monotonic()
+    try:
+        first_reply = first.reply()
+    except TimeoutError:
+        pytest.fail("the first end of data got no reply within 12 s (--data-timeout 3)")
+    first_seconds = time.monotonic() - first_sent
+    try:
+        second_reply = second.reply()
+    except TimeoutError:
+        pytest.fail("the second end of data got no reply within 12 s of the first's (--data-timeout 3)")
+    second_seconds = time.monotonic() - second_sent
+    assert (first_reply.code, second_reply.code) == (451, 451)
+    assert first_seconds < 10 and second_seconds < 10, (first_seconds, second_seconds)
+
+
+# --- --user with a Python the user cannot read -------------------------------------------------
+
+def readable_by_nobody(path):
+    """True if user nobody can list the directory `path` (checked by running ls as nobody)."""
+    nobody = pwd.getpwnam("nobody")
+    result = subprocess.run(["/bin/ls", path], user=nobody.pw_uid, group=nobody.pw_gid, extra_groups=[],
+                            stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
+    return result.returncode == 0
+
+
+def test_user_nobody_with_a_python_it_cannot_read_delivers_mail(relay, scripted_backend):
+    """--user drops root once the listeners are bound (README: --user); everything the relay needs
+    later is loaded before, so it delivers mail as nobody with --resolve on even where nobody cannot
+    enter the directory the Python interpreter (its standard library or venv) lives in."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: the relay drops from root to nobody")
+    stdlib = sysconfig.get_paths()["stdlib"]
+    if readable_by_nobody(stdlib):
+        pytest.skip(f"user nobody can read this Python's standard library ({stdlib}): "
+                    "nothing left to import after the drop would fail")
+    backend = scripted_backend(extensions=XCLIENT_EXTENSIONS)
+    # --server-name as a real set-up has it: the default (the host's FQDN) is looked up at start,
+    # which would load, while root, what the lookups of clients need (the IDNA codec) by chance.
+    r = relay("--backend", backend.address, "--user", "nobody", "--resolve", "on", "--server-name", "relay.test")
+    client = greeted(r, timeout=30, ehlo="client.example")
+    reply = client.say("MAIL FROM:<a@example.org>")
+    assert reply.code == 250, f"MAIL to a relay running as nobody: {reply}"
+    assert client.say("RCPT TO:<b@example.net>").code == 250
+    assert client.say("DATA").code == 354
+    client.send(BODY + b".\r\n")
+    assert client.reply().code == 250
+    assert client.say("QUIT").code == 221
+    [message] = backend.delivered
+    assert message.content == BODY
