@@ -762,6 +762,9 @@ class Wire:
         self.poller = select.poll()     # made once: the descriptor stays the same when TLS wraps a socket
         if self.reader is not None:
             self.poller.register(self.reader, select.POLLIN)
+        if sock is None and writer is not None:
+            self.out_poller = select.poll()
+            self.out_poller.register(writer, select.POLLOUT)
         self.inbuf, self.inpos = b"", 0
 
     def fileno(self):
@@ -894,9 +897,9 @@ class Wire:
                 if self.sock is None:
                     # A descriptor may be blocking and shared (a pipe, a terminal):
                     # poll first, then at most PIPE_BUF, which a pipe with room takes at once.
-                    if not self.poller_out().poll(0):
+                    if not self.out_poller.poll(0):
                         waited = True
-                        self.wait(select.POLLOUT, deadline)
+                        poll_until(self.out_poller, deadline)
                     view = view[os.write(self.writer, view[:select.PIPE_BUF]):]
                 else:
                     view = view[self.sock.send(view, 0 if self.tls else socket.MSG_DONTWAIT):]
@@ -907,11 +910,6 @@ class Wire:
                 self.wait(select.POLLIN, deadline)
             waited = True
         return waited
-
-    def poller_out(self):
-        poller = select.poll()
-        poller.register(self.writer, select.POLLOUT)
-        return poller
 
     def wait(self, events, deadline):
         """Wait for events on the connection (POLLIN on the reader, POLLOUT on the writer)."""
@@ -3095,6 +3093,7 @@ def auth_wait(h):
 # release. The main thread waits for signals.
 
 REFUSAL_TIMEOUT = 1          # seconds to hand a refused client its 421
+REFUSING = 64                # connections beyond --max-clients given a thread, to be told 421
 ACCEPT_PAUSE = 0.1           # seconds the listener rests when out of descriptors
 # Settings a running relay cannot take up on SIGHUP: the sockets and the
 # process are made once (Config attribute, option name).
@@ -3214,8 +3213,14 @@ class Relay:
         log.info("SIGHUP: configuration reloaded for new sessions")
 
     def connection_opened(self):
+        """Count a connection in -> False where --max-clients plus REFUSING are being served
+        already: then it gets no thread (one refused costs a thread for a moment, one
+        whose PROXY header is late up to --timeout)."""
         with self.lock:
+            if self.connections >= self.setup.cfg.max_clients + REFUSING:
+                return False
             self.connections += 1
+            return True
 
     def connection_closed(self):
         with self.lock:
@@ -3316,7 +3321,6 @@ def serve_connection(relay, connection, peer, implicit_tls=False):
     wire = connection if isinstance(connection, Wire) else Wire(connection, first_read=cfg.timeout)
     if relay.wants(logging.DEBUG):
         relay.event("connection", logging.DEBUG, f"connection from {peer_text(ip, peer)}", client=ip)
-    relay.connection_opened()
     try:
         via = None
         if cfg.proxy_protocol:
@@ -3366,7 +3370,6 @@ def serve_connection(relay, connection, peer, implicit_tls=False):
                 except OSError:
                     pass
             wire.close()
-        relay.connection_closed()
 
 
 class SessionHandler(socketserver.BaseRequestHandler):
@@ -3418,17 +3421,36 @@ class RelayServer(socketserver.ThreadingTCPServer):
             raise
 
     def process_request(self, request, client_address):
-        """A thread for the client; where none can be had, it hears 421 now, not a silent close."""
+        """A thread for the client, within the relay's budget; where none is to be had,
+        it hears 421 from the listener now, not a silent close."""
+        if not self.relay.connection_opened():
+            ip = client_ip(client_address)
+            if self.relay.wants(logging.DEBUG):
+                self.relay.event("connection", logging.DEBUG, f"connection from {peer_text(ip, client_address)}",
+                                 client=ip)
+            self.relay.event("refused", logging.WARNING, f"refused {ip}: too many connections", client=ip,
+                             reply="421 4.3.2")
+            return self.refuse_at_once(request)
         try:
             super().process_request(request, client_address)
         except RuntimeError as e:
+            self.relay.connection_closed()
             log.error("no thread for a client from %s: %s", client_ip(client_address), e)
-            try:
-                request.setblocking(False)
-                request.send(format_reply(421, "4.3.2 Service busy, try again later"))
-            except OSError:
-                pass
-            self.shutdown_request(request)
+            self.refuse_at_once(request)
+
+    def refuse_at_once(self, request):
+        try:
+            request.setblocking(False)
+            request.send(format_reply(421, "4.3.2 Too many connections, try again later"))
+        except OSError:
+            pass
+        self.shutdown_request(request)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.relay.connection_closed()      # after the session's last log line: the drain waits for it
 
     def handle_error(self, request, client_address):
         log.exception("error in session from %s", client_ip(client_address))
@@ -3767,7 +3789,11 @@ def serve(relay, servers, client=None):
                          daemon=True).start()
         log.info("listening on %s", s.describe())
     if client:
-        serve_connection(relay, *client)
+        relay.connection_opened()
+        try:
+            serve_connection(relay, *client)
+        finally:
+            relay.connection_closed()
     else:
         sd_notify("READY=1", status(relay))
         with relay.lock:

@@ -525,3 +525,29 @@ def test_user_nobody_with_a_python_it_cannot_read_delivers_mail(relay, scripted_
     assert client.say("QUIT").code == 221
     [message] = backend.delivered
     assert message.content == BODY
+
+
+# --- Connections: no thread beyond --max-clients and a few being refused --------------------
+
+def test_connections_that_never_send_their_proxy_header_cost_a_bounded_number_of_threads(started, tmp_path):
+    """README, Bounds: a session has a thread, and so has a connection being refused, but no
+    more of them than --max-clients plus 64 at once: past that the listener says 421 itself.
+    Here 200 connections from a trusted PROXY peer never send their header (each would hold
+    its thread for --timeout)."""
+    r = started("--backend", f"maildir:{tmp_path / 'mail'}", "--max-clients", "2", "--proxy-protocol",
+                "--real-ip-from", "127.0.0.1/32", "--timeout", "60")
+    watch = ThreadWatch(r.proc.pid)
+    silent = []
+    try:
+        for _ in range(200):
+            silent.append(socket.create_connection((r.host, r.port), timeout=10))
+        # The last ones are past the budget: each hears 421 from the listener at once.
+        extra = socket.create_connection((r.host, r.port), timeout=10)
+        with extra:
+            assert extra.recv(100).startswith(b"421 ")
+        peak = watch.stop()
+        assert peak <= 2 + 64 + 8, peak         # sessions, those being refused, the relay's own few
+    finally:
+        watch.stop()
+        for sock in silent:
+            sock.close()

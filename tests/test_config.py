@@ -132,6 +132,18 @@ def test_check_config_with_a_bad_value_exits_1_with_exactly_one_line_naming_the_
     assert proc.stderr == "smtprelay: --backend: 'x:y': port is not a number\n"
 
 
+@pytest.mark.parametrize("option", ["check-config", "probe"])
+def test_check_config_and_probe_are_command_line_only(option, tmp_path):
+    # README: the daemon started with either in its config file or environment
+    # would print a report and exit 0 at every start instead of serving.
+    backend = f"maildir:{tmp_path / 'mail'}"
+    for result in (run_relay("--backend", backend, config=f"{option} = true\n"),
+                   run_relay("--backend", backend, env={"SMTPRELAY_" + option.upper().replace("-", "_"): "true"})):
+        assert result.returncode == 1
+        assert result.stderr == f"smtprelay: --{option}: command line only, not in the config file or the environment\n"
+        assert result.stdout == ""
+
+
 # --- bad configuration ---------------------------------------------------------
 
 BAD_VALUES = [

@@ -577,6 +577,14 @@ def test_inetd_with_a_bad_configuration_gives_the_client_421_and_no_error_text(i
     assert "backend" not in str(replies[0]).lower()
 
 
+def test_the_service_unit_allows_a_thread_for_every_session_and_the_relays_own():
+    # README, Bounds: a thread per session (--max-clients, 1000 by default), 64 for
+    # connections being refused, 8 for name lookups, 8 for metrics and a few more;
+    # past TasksMax= a client gets 421.
+    tasks = int(value("smtprelay.service", "Service", "TasksMax"))
+    assert 1000 + 64 + 8 + 8 + 8 <= tasks <= 2000
+
+
 def test_inetd_serves_a_stdin_that_is_no_socket_as_a_pipe_pair(tmp_path):
     # README, --inetd: standard input and output that are no socket are the
     # client as they are (SMTP typed by hand); /dev/null ends the session at once.
