@@ -86,6 +86,17 @@ class ConfigError(Exception):
         self.option = option
 
 
+class SettingsFileParser(configargparse.DefaultConfigFileParser):
+    """A config file that does not parse is a ConfigError (exit 1, and a SIGHUP that keeps
+    the old settings), not argparse's usage error (exit 2)."""
+
+    def parse(self, stream):
+        try:
+            return super().parse(stream)
+        except configargparse.ConfigFileParserException as e:
+            raise ConfigError("-c", f"{getattr(stream, 'name', 'the config file')}: {e}") from None
+
+
 class SettingsParser(configargparse.ArgParser):
     """configargparse reports a bad value from the config file or the
     environment through error(), as a usage error (exit 2); here it becomes
@@ -125,6 +136,8 @@ def build_parser():
         args_for_setting_config_path=["-c", "--config"],
         config_arg_help_message=f"config file (default {DEFAULT_CONFIG_FILE} if it exists)",
         auto_env_var_prefix=ENV_PREFIX,
+        config_file_parser_class=SettingsFileParser,
+        allow_abbrev=False,         # --check-conf is no --check-config (command line only, checked by name)
     )
     add = p.add_argument
     add("--listen", action="append", metavar="ADDR",
@@ -826,11 +839,11 @@ class Wire:
                 return b""
             first = False
 
-    def skip_line(self, deadline):
+    def skip_line(self, deadline, stop=None):
         """Drop input up to and including the next LF -> False at the end of input."""
         while (end := self.inbuf.find(b"\n", self.inpos)) < 0:
             self.inbuf, self.inpos = b"", 0
-            if not self.fill(deadline):
+            if not self.fill(deadline, stop=stop):
                 return False
         self.inpos = end + 1
         return True
@@ -1038,7 +1051,7 @@ class Channel:
             if self.skipping:
                 self.flush()
                 self.skipping = False
-                if not self.wire.skip_line(time.monotonic() + self.timeout):
+                if not self.wire.skip_line(time.monotonic() + self.timeout, stop):
                     raise ClientGone("client closed the connection")
             # The first read may take the whole --timeout in one recv(), unless
             # writing the replies had to wait for the client's reading.
@@ -1135,7 +1148,8 @@ class Channel:
 # Parsing command arguments (RFC 5321 §4.1.2) ---------------------------------
 
 # RFC 5321 §4.5.3.1.3 allows 256 octets; more is taken, but within what one
-# header line of the captured mail can hold (RFC 5322 §2.1.1: 998).
+# header line of the captured mail can hold (RFC 5322 §2.1.1: 998 octets),
+# counted as the capture headers write it (control characters escaped).
 PATH_LIMIT = 900
 
 # RFC 5321 §4.1.2 Mailbox, loosely: a dot-string or quoted local part, one
@@ -1177,7 +1191,7 @@ def parse_path(arg, keyword):
         if ":" not in address:
             raise SMTPError(501, "5.1.7 Bad address syntax: bad source route")
         address = address.split(":", 1)[1]
-    if len(address) > PATH_LIMIT:
+    if len(address) > PATH_LIMIT // 4 and len(printable(address).encode("utf-8")) > PATH_LIMIT:
         raise SMTPError(501, "5.1.3 Path too long")       # RFC 5321 §4.5.3.1.10
     if address and not MAILBOX.fullmatch(address) and address.lower() != "postmaster":
         raise SMTPError(501, "5.1.3 Bad address syntax")
@@ -1279,14 +1293,15 @@ def lookup_client_names(ip):
 
 RESOLVER_THREADS = 8        # name lookups at once, for all sessions together
 RESOLVER_QUEUE = 64         # lookups waiting for a thread; one that finds the queue full is [TEMPUNAVAIL]
+RESOLVER_PER_NETWORK = 2    # lookups at once for clients of one /24 (IPv4) or /64 (IPv6)
 
 
-class ClientNames:
-    """One client's names, as the Resolver finds them: get() waits at most
-    --resolve-timeout from the start of the session."""
+class NameLookup:
+    """One lookup of a client address's names, shared by its sessions meanwhile."""
 
-    def __init__(self, ip, deadline):
-        self.ip, self.deadline = ip, deadline
+    def __init__(self, ip, wanted_until):
+        self.ip, self.wanted_until = ip, wanted_until
+        self.network = ipaddress.ip_network(f"{ip}/{24 if ':' not in ip else 64}", strict=False)
         self.names = None
         self.done = threading.Event()
 
@@ -1294,53 +1309,69 @@ class ClientNames:
         self.names = names
         self.done.set()
 
+
+class ClientNames:
+    """A session's view of its client's names: get() waits at most --resolve-timeout
+    from the start of the session."""
+
+    def __init__(self, lookup, deadline):
+        self.lookup, self.deadline = lookup, deadline
+
     def get(self):
         """(name, reverse_name); [TEMPUNAVAIL] for both past the deadline."""
-        if self.done.wait(max(self.deadline - time.monotonic(), 0)) and self.names:
-            return self.names
+        if self.lookup.done.wait(max(self.deadline - time.monotonic(), 0)) and self.lookup.names:
+            return self.lookup.names
         return TEMPUNAVAIL, TEMPUNAVAIL
 
     @property
     def name(self):
         return self.get()[0]
 
-    def abandon(self):
-        """The session is over: a lookup still waiting for a thread is not made."""
-        self.deadline = 0
-
 
 class Resolver:
     """Name lookups for every session from one small pool of threads.
 
-    A slow resolver costs RESOLVER_THREADS threads, never one per session:
-    a lookup waits in a bounded queue, is skipped once nobody waits for it
-    any more, and finds [TEMPUNAVAIL] at once where the queue is full.
+    A slow resolver costs RESOLVER_THREADS threads, never one per session
+    (a lookup cannot be cut short): a lookup waits in a bounded queue and is
+    skipped once nobody waits for it any more; sessions of one client share
+    its lookup, and one network gets RESOLVER_PER_NETWORK at once, so that
+    a client whose PTR zone never answers cannot take the names of all the
+    others. A lookup that finds no room is [TEMPUNAVAIL] at once.
     """
 
     def __init__(self):
         self.lock = threading.Condition()
         self.waiting = collections.deque()
+        self.looking = {}                   # ip -> NameLookup, waiting or under way
+        self.per_network = collections.Counter()
         self.threads = self.idle = 0
 
     def lookup(self, ip, timeout):
-        """Start looking up ip's names -> ClientNames."""
-        names = ClientNames(ip, time.monotonic() + timeout)
+        """Start looking up ip's names (or join the lookup under way) -> ClientNames."""
+        deadline = time.monotonic() + timeout
         with self.lock:
-            if len(self.waiting) >= RESOLVER_QUEUE:
-                names.found((TEMPUNAVAIL, TEMPUNAVAIL))
-                return names
-            self.waiting.append(names)
-            if self.idle > len(self.waiting) - 1 or self.threads >= RESOLVER_THREADS:
-                self.lock.notify()
-                return names
-            try:
-                threading.Thread(target=self.work, name="resolver", daemon=True).start()
-                self.threads += 1
-            except RuntimeError as e:       # the relay's own shortage: no name, no failure
-                log.error("cannot start a resolver thread: %s", e)
-                self.waiting.remove(names)
-                names.found((TEMPUNAVAIL, TEMPUNAVAIL))
-        return names
+            lookup = self.looking.get(ip)
+            if lookup:
+                lookup.wanted_until = max(lookup.wanted_until, deadline)
+                return ClientNames(lookup, deadline)
+            lookup = NameLookup(ip, deadline)
+            if len(self.waiting) >= RESOLVER_QUEUE or self.per_network[lookup.network] >= RESOLVER_PER_NETWORK:
+                lookup.found((TEMPUNAVAIL, TEMPUNAVAIL))
+                return ClientNames(lookup, deadline)
+            if self.idle <= len(self.waiting) and self.threads < RESOLVER_THREADS:
+                try:
+                    threading.Thread(target=self.work, name="resolver", daemon=True).start()
+                    self.threads += 1
+                except RuntimeError as e:       # the relay's own shortage: no name, no failure
+                    log.error("cannot start a resolver thread: %s", e)
+                    if not self.threads:
+                        lookup.found((TEMPUNAVAIL, TEMPUNAVAIL))
+                        return ClientNames(lookup, deadline)
+            self.waiting.append(lookup)
+            self.looking[ip] = lookup
+            self.per_network[lookup.network] += 1
+            self.lock.notify()
+        return ClientNames(lookup, deadline)
 
     def work(self):
         while True:
@@ -1348,11 +1379,20 @@ class Resolver:
                 self.idle += 1
                 self.lock.wait_for(lambda: self.waiting)
                 self.idle -= 1
-                names = self.waiting.popleft()
-            if time.monotonic() < names.deadline:
-                names.found(lookup_client_names(names.ip))
-            else:
-                names.found((TEMPUNAVAIL, TEMPUNAVAIL))
+                lookup = self.waiting.popleft()
+            names = (TEMPUNAVAIL, TEMPUNAVAIL)
+            try:
+                if time.monotonic() < lookup.wanted_until:
+                    names = lookup_client_names(lookup.ip)
+            except Exception:       # a resolver that fails in a way of its own: no name, and the thread lives
+                log.exception("name lookup of %s failed", lookup.ip)
+            finally:
+                with self.lock:
+                    del self.looking[lookup.ip]
+                    self.per_network[lookup.network] -= 1
+                    if not self.per_network[lookup.network]:
+                        del self.per_network[lookup.network]
+                lookup.found(names)
 
 
 class Session:
@@ -1435,8 +1475,6 @@ class Session:
             self.say_last(421, f"4.4.2 {self.cfg.server_name} Error: timeout exceeded")
         finally:
             self.close_backend()
-            if self.names:
-                self.names.abandon()
 
     def log_disconnect(self):
         """The session's last line, once its slot is free (serve_connection)."""
@@ -1614,7 +1652,7 @@ class Session:
         mechanisms = [m.upper() for m in self.offered_mechanisms()]
         if mechanisms:
             extensions.append("AUTH " + " ".join(mechanisms))
-        if self.cfg.starttls != "off" and not self.tls:
+        if self.cfg.starttls != "off" and not self.tls and self.channel.wire.sock is not None:
             extensions.append("STARTTLS")
         self.channel.reply(250, "\n".join(extensions))
 
@@ -1866,7 +1904,7 @@ class Session:
         raise SMTPError(code, f"{enhanced} {answer.text}" if enhanced else answer.text, counted=counted)
 
     def smtp_STARTTLS(self, arg):
-        if self.cfg.starttls == "off":
+        if self.cfg.starttls == "off" or self.channel.wire.sock is None:     # off, or a client on pipes
             raise SMTPError(502, "5.5.1 Error: STARTTLS not available")
         if self.tls:
             raise SMTPError(503, "5.5.1 Error: TLS already active")
@@ -3341,8 +3379,8 @@ def serve_connection(relay, connection, peer, implicit_tls=False):
                 via, peer, ip = peer, real, client_ip(real)
         refusal = relay.admit(ip)
         if refusal:
-            relay.event("refused", logging.WARNING, f"refused {ip}: %d %s" % refusal, client=ip,
-                        reply="%d %s" % refusal)
+            relay.event("refused", logging.WARNING, f"refused {ip or 'a client with no IP address'}: %d %s" % refusal,
+                        client=ip, reply="%d %s" % refusal)
             try:
                 wire.send(format_reply(*refusal), time.monotonic() + REFUSAL_TIMEOUT)
             except OSError:
@@ -3609,6 +3647,7 @@ class MetricsServer(socketserver.ThreadingTCPServer):
     daemon_threads = True
     block_on_close = False
     allow_reuse_address = True
+    request_queue_size = max(socket.SOMAXCONN, system_backlog())     # a scrape waits in the kernel, not for a SYN retry
 
     def __init__(self, address, metrics):
         self.metrics = metrics
@@ -3665,7 +3704,7 @@ def answer_metrics(wire, metrics):
     except (OSError, LineTooLong, UnicodeError):
         pass
     finally:
-        wire.close()
+        wire.close(linger=max(0, min(LINGER_SECONDS, deadline - time.monotonic())))
 
 
 class JSONFormatter(logging.Formatter):
@@ -3774,7 +3813,7 @@ def take_signals(relay, inetd=False):
             sd_notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
             try:
                 relay.reload()
-            except Exception:       # this thread must live on: it is the only one that can stop the relay
+            except BaseException:   # SystemExit too: this thread must live on, it alone can stop the relay
                 log.exception("SIGHUP: keeping the old configuration")
             sd_notify("READY=1", status(relay))
 

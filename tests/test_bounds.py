@@ -551,3 +551,50 @@ def test_connections_that_never_send_their_proxy_header_cost_a_bounded_number_of
         watch.stop()
         for sock in silent:
             sock.close()
+
+
+# The system resolver as a DNS server that never answers for one network's PTR zone:
+# lookups of 127.0.0.2 take 30 s, every other address is looked up as usual.
+ONE_SLOW_ZONE = '''\
+import socket
+import time
+
+_gethostbyaddr = socket.gethostbyaddr
+
+
+def gethostbyaddr(host):
+    if host == "127.0.0.2":
+        time.sleep(30)
+        raise socket.herror(2, "Host name lookup failure")
+    return _gethostbyaddr(host)
+
+
+socket.gethostbyaddr = gethostbyaddr
+'''
+
+
+def test_a_client_whose_ptr_zone_never_answers_cannot_take_the_names_of_the_others(
+        started, scripted_backend, tmp_path):
+    """README, client names: the sessions of one client share its lookup, so a client whose
+    reverse zone never answers holds one resolver thread, not all of them: a client from
+    elsewhere still gets its confirmed name (localhost) in XCLIENT, without waiting."""
+    site = tmp_path / "slow-zone"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(ONE_SLOW_ZONE)
+    backend = scripted_backend(extensions=XCLIENT_EXTENSIONS)
+    relay = started("--backend", backend.address, "--resolve", "on", "--resolve-timeout", "3",
+                    "--listen", "127.0.0.2:0", env={"PYTHONPATH": str(site)})
+    relay.wait_listening(2)
+    slow_port = next(port for host, port in relay.listeners if host == "127.0.0.2")
+    for _ in range(2 * 8):      # more than the resolver's threads, each session gone at once
+        with socket.create_connection(("127.0.0.2", slow_port), source_address=("127.0.0.2", 0),
+                                      timeout=10) as sock:
+            c = SMTPClient(sock)
+            assert c.reply().code == 220
+            assert c.say("QUIT").code == 221
+    began = time.monotonic()
+    client = greeted(relay, timeout=30, ehlo="client.example")
+    assert send_message(client, BODY).code == 250
+    assert time.monotonic() - began < 2.5       # its own lookup at once, not --resolve-timeout's 3 s
+    [session] = backend.sessions
+    assert xclient_attributes(session)["NAME"] == "localhost"

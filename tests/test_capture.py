@@ -185,3 +185,26 @@ def test_10000_recipients_in_a_maildir_file_with_no_header_line_over_998_octets(
     assert message["Return-Path"] == f"<{SENDER}>"
     assert Counter(recipients_in(message)) == Counter(rcpts)
     assert message["Subject"] == "many recipients"
+
+
+def test_addresses_of_many_octets_or_control_characters_still_fit_a_header_line(relay, tmp_path):
+    """RFC 5322 §2.1.1 counts octets: a UTF-8 address (RFC 6531) of 3-octet characters, or one
+    whose control characters the header shows escaped, is taken while its header line fits
+    (a path up to 900 octets as written), and refused with 501 beyond (RFC 5321
+    §4.5.3.1.10, "Path too long"); no line of the stored header block passes 998 octets."""
+    path = tmp_path / "md"
+    r = relay("--backend", f"maildir:{path}")
+    client = greeted(r, ehlo="client.example")
+    fits = "漢" * 290 + "@example.org"                  # 882 octets
+    too_long = "漢" * 310 + "@example.org"              # 942 octets, 322 characters
+    quoted_controls = '"' + "\u0085" * 250 + '"@example.org'     # shown as \x85: 1000 and more
+    assert client.say(f"MAIL FROM:<{too_long}> SMTPUTF8").code == 501
+    assert client.say(f"MAIL FROM:<{fits}> SMTPUTF8").code == 250
+    assert client.say(f"RCPT TO:<{quoted_controls}>").code == 501
+    assert client.say(f"RCPT TO:<{fits}>").code == 250
+    assert client.say("DATA").code == 354
+    client.send(b"Subject: wide\r\n\r\nHello.\r\n.\r\n")
+    content = stored(path, client.reply())
+    head = content[:content.index(b"Subject: wide")]     # the relay's own header block
+    assert long_lines(head) == []
+    assert fits.encode() in content

@@ -23,6 +23,7 @@ import subprocess
 import pytest
 
 from auth_fixtures import always, auth_service, ok  # noqa: F401  (fixture)
+from tls_fixtures import tls  # noqa: F401  (fixture)
 from helpers import SMTPClient, codes, relay_env, stop_process, xclient_attributes
 from test_service import RELAY_COMMAND, assert_delivered, deliver, maildir_messages, write_config
 
@@ -188,3 +189,18 @@ def test_allow_from_refuses_a_client_without_an_address_with_554(inetd_relay, tm
     assert codes(replies) == [554], relay.log()
     relay.exit_code()
     assert maildir_messages(maildir) == []
+
+
+def test_starttls_is_neither_offered_nor_taken_on_pipes(inetd_relay, tmp_path, tls):
+    """RFC 3207 §4: STARTTLS is offered only where it can be done; TLS needs a socket, so a
+    client on pipes sees no STARTTLS in EHLO and hears 502 for it, and its session goes on."""
+    relay = inetd_relay("pipes", "--backend", f"maildir:{tmp_path / 'Maildir'}", "--starttls", "on",
+                        "--tls-cert", tls.server.cert_path, "--tls-key", tls.server.key_path)
+    client = SMTPClient(relay.client)
+    assert client.reply().code == 220
+    ehlo = client.say("EHLO client.example")
+    assert ehlo.code == 250 and "STARTTLS" not in ehlo.lines
+    assert client.say("STARTTLS").code == 502
+    assert client.say("NOOP").code == 250
+    assert client.say("QUIT").code == 221
+    assert relay.exit_code() == 0, relay.log()

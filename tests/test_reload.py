@@ -139,6 +139,7 @@ def test_other_settings_take_effect_for_new_sessions_and_not_for_a_session_in_fl
 BAD_FILES = {
     "bad value": "timeout = soon\n",
     "unknown key": "no-such-setting = 1\n",
+    "a line that does not parse": "=oops\n",
     "missing certificate": "tls-cert = {tmp}/missing.crt\ntls-key = {tmp}/missing.key\n",
     "file removed": None,
 }
@@ -173,6 +174,7 @@ def test_a_file_that_no_longer_parses_is_refused_and_the_old_settings_stay_until
     assert contents(new) == [body("fixed")]
     assert r.proc.poll() is None
     assert "Traceback" not in r.log_text()
+    assert r.stop() == 0, r.log_text()      # the signals are still taken: a stop works
 
 
 # --- Certificates -----------------------------------------------------------------------
