@@ -68,7 +68,7 @@ log = logging.getLogger("smtprelay")
 # Options come from the command line, SMTPRELAY_* variables and the config
 # file, in that precedence (configargparse). argparse only collects strings;
 # validate() turns them into a Config, so that a bad value from any source
-# gives one line naming the option and exit status 1 (INTERFACE.md).
+# gives one line naming the option and exit status 1 (README, Configuration).
 
 DEFAULT_CONFIG_FILE = "/etc/smtprelay.conf"
 DEFAULT_LISTEN = "127.0.0.1:2525"
@@ -1522,7 +1522,7 @@ class Session:
         return [m for m in methods if m not in ("plain", "login", "external")]
 
     def tls_headers(self):
-        """nginx's Auth-SSL-* headers for this session (NGINX.md §3.2)."""
+        """nginx's Auth-SSL-* headers for this session (ngx_mail_auth_http_module)."""
         if not self.tls:
             return {}
         protocol, cipher = self.channel.tls_parameters()
@@ -2865,7 +2865,7 @@ class StdoutDelivery(LocalDelivery):
 
 
 # --- 5. The auth lookup: nginx's auth_http protocol ----------------------------
-# One GET per lookup with the headers nginx sends (NGINX.md §3.2); the
+# One GET per lookup with the headers nginx sends (ngx_mail_auth_http_module); the
 # answer's Auth-Status decides, Auth-Server and Auth-Port name the back-end.
 # requests keeps connections alive: a pool of requests.Sessions, each used by
 # one thread at a time, serves every client session (nginx opens a new

@@ -1,4 +1,4 @@
-"""The auth_http lookup (NGINX.md §2.5, §2.6, §3), SMTP AUTH, and the checks made before any lookup.
+"""The auth_http lookup (nginx's ngx_mail_auth_http_module), SMTP AUTH, and the checks made before any lookup.
 
 The relay runs as a real subprocess; the auth service is
 contrib/auth_http_example.py serving in a thread (and once a real nginx);
@@ -44,7 +44,7 @@ class InTurn:
 
 
 def none_headers(helo, mail, rcpt, attempt=1, client_ip="127.0.0.1", client_host="localhost"):
-    """The headers nginx sends for Auth-Method none, in its order (NGINX.md §3.2).
+    """The headers nginx sends for Auth-Method none, in its order (nginx's ngx_mail_auth_http_module).
 
     Client-Host is the client's confirmed name: /etc/hosts gives 127.0.0.1
     as localhost, and no name for ::1 here."""
@@ -55,7 +55,7 @@ def none_headers(helo, mail, rcpt, attempt=1, client_ip="127.0.0.1", client_host
 
 
 def auth_headers(method, user, password, salt=None):
-    """The headers nginx sends for SMTP AUTH, in its order (NGINX.md §3.2)."""
+    """The headers nginx sends for SMTP AUTH, in its order (nginx's ngx_mail_auth_http_module)."""
     return [("Host", "127.0.0.1"), ("Auth-Method", method), ("Auth-User", user), ("Auth-Pass", password),
             *([("Auth-Salt", salt)] if salt else []), ("Auth-Protocol", "smtp"), ("Auth-Login-Attempt", "1"),
             ("Client-IP", "127.0.0.1"), ("Client-Host", "localhost")]
@@ -128,7 +128,7 @@ def test_first_rcpt_sends_one_get_with_exactly_the_headers_nginx_sends(start, sc
 
 
 def test_auth_smtp_from_and_to_carry_the_command_lines_as_the_client_typed_them(start, backend):
-    # NGINX.md §2.6: "the whole command line from the verb to the end of the
+    # nginx's mail proxy passes "the whole command line from the verb to the end of the
     # last argument", copied from the client's buffer: the verb's case too.
     relay, service = start(always(*ok(backend)))
     client = greeted(relay)
@@ -321,7 +321,7 @@ def test_utf8_addresses_reach_the_service_as_utf8(start, backend):
 
 
 def test_auth_user_and_pass_are_escaped_as_nginx_does(start, backend):
-    # NGINX.md §3.3: control bytes, space and % as %XX (upper-case hex); + and 8-bit bytes raw.
+    # nginx's escaping of Auth-User and Auth-Pass: control bytes, space and % as %XX (upper-case hex); + and 8-bit bytes raw.
     # DEL is a control byte too: it never reaches a header raw.
     cases = [("a b%c", "p+w d", b"a%20b%25c", b"p+w%20d"),
              ("\u00fc\x01x", "tab\there\x7f\x1f", b"\xc3\xbc%01x", b"tab%09here%7F%1F")]

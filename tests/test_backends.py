@@ -289,7 +289,7 @@ def test_xclient_names_are_unavailable_with_resolve_off(relay, scripted_backend)
 
 
 def test_backend_without_xclient_counts_as_down_and_never_sees_a_mail(relay, scripted_backend):
-    # It would judge the relay's own address: fail closed (issue 8).
+    # It would judge the relay's own address: fail closed (README, "XCLIENT fails closed").
     backend = scripted_backend(extensions=["PIPELINING", "8BITMIME"])
     r = start_relay(relay, backend)
     client = smtp_client(r)

@@ -1,4 +1,4 @@
-"""Configuration, the options contract and the process lifecycle (INTERFACE.md).
+"""Configuration, the options contract and the process lifecycle (README, Configuration, Signals).
 
 Everything here runs the relay as a real process: `run_relay` for runs that
 end by themselves (--check-config, bad configuration, --version), the `relay`

@@ -1,6 +1,6 @@
 """Hostile clients: SMTP smuggling, bare newlines, split terminators, junk, a 200 MB message.
 
-The contract (README "No false 250, no smuggling", INTERFACE.md --bare-newline):
+The contract (README "No false 250, no smuggling", the README's --bare-newline):
 the only end of data is CRLF.CRLF. With `--bare-newline normalize` (the
 default) every bare CR or LF in the data becomes CRLF and the line is
 dot-stuffed as needed, so the data a back-end gets holds no bare CR or LF and

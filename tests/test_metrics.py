@@ -1,4 +1,4 @@
-"""--metrics (Prometheus over HTTP) and the named fields of --log-format json lines (issue 9).
+"""--metrics (Prometheus over HTTP) and the named fields of --log-format json lines (README, Logging).
 
 The metrics tests scrape GET /metrics with requests and parse it with
 prometheus_client's own parser; they are skipped where prometheus_client is

@@ -1,4 +1,4 @@
-"""Issue 9, the PROXY protocol (--proxy-protocol, --real-ip-from): the client haproxy names is the client.
+"""The PROXY protocol (--proxy-protocol, --real-ip-from): the client haproxy names is the client.
 
 The relay runs as a real subprocess. Crafted v1 and v2 headers go over raw
 sockets from 127.0.0.1 (trusted as --real-ip-from 127.0.0.0/8 unless a test

@@ -1,4 +1,4 @@
-"""SIGHUP: the whole configuration re-read for new sessions (issue 9).
+"""SIGHUP: the whole configuration re-read for new sessions (README, Signals).
 
 The relay fixture writes the config file and passes it with -c; these tests
 rewrite that file (atomically, as an editor or a config manager does), send

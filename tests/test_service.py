@@ -45,7 +45,7 @@ SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
 SOCKET_ACTIVATE = shutil.which("systemd-socket-activate")
 BODY = b"Subject: service test\r\n\r\nHello from the service tests.\r\n"
 STORED_BODY = b"Subject: service test\n\nHello from the service tests.\n"   # the maildir keeps LF line ends
-DATA_TIMEOUT, TIMEOUT = 600, 60                 # the relay's defaults (INTERFACE.md)
+DATA_TIMEOUT, TIMEOUT = 600, 60                 # the relay's defaults (README, Configuration)
 NO_DEV_LOG = "smtprelay: --log-target: /dev/log is missing: no syslog daemon to write to"
 LOG_MAIL, LOG_INFO = 2, 6                       # syslog facility and severity (RFC 5424 §6.2.1)
 

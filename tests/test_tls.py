@@ -550,7 +550,7 @@ def test_required_client_certificate_means_mail_waits_for_tls(smtprelay, backend
 
 def test_client_without_a_certificate_where_one_is_required_hears_421_and_gets_no_session(smtprelay, backend,
                                                                                           tls, opened):
-    # nginx (NGINX.md §5): the handshake ends, then "421 4.7.1 No required SSL certificate".
+    # nginx (ssl_verify_client on): the handshake ends, then "421 4.7.1 No required SSL certificate".
     relay = client_cert_relay(smtprelay, tls, "on", "--backend", backend.address)
     client = greeted(relay)
     assert client.say("STARTTLS").code == 220
@@ -621,7 +621,7 @@ def test_client_certificate_details_go_to_the_auth_service_as_nginx_sends_them(m
     assert re.fullmatch(r"[0-9A-F]+", serial) and int(serial, 16) == tls.client.serial
     assert headers["Auth-SSL-Fingerprint"] == tls.client.fingerprint
     assert re.fullmatch(r"[0-9a-f]{40}", headers["Auth-SSL-Fingerprint"])
-    # Certificate data goes to the auth service only, never to the back-end (NGINX.md §5).
+    # Certificate data goes to the auth service only, never to the back-end (as nginx's mail proxy).
     assert not [c for c in backend.sessions[0].commands if b"Inc." in c or tls.client.fingerprint.encode() in c]
     assert relay.wait_for_log(rf"TLS TLSv1\.[23] \S+, client certificate {re.escape(tls.client.subject)}$")
 

@@ -1,6 +1,6 @@
-"""Issue 8, trust and bounds: XCLIENT fails closed, HELO names that fit XCLIENT, a
+"""Trust and bounds: XCLIENT fails closed, HELO names that fit XCLIENT, a
 graceful stop, deadlines for whole replies and command lines, connection floods,
-and the small points of TRUST_SPEC.md §7. (§3, name resolution, is not covered here.)
+and the small points besides (README, "What it does"). Client names are in test_resolve.py.
 
 The relay runs as a real subprocess between raw-socket clients and
 ScriptedBackends, whose faults (a reply delayed, trickled or flooded) are
