@@ -1236,7 +1236,6 @@ def decode_utf8(data):
 # raise SMTPError), does its work, and queues exactly one reply. Back-end
 # replies to MAIL, RCPT and DATA pass to the client verbatim.
 
-HELP_TEXT = "2.0.0 Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP"
 JUNK_COMMANDS = {"NOOP", "RSET", "VRFY", "EXPN", "HELP"}
 JUNK_LIMIT = 100            # Postfix's smtpd_junk_command_limit: past it, each one is a refusal
 
@@ -1450,6 +1449,7 @@ class Session:
         self.relay.event(name, level, f"{self.sid} {message}", session=self.sid, client=self.peer_ip, **fields)
 
     def run(self):
+        """Serve the client from greeting to close: QUIT, EOF, --timeout, a stop or an error."""
         self.connected = time.monotonic()
         if self.relay.wants(logging.INFO):
             via = f" via {format_address(*self.via[:2])}" if self.via else ""
@@ -1560,6 +1560,7 @@ class Session:
         return 421, f"4.3.2 {self.cfg.server_name} Service shutting down, closing connection"
 
     def handle_command(self):
+        """Read one command line and answer it; a stop is taken here, between transactions only."""
         idle = self.mail_from is None       # a stop ends the session here, never inside a transaction
         if idle and self.relay.stopping.is_set():
             raise Stopping()
@@ -1611,6 +1612,7 @@ class Session:
             self.event("recipient", logging.DEBUG, f"recipient {outcome} with {code}", outcome=outcome, code=code)
 
     def dispatch(self, line):
+        """Decode a command line and hand its argument to the smtp_VERB method (500 for any other)."""
         if COMMAND_CONTROLS.search(line):
             raise SMTPError(500, "5.5.2 Syntax error: control character in command")
         try:
@@ -1628,6 +1630,7 @@ class Session:
     # Verbs --------------------------------------------------------------------
 
     def smtp_HELO(self, arg, esmtp=False):
+        """RFC 5321 §4.1.1.1: who the client is; EHLO lists the extensions (RFC 1869)."""
         words = arg.split()
         if len(words) != 1:
             raise SMTPError(501, f"5.5.4 Syntax: {'EHLO' if esmtp else 'HELO'} hostname")
@@ -1657,9 +1660,12 @@ class Session:
         self.channel.reply(250, "\n".join(extensions))
 
     def smtp_EHLO(self, arg):
+        """RFC 5321 §4.1.1.1."""
         self.smtp_HELO(arg, esmtp=True)
 
     def smtp_MAIL(self, arg):
+        """RFC 5321 §4.1.1.2: the sender, checked here, then passed to the back-end (or held for
+        the auth service's first lookup, as nginx's smtp_auth none)."""
         if self.mail_from is not None:
             raise SMTPError(503, "5.5.1 Error: nested MAIL command")
         self.check_tls_and_ehlo()
@@ -1704,6 +1710,8 @@ class Session:
         self.channel.reply(code, text)
 
     def smtp_RCPT(self, arg):
+        """RFC 5321 §4.1.1.3: a recipient, checked here, then passed to the back-end, whose
+        reply the client hears."""
         if self.mail_from is None:
             raise SMTPError(*NEED_MAIL)
         address, params = parse_path(arg, "TO:")
@@ -1734,6 +1742,8 @@ class Session:
         self.channel.reply(code, text)
 
     def smtp_DATA(self, arg):
+        """RFC 5321 §4.1.1.4: the message, streamed to the back-end; the client hears 250 only
+        after the back-end said it, and a message that fails never gets its end sent."""
         if arg:
             raise SMTPError(501, "5.5.4 Syntax: DATA")
         if self.mail_from is None:
@@ -1826,6 +1836,7 @@ class Session:
         return decode_auth_response(initial) if initial is not None else self.challenge(prompt)
 
     def auth_PLAIN(self, initial):
+        """RFC 4616: authzid NUL authcid NUL password, in one response."""
         response = self.first_response(initial, "")
         parts = response.split(b"\0")
         if len(parts) != 3 or not parts[1]:
@@ -1833,11 +1844,13 @@ class Session:
         return dict(method="plain", user=decode_utf8(parts[1]), password=decode_utf8(parts[2]))
 
     def auth_LOGIN(self, initial):
+        """The LOGIN mechanism (draft-murchison-sasl-login): user, then password."""
         user = self.first_response(initial, "VXNlcm5hbWU6")
         password = self.challenge("UGFzc3dvcmQ6")
         return dict(method="plain", user=decode_utf8(user), password=decode_utf8(password))   # as nginx
 
     def auth_CRAM_MD5(self, initial):
+        """RFC 2195: a challenge, and the user with the HMAC-MD5 of it; the service checks it (Auth-Salt)."""
         if initial is not None:
             raise SMTPError(501, "5.5.2 CRAM-MD5 takes no initial response")
         salt = f"<{secrets.randbelow(10**10)}.{int(time.time())}@{self.cfg.server_name}>"
@@ -1847,6 +1860,7 @@ class Session:
         return dict(method="cram-md5", user=user, password=digest.lower(), salt=salt)
 
     def auth_EXTERNAL(self, initial):
+        """RFC 4422 appendix A: the identity TLS established (the client certificate's subject)."""
         # RFC 4422 appendix A: the client may name an authorization identity;
         # with TLS it authenticates as its certificate's subject.
         identity = decode_utf8(self.first_response(initial, ""))
@@ -1904,6 +1918,7 @@ class Session:
         raise SMTPError(code, f"{enhanced} {answer.text}" if enhanced else answer.text, counted=counted)
 
     def smtp_STARTTLS(self, arg):
+        """RFC 3207: TLS, after which the session starts over."""
         if self.cfg.starttls == "off" or self.channel.wire.sock is None:     # off, or a client on pipes
             raise SMTPError(502, "5.5.1 Error: STARTTLS not available")
         if self.tls:
@@ -1919,26 +1934,34 @@ class Session:
         self.ehlo_required = True           # "The client SHOULD send an EHLO command as the first command"
 
     def smtp_RSET(self, arg):
+        """RFC 5321 §4.1.1.5: the transaction is forgotten, here and at the back-end."""
         self.abort_transaction()
         self.channel.reply(250, "2.0.0 Ok")
 
     def smtp_NOOP(self, arg):
+        """RFC 5321 §4.1.1.9 (a junk command: counted toward --max-refusals past 100)."""
         self.channel.reply(250, "2.0.0 Ok")
 
     def smtp_QUIT(self, arg):
+        """RFC 5321 §4.1.1.10."""
         self.channel.reply(221, "2.0.0 Bye")
         self.done = True
 
     def smtp_VRFY(self, arg):
+        """RFC 5321 §3.5.3: 252, the answer of a server that verifies nothing."""
         if not arg:
             raise SMTPError(501, "5.5.4 Syntax: VRFY address")
         self.channel.reply(252, "2.5.2 Cannot VRFY user, but will accept message and attempt delivery")
 
     def smtp_EXPN(self, arg):
+        """RFC 5321 §3.5.3: no lists are expanded here."""
         raise SMTPError(502, "5.5.1 EXPN not available")
 
     def smtp_HELP(self, arg):
-        self.channel.reply(214, HELP_TEXT)
+        """RFC 5321 §4.1.1.8."""
+        # The verbs this relay answers, as the smtp_VERB methods say: it cannot drift.
+        verbs = [name[5:] for name in dir(self) if name.startswith("smtp_")]
+        self.channel.reply(214, "2.0.0 Commands: " + " ".join(sorted(verbs)))
 
     # The back-end, seen from the session ---------------------------------------
 
@@ -2025,7 +2048,6 @@ class Session:
 # may raise BackendGone, so the session never sees smtplib's or the OS's
 # exceptions.
 
-XCLIENT_ATTRIBUTES = ("ADDR", "PORT", "NAME", "REVERSE_NAME", "HELO", "PROTO", "LOGIN")
 XCLIENT_VALUE_LIMIT = 255   # Postfix: "attribute value too long" past this, after xtext
 XCLIENT_LINE_LIMIT = 512    # RFC 5321 §4.5.3.1.4, CRLF included
 XCLIENT_FIX = ("add the relay's address to the back-end's smtpd_authorized_xclient_hosts, "
