@@ -59,7 +59,7 @@ import configargparse
 requests = None     # imported by AuthService, the one user: no cost without --auth-http
 
 __version__ = "0.1.0"
-__all__ = ["ConfigError", "SMTPError", "load_config", "make_servers", "main"]
+__all__ = ["RelayError", "ConfigError", "SMTPError", "load_config", "make_servers", "main"]
 
 log = logging.getLogger("smtprelay")
 
@@ -78,7 +78,12 @@ AUTH_METHODS = ("none", "plain", "login", "cram-md5", "external")
 MAX_SECONDS = 86400 * 7     # timeouts beyond a week overflow the OS's timers
 
 
-class ConfigError(Exception):
+class RelayError(Exception):
+    """The root of the relay's own exceptions. Each says what went wrong; where
+    it is caught decides who hears of it (a reply, a log line, exit 1)."""
+
+
+class ConfigError(RelayError):
     """A bad setting; str() is the one line for stderr, naming the option."""
 
     def __init__(self, option, message):
@@ -610,7 +615,7 @@ PARAMETER_NAME = re.compile(r"[A-Z0-9][A-Z0-9-]*")
 CONTROL_ESCAPES = {c: f"\\x{c:02x}" for c in [*range(32), *range(127, 160)]}    # C0, DEL, C1
 
 
-class SMTPError(Exception):
+class SMTPError(RelayError):
     """A reply for the client: raised anywhere, sent once by the session loop.
 
     counted: whether it counts toward --max-errors (by default the client
@@ -623,11 +628,11 @@ class SMTPError(Exception):
         self.counted = code in ERROR_CODES if counted is None else counted
 
 
-class ClientGone(Exception):
+class ClientGone(RelayError):
     """The client closed the connection or it broke; nobody to reply to."""
 
 
-class Stopping(Exception):
+class Stopping(RelayError):
     """The relay is stopping and the session is between transactions: it gets 421."""
 
 
@@ -716,7 +721,7 @@ def set_nodelay(sock):
 # SO_RCVTIMEO (set once per connection to the whole wait allowed): the wait
 # and the read in one syscall.
 
-class LineTooLong(Exception):
+class LineTooLong(RelayError):
     """No line end within the limit. whole: the line was read to its end (else
     what was read of it is dropped, and the rest is still to come)."""
 
@@ -2104,7 +2109,7 @@ def xclient_arguments(session, wanted, login):
     return line()
 
 
-class BackendDown(Exception):
+class BackendDown(RelayError):
     """The back-end could not be used at all; the next one is tried."""
 
 
@@ -2112,7 +2117,7 @@ class BackendUntrusted(BackendDown):
     """The back-end would take the mail under the relay's own address (no XCLIENT)."""
 
 
-class BackendGone(Exception):
+class BackendGone(RelayError):
     """The back-end connection broke, timed out or fell out of step in the middle of
     things; reply: its 421 (it is closing the connection), to be passed on."""
 
@@ -2121,7 +2126,7 @@ class BackendGone(Exception):
         self.reply = reply
 
 
-class UnaskedReply(smtplib.SMTPServerDisconnected):
+class UnaskedReply(RelayError, smtplib.SMTPServerDisconnected):
     """The back-end said something before it was asked; reply: its 421, where that was all."""
 
     def __init__(self, reply):
@@ -2133,7 +2138,7 @@ class UnaskedReply(smtplib.SMTPServerDisconnected):
 UNASKED_CLOSING = re.compile(rb"(?:421-[^\n]*\n)*421(?: [^\n]*)?\n")
 
 
-class LocalFailure(Exception):
+class LocalFailure(RelayError):
     """The relay itself ran short (file descriptors, memory, threads): no back-end's fault."""
 
 
@@ -2900,7 +2905,7 @@ AUTH_WAIT_ROUNDS = 10       # Auth-Status: WAIT is asked again at most this ofte
 AUTH_WAIT_MAX = 3600        # seconds; a longer Auth-Wait would outlast any client
 
 
-class AuthServiceError(Exception):
+class AuthServiceError(RelayError):
     """The auth service failed: down, timed out, or an answer that makes no sense."""
 
 
@@ -3307,7 +3312,7 @@ PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 PROXY_V1_LIMIT = 107        # the longest v1 line, CRLF included
 
 
-class ProxyHeaderError(Exception):
+class ProxyHeaderError(RelayError):
     """A PROXY header that is missing, malformed or late; str() says which."""
 
 
