@@ -2498,7 +2498,7 @@ class SMTPConnection(smtplib.SMTP):
         lines and bytes: a back-end that trickles or floods is broken."""
         deadline = time.monotonic() + self.reply_timeout
         first = self.reply_timeout == self.wire.first_read     # the first read may take the socket's own timeout
-        lines, size = [], 0
+        lines, size, code = [], 0, None
         try:
             while True:
                 try:
@@ -2514,6 +2514,9 @@ class SMTPConnection(smtplib.SMTP):
                 if len(lines) >= REPLY_LINES_LIMIT or size > REPLY_BYTES_LIMIT:
                     raise smtplib.SMTPServerDisconnected(
                         f"reply over {REPLY_LINES_LIMIT} lines or {REPLY_BYTES_LIMIT} bytes")
+                if lines and line[:3] != code:      # RFC 5321 §4.2.1: one code for every line of a reply
+                    raise smtplib.SMTPServerDisconnected(f"a reply of {printable(code)} went on with {printable(line[:3])}")
+                code = line[:3]
                 lines.append(line[4:].strip(b" \t\r\n"))
                 if line[3:4] != b"-":
                     break

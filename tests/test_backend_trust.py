@@ -270,3 +270,19 @@ def test_a_lone_back_end_found_down_takes_the_very_next_session_once_it_is_back(
     assert client.reply().code == 250
     assert backend.messages == [SECOND_BODY]
     assert client.say("QUIT").code == 221
+
+
+def test_a_reply_whose_lines_change_code_is_a_broken_back_end_never_a_250(relay, scripted_backend):
+    """RFC 5321 §4.2.1: every line of a multiline reply carries the same code. A reply to
+    the end of data that starts 554 and ends 250 is no answer: the client hears 451 (the
+    README's "Replies in step"), not the 250 of its last line."""
+    backend = scripted_backend(replies={".": "554-5.7.1 Rejected\r\n250 2.0.0 Ok: queued as MIXED"})
+    r = relay("--backend", backend.address, "--resolve", "off")
+    client = greeted(r, ehlo="client.example")
+    assert client.say(f"MAIL FROM:<{SENDER}>").code == 250
+    assert client.say(f"RCPT TO:<{RECIPIENT}>").code == 250
+    assert client.say("DATA").code == 354
+    client.send(FIRST_BODY + b".\r\n")
+    reply = client.reply()
+    assert reply.code == 451, f"the message got {reply}"
+    assert client.say("QUIT").code == 221
