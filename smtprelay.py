@@ -785,9 +785,6 @@ class Wire:
             self.out_poller.register(writer, select.POLLOUT)
         self.inbuf, self.inpos = b"", 0
 
-    def fileno(self):
-        return self.reader
-
     # Reads -----------------------------------------------------------------
 
     def receive(self, deadline, first=False, stop=None):
@@ -809,13 +806,18 @@ class Wire:
                 if stop_fd is not None and any(fd == stop_fd for fd, _ in ready):
                     raise Stopping()
             try:
-                if self.sock is None:
-                    return os.read(self.reader, RECV_SIZE)
-                return self.sock.recv(RECV_SIZE, 0 if self.tls else socket.MSG_DONTWAIT)
+                return self.read_now(RECV_SIZE)
             except (BlockingIOError, ssl.SSLWantReadError):
                 continue        # readable, yet nothing whole (part of a TLS record)
             except ssl.SSLWantWriteError:
                 self.wait(select.POLLOUT, deadline)
+
+    def read_now(self, size):
+        """One read of what is there, never blocking on a socket (a descriptor is read
+        after poll() said it is readable) -> bytes, b"" at the end of input."""
+        if self.sock is None:
+            return os.read(self.reader, size)
+        return self.sock.recv(size, 0 if self.tls else socket.MSG_DONTWAIT)
 
     def fill(self, deadline, first=False, stop=None):
         """Read more into the buffer -> False at the end of input."""
@@ -860,8 +862,7 @@ class Wire:
         while len(data) < count:
             self.wait(select.POLLIN, deadline)
             try:
-                chunk = (os.read(self.reader, count - len(data)) if self.sock is None else
-                         self.sock.recv(count - len(data), socket.MSG_DONTWAIT))
+                chunk = self.read_now(count - len(data))
             except BlockingIOError:
                 continue
             if not chunk:
@@ -893,8 +894,7 @@ class Wire:
         if not (self.tls and self.sock.pending()) and not self.poller.poll(0):
             return False
         try:
-            data = (os.read(self.reader, RECV_SIZE) if self.sock is None else
-                    self.sock.recv(RECV_SIZE, 0 if self.tls else socket.MSG_DONTWAIT))
+            data = self.read_now(RECV_SIZE)
         except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return False
         except OSError:
@@ -1066,9 +1066,9 @@ class Channel:
         except LineTooLong as e:
             self.skipping = not e.whole
             raise SMTPError(*LINE_TOO_LONG) from None
+        except TimeoutError:
+            raise
         except OSError as e:
-            if isinstance(e, TimeoutError):
-                raise
             raise ClientGone(f"read failed: {e}") from None
         if not line:
             raise ClientGone("client closed the connection")
