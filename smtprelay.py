@@ -2870,8 +2870,7 @@ class StdoutDelivery(LocalDelivery):
                 out = backend.wire
                 if backend.cut:
                     out.send(STDOUT_CUT, deadline)
-                    backend.cut = False
-                backend.cut = True
+                backend.cut = True          # until the frame's end is out
                 out.send(STDOUT_START + "\n".join(envelope).encode("utf-8"), deadline)
                 while chunk := self.file.read(RECV_SIZE):
                     out.send(chunk, deadline)
@@ -3454,19 +3453,19 @@ def system_backlog():
         return socket.SOMAXCONN
 
 
-class RelayServer(socketserver.ThreadingTCPServer):
-    """A listener; each accepted client is served in its own thread."""
+class Listener(socketserver.ThreadingTCPServer):
+    """A listening socket, bound here (HOST:PORT, [V6]:PORT, or PORT alone for
+    IPv6 and IPv4) or inherited; each connection is served in a thread of its own."""
 
     daemon_threads = True       # a stuck session must not keep the process alive at exit
     block_on_close = False      # shutdown waits for sessions itself, bounded by --timeout
     allow_reuse_address = True  # restart at once on the same port
     request_queue_size = max(socket.SOMAXCONN, system_backlog())    # a flood waits in the kernel, never dropped
 
-    def __init__(self, address, relay, sock=None, tls=False):
-        self.relay, self.tls, self.inherited = relay, tls, sock is not None
+    def __init__(self, address, handler, sock=None):
         host, port = address
         self.address_family = sock.family if sock else socket.AF_INET6 if ":" in host or not host else socket.AF_INET
-        super().__init__((host or "::", port), SessionHandler, bind_and_activate=sock is None)
+        super().__init__((host or "::", port), handler, bind_and_activate=sock is None)
         if sock is not None:        # inherited (systemd): already bound and listening
             self.socket.close()
             self.socket = sock
@@ -3477,11 +3476,19 @@ class RelayServer(socketserver.ThreadingTCPServer):
             self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)   # PORT alone: v4 too
         super().server_bind()
 
+
+class RelayServer(Listener):
+    """A client listener: each accepted client is served in its own thread."""
+
+    def __init__(self, address, relay, sock=None, tls=False):
+        self.relay, self.tls, self.inherited = relay, tls, sock is not None
+        super().__init__(address, SessionHandler, sock)
+
     def get_request(self):
         try:
             return super().get_request()
         except OSError as e:
-            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+            if e.errno in LOCAL_ERRNOS:
                 # The connection waits in the backlog; without a pause the
                 # listener would spin on it until a descriptor frees up.
                 log.error("accept failed: %s; pausing new connections for %g s", e.strerror, ACCEPT_PAUSE)
@@ -3671,25 +3678,13 @@ METRICS_SECONDS = 5         # to send a request and get its answer, whole
 METRICS_REQUEST_LIMIT = 8192    # bytes of a request's line and headers
 
 
-class MetricsServer(socketserver.ThreadingTCPServer):
+class MetricsServer(Listener):
     """--metrics over HTTP/1.0: GET /metrics alone, from a bounded number of threads."""
-
-    daemon_threads = True
-    block_on_close = False
-    allow_reuse_address = True
-    request_queue_size = max(socket.SOMAXCONN, system_backlog())     # a scrape waits in the kernel, not for a SYN retry
 
     def __init__(self, address, metrics):
         self.metrics = metrics
         self.slots = threading.BoundedSemaphore(METRICS_REQUESTS)
-        host, port = address
-        self.address_family = socket.AF_INET6 if ":" in host or not host else socket.AF_INET
-        super().__init__((host or "::", port), None)
-
-    def server_bind(self):
-        if self.address_family == socket.AF_INET6 and self.server_address[0] == "::":
-            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        super().server_bind()
+        super().__init__(address, None)
 
     def process_request(self, request, client_address):
         if not self.slots.acquire(blocking=False):
