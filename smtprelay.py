@@ -26,6 +26,7 @@ import argparse
 import base64
 import binascii
 import collections
+import dataclasses
 import datetime
 import errno
 import functools
@@ -51,7 +52,7 @@ import sys
 import tempfile
 import threading
 import time
-import types
+import typing
 import urllib.parse
 
 import configargparse
@@ -234,11 +235,65 @@ def setting_actions(parser):
             if a.option_strings and a.dest not in ("help", "version", "config_file", "check_config", "probe")]
 
 
+@dataclasses.dataclass(frozen=True)
 class Config:
-    """The validated settings; attributes keep the option names (cfg.max_errors)."""
+    """The validated settings, one field per option in build_parser's order
+    (cfg.max_errors is --max-errors); SIGHUP builds a new one."""
 
-    def __init__(self, **settings):
-        self.__dict__.update(settings)
+    listen: list                # [(host, port)]
+    tls_listen: list
+    server_name: str
+    backend: list               # [BackendSpec]
+    balance: str
+    auth_http: str
+    auth_http_header: list      # [(name, value)]
+    auth_http_timeout: float
+    auth_http_scope: str
+    auth: list                  # the --auth methods, in EHLO's order
+    xclient: bool
+    resolve: str
+    resolve_timeout: float
+    starttls: str
+    tls_cert: str
+    tls_key: str
+    tls_client_ca: str
+    tls_verify_client: str
+    backend_tls: str
+    backend_tls_ca: str
+    backend_tls_verify: str
+    backend_auth: tuple         # (user, password) or None
+    timeout: float
+    proxy_timeout: float
+    data_timeout: float
+    greeting_delay: float
+    max_errors: int
+    max_refusals: int
+    max_clients: int
+    max_clients_per_ip: int
+    max_message_size: int
+    max_recipients: int
+    bare_newline: str
+    allow_from: list            # [ip_network]
+    allow_sender: re.Pattern
+    allow_recipient: re.Pattern
+    log_level: str
+    log_format: str
+    log_target: str
+    proxy_protocol: bool
+    real_ip_from: list          # [ip_network]
+    inetd: bool
+    user: object                # --user's pwd entry, or None
+    metrics: tuple              # (host, port) or None
+
+    @property
+    def auth_mechanisms(self):
+        """What AUTH may offer: the --auth methods but none."""
+        return [m for m in self.auth if m != "none"]
+
+    @property
+    def auth_required(self):
+        """MAIL waits for AUTH."""
+        return "none" not in self.auth
 
 
 def is_number(text):
@@ -315,10 +370,21 @@ def format_address(host, port):
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+class BackendSpec(typing.NamedTuple):
+    """A --backend value, parsed: kind "smtp" (host, port), "maildir" (path) or "stdout"."""
+    kind: str
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+    def __str__(self):
+        return format_address(self.host, self.port) if self.kind == "smtp" else f"{self.kind}:{self.path}"
+
+
 def parse_backend(text):
-    """A --backend value -> SMTPBackend, MaildirBackend or StdoutBackend (section 4)."""
+    """A --backend value -> BackendSpec; Setup makes the back-end of each."""
     if text == "stdout:":
-        return StdoutBackend()
+        return BackendSpec("stdout")
     if text.startswith("stdout:"):
         raise ConfigError("--backend", f"{text!r}: stdout: takes nothing after the colon")
     if text.startswith("maildir:"):
@@ -331,13 +397,13 @@ def parse_backend(text):
             parent = os.path.dirname(parent)
         if not os.access(parent, os.W_OK | os.X_OK):
             raise ConfigError("--backend", f"{text!r}: {parent} is not writable")
-        return MaildirBackend(path)
+        return BackendSpec("maildir", path=path)
     host, port = parse_address("--backend", text, default_port=25)
     if not host:
         raise ConfigError("--backend", f"{text!r}: no host")
     if port == 0:
         raise ConfigError("--backend", f"{text!r}: port 0")
-    return SMTPBackend(host, port)
+    return BackendSpec("smtp", host, port)
 
 
 def default_server_name():
@@ -470,7 +536,7 @@ def validate(args):
         raise ConfigError("--auth-http", "--backend and --auth-http exclude each other: the auth service names the back-end")
     if not args.auth_http and not backends:
         raise ConfigError("--backend", "no back-end given (e.g. --backend 127.0.0.1:25 or --backend maildir:PATH)")
-    if args.inetd and any(isinstance(b, StdoutBackend) for b in backends):
+    if args.inetd and any(b.kind == "stdout" for b in backends):
         raise ConfigError("--backend", "stdout: cannot be used with --inetd: standard output is the client's connection")
     if auth != ["none"] and not args.auth_http:
         raise ConfigError("--auth", f"{args.auth!r}: checking credentials needs an auth service (--auth-http)")
@@ -505,8 +571,6 @@ def validate(args):
         auth_http_timeout=parse_seconds("--auth-http-timeout", args.auth_http_timeout),
         auth_http_scope=parse_choice("--auth-http-scope", args.auth_http_scope, ("session", "transaction")),
         auth=auth,
-        auth_mechanisms=[m for m in auth if m != "none"],   # what AUTH may offer
-        auth_required="none" not in auth,                  # MAIL waits for AUTH
         xclient=args.xclient,
         resolve=parse_choice("--resolve", args.resolve, ("on", "off")),
         resolve_timeout=parse_seconds("--resolve-timeout", args.resolve_timeout),
@@ -542,13 +606,12 @@ def validate(args):
         inetd=args.inetd,
         user=parse_user(args.user) if args.user is not None else None,
         metrics=parse_address("--metrics", args.metrics) if args.metrics else None,
-        check_config=args.check_config,
-        probe=args.probe,
     )
 
 
 def load_config(argv=None):
-    """Read the command line, environment and config file -> (Config, effective settings text).
+    """Read the command line, environment and config file -> (Config, effective
+    settings text, mode: "check_config", "probe" or None).
 
     Raises ConfigError for a bad value or an unknown key in the config file;
     an unknown command-line option is argparse's usage error (exit 2).
@@ -582,7 +645,8 @@ def load_config(argv=None):
         elif value is None:
             continue
         lines.append(f"{action.option_strings[0][2:]} = {value}")
-    return cfg, "\n".join(lines)
+    mode = "check_config" if args.check_config else "probe" if args.probe else None
+    return cfg, "\n".join(lines), mode
 
 
 # --- 2. SMTP wire: replies, bounded line reads, message data -----------------
@@ -597,11 +661,167 @@ LONG_LINE_PART = 65536      # a data line without LF is passed on in parts this 
 LINGER_SECONDS = 1          # at most this long reading a closing client's last bytes
 ERROR_CODES = {500, 501, 502, 503, 504, 555}   # client mistakes, counted for --max-errors
 
-# Replies sent from more than one place.
-LINE_TOO_LONG = (500, "5.5.6 Line too long")
-NEED_MAIL = (503, "5.5.1 Error: need MAIL command")
-TOO_BIG = (552, "5.3.4 Message size exceeds fixed limit")
-BACKEND_LOST = (451, "4.4.2 Error: mail server connection lost; try again later")
+# Replies, named as nginx names its fixed ones; {names} are filled in by fill().
+class Reply(typing.NamedTuple):
+    """One reply to a client: its code and text."""
+    code: int
+    text: str
+
+    def fill(self, **values):
+        return Reply(self.code, self.text.format(**values))
+
+
+GREETING = Reply(220, "{name} ESMTP")
+READY_FOR_TLS = Reply(220, "2.0.0 Ready to start TLS")
+BYE = Reply(221, "2.0.0 Bye")
+HELP = Reply(214, "2.0.0 Commands: {verbs}")
+HELP_VERB = Reply(214, "2.0.0 {syntax}")
+AUTHENTICATED = Reply(235, "2.7.0 Authentication successful")
+OK = Reply(250, "2.0.0 Ok")
+SENDER_OK = Reply(250, "2.1.0 Ok")
+RECIPIENT_OK = Reply(250, "2.1.5 Ok")
+QUEUED = Reply(250, "2.0.0 Ok: queued as {id}")
+PRINTED = Reply(250, "2.0.0 Ok: printed as {id}")
+CANNOT_VRFY = Reply(252, "2.5.2 Cannot VRFY user, but will accept message and attempt delivery")
+START_DATA = Reply(354, "End data with <CR><LF>.<CR><LF>")
+# 421 closes the session (RFC 5321 §3.8).
+SHUTTING_DOWN = Reply(421, "4.3.2 {name} Service shutting down, closing connection")
+TIMED_OUT = Reply(421, "4.4.2 {name} Error: timeout exceeded")
+TOO_MANY_CONNECTIONS = Reply(421, "4.3.2 Too many connections, try again later")
+TOO_MANY_FROM_ADDRESS = Reply(421, "4.7.0 Too many connections from your address, try again later")
+TOO_MANY_ERRORS = Reply(421, "4.7.0 Too many errors, closing connection")
+TOO_MANY_REFUSALS = Reply(421, "4.7.0 Error: too many refusals, closing connection")
+INTERNAL_ERROR = Reply(421, "4.3.0 Internal error, closing connection")
+CERTIFICATE_REQUIRED = Reply(421, "4.7.1 No required SSL certificate")
+MISCONFIGURED = Reply(421, "4.3.5 Service not available: the relay is misconfigured")
+AUTH_SERVICE_FAILED = Reply(451, "4.3.2 Internal server error; try again later")
+BACKEND_LOST = Reply(451, "4.4.2 Error: mail server connection lost; try again later")
+NO_BACKEND = Reply(451, "4.4.1 Error: no mail server available; try again later")
+SHORT_OF_RESOURCES = Reply(451, "4.3.0 Error: the relay is short of resources; try again later")
+CANNOT_STORE = Reply(451, "4.3.0 Error: cannot {what}: {reason}")
+STDOUT_NOT_READ = Reply(451, "4.3.0 Error: standard output is not being read; try again later")
+TOO_MANY_RECIPIENTS = Reply(452, "4.5.3 Error: too many recipients")
+LINE_TOO_LONG = Reply(500, "5.5.6 Line too long")
+CONTROL_CHARACTER = Reply(500, "5.5.2 Syntax error: control character in command")
+COMMAND_NOT_UTF8 = Reply(500, "5.5.2 Syntax error: not UTF-8")
+UNRECOGNIZED = Reply(500, "5.5.2 Error: command not recognized")
+SYNTAX = Reply(501, "5.5.4 Syntax: {syntax}")
+BAD_HOST_NAME = Reply(501, "5.5.2 Bad host name: {why}")
+BAD_PATH = Reply(501, "5.1.7 Bad address syntax: {why}")
+BAD_ADDRESS = Reply(501, "5.1.3 Bad address syntax")
+BAD_RECIPIENT = Reply(501, "5.1.3 Bad recipient address syntax")
+PATH_TOO_LONG = Reply(501, "5.1.3 Path too long")                 # RFC 5321 §4.5.3.1.10
+BAD_AFTER_ADDRESS = Reply(501, "5.5.4 Bad syntax after the address")
+BAD_PARAMETER = Reply(501, "5.5.4 Bad parameter {param!r}")
+BAD_SIZE = Reply(501, "5.5.4 Bad SIZE parameter")
+BAD_BODY = Reply(501, "5.5.4 Bad BODY parameter, 7BIT or 8BITMIME")
+BAD_SMTPUTF8 = Reply(501, "5.5.4 SMTPUTF8 takes no value")
+BAD_AUTH_PARAMETER = Reply(501, "5.5.4 Bad AUTH parameter")
+AUTH_CANCELLED = Reply(501, "5.7.0 Authentication cancelled")
+BAD_BASE64 = Reply(501, "5.5.2 Cannot decode base64 response")
+NOT_UTF8 = Reply(501, "5.5.2 Not UTF-8")
+BAD_RESPONSE = Reply(501, "5.5.2 Bad {mechanism} response: {form}")
+NO_INITIAL_RESPONSE = Reply(501, "5.5.2 {mechanism} takes no initial response")
+AUTH_NOT_ENABLED = Reply(502, "5.5.1 Error: authentication not enabled")
+STARTTLS_NOT_AVAILABLE = Reply(502, "5.5.1 Error: STARTTLS not available")
+EXPN_NOT_AVAILABLE = Reply(502, "5.5.1 EXPN not available")
+NEED_MAIL = Reply(503, "5.5.1 Error: need MAIL command")
+NESTED_MAIL = Reply(503, "5.5.1 Error: nested MAIL command")
+ALREADY_AUTHENTICATED = Reply(503, "5.5.1 Error: already authenticated")
+MAIL_IN_PROGRESS = Reply(503, "5.5.1 Error: MAIL transaction in progress")
+EHLO_AFTER_STARTTLS = Reply(503, "5.5.1 Error: send EHLO first after STARTTLS")
+TLS_ACTIVE = Reply(503, "5.5.1 Error: TLS already active")
+SPOKE_FIRST = Reply(503, "5.5.0 Improper use of SMTP command pipelining")
+UNKNOWN_MECHANISM = Reply(504, "5.5.4 Unrecognized authentication type")
+AUTH_REQUIRED = Reply(530, "5.7.0 Authentication required")
+STARTTLS_FIRST = Reply(530, "5.7.0 Must issue a STARTTLS command first")
+NO_CLIENT_CERTIFICATE = Reply(535, "5.7.0 No client certificate")
+ENCRYPTION_REQUIRED = Reply(538, "5.7.11 Encryption required for requested authentication mechanism")
+SENDER_NOT_ALLOWED = Reply(550, "5.7.1 Sender address rejected: not allowed")
+RECIPIENT_NOT_ALLOWED = Reply(550, "5.7.1 Recipient address rejected: not allowed")
+TOO_BIG = Reply(552, "5.3.4 Message size exceeds fixed limit")
+UTF8_UNDECLARED = Reply(553, "5.6.7 Must declare SMTPUTF8 to send a UTF-8 address")
+ACCESS_DENIED = Reply(554, "5.7.1 Access denied")
+NO_RECIPIENTS = Reply(554, "5.5.1 Error: no valid recipients")
+BARE_NEWLINE_REFUSED = Reply(554, "5.6.0 Message contains a bare CR or LF; refused")
+UNSUPPORTED_OPTION = Reply(555, "5.5.4 Unsupported option: {name}")
+NOT_SUPPORTED_BEHIND = Reply(555, "{status} {extension} is not supported by the mail server behind this relay")
+
+# Events: every line the relay logs, by name, with its level and text. The
+# text is filled from the event's fields only where a handler writes it; a
+# JSON line carries the fields by name (README, Logging). Subscribers (the
+# metrics) are called with the fields of the events they name.
+EVENTS = {
+    # The relay
+    "listening": (logging.INFO, "listening on %(address)s"),
+    "metrics_listening": (logging.INFO, "metrics on %(url)s"),
+    "warning": (logging.WARNING, "%(text)s"),
+    "running_as_user": (logging.INFO, "running as user %(user)s (uid %(uid)d)"),
+    "notify_failed": (logging.WARNING, "NOTIFY_SOCKET %(address)s: %(reason)s"),
+    "stopping": (logging.INFO, "%(signal)s: stopping; messages in flight are finished first"),
+    "stopped": (logging.INFO, "stopped"),
+    "drain_cut": (logging.WARNING, "stopping with %(sessions)d sessions still open"),
+    "reloaded": (logging.INFO, "SIGHUP: configuration reloaded for new sessions"),
+    "reload_refused": (logging.ERROR, "SIGHUP: keeping the old configuration: %(reason)s"),
+    "reload_partial": (logging.WARNING, "SIGHUP: these settings need a restart and stay as they were: %(settings)s"),
+    "config_error": (logging.ERROR, "%(reason)s"),
+    "accept_failed": (logging.ERROR, "accept failed: %(reason)s; pausing new connections for %(seconds)g s"),
+    "no_thread": (logging.ERROR, "no thread for a client from %(client)s: %(reason)s"),
+    "resolver_failed": (logging.ERROR, "cannot start a resolver thread: %(reason)s"),
+    "lookup_failed": (logging.ERROR, "name lookup of %(client)s failed"),
+    "crashed": (logging.ERROR, "error %(doing)s from %(client)s"),
+    # Connections, before a session
+    "connection": (logging.DEBUG, "connection from %(peer)s"),
+    "refused": (logging.WARNING, "refused %(peer)s: %(reason)s"),
+    "bad_proxy_header": (logging.WARNING, "%(peer)s: %(reason)s"),
+    # Sessions: the id first
+    "connect": (logging.INFO, "%(session)s connect from %(peer)s"),
+    "disconnect": (logging.INFO, "%(session)s disconnect from %(peer)s"),
+    "client_gone": (logging.INFO, "%(session)s client gone: %(reason)s"),
+    "client_timed_out": (logging.INFO, "%(session)s client timed out after %(seconds)gs"),
+    "spoke_first": (logging.INFO, "%(session)s client was rejected before greeting"),
+    "tls": (logging.INFO, "%(session)s TLS %(protocol)s %(cipher)s%(certificate_note)s"),
+    "command": (logging.DEBUG, "%(session)s C: %(line)s"),
+    "reply": (logging.DEBUG, "%(session)s S: %(line)s"),
+    "client_error": (logging.INFO, "%(session)s error %(code)d %(text)s (%(errors)d of %(max_errors)d)"),
+    "too_many_refusals": (logging.INFO, "%(session)s %(refusals)d refusals without a delivered message: closing"),
+    "internal_error": (logging.ERROR, "%(session)s internal error"),
+    "not_allowed": (logging.INFO, "%(session)s %(role)s <%(address)s> refused by --allow-%(role)s"),
+    "recipient": (logging.DEBUG, "%(session)s recipient %(outcome)s with %(code)d"),
+    "message": (logging.INFO, "%(session)s message from=<%(sender)s> rcpts=%(rcpts)d size=%(size)d "
+                              "backend=%(backend)s reply=%(reply)r time=%(seconds).3fs"),
+    "message_abandoned": (logging.WARNING, "%(session)s client lost during DATA after %(size)d bytes; message abandoned"),
+    "authenticated": (logging.INFO, "%(session)s authenticated as %(user)s with %(mechanism)s; backend %(backend)s"),
+    "login_failed": (logging.INFO, "%(session)s client login failed: %(reason)r"),
+    "auth_lookup": (logging.DEBUG, "%(session)s auth service said %(result)s in %(seconds).3fs"),
+    "auth_service_failed": (logging.ERROR, "%(session)s auth service %(url)s: %(reason)s"),
+    # Back-ends, seen from a session
+    "backend_connected": (logging.INFO, "%(session)s backend %(backend)s connected (%(tls)s, %(xclient)s)"),
+    "backend_reused": (logging.DEBUG, "%(session)s backend %(backend)s: an idle connection reused"),
+    "backend_authenticated": (logging.INFO, "%(session)s backend %(backend)s: authenticated as %(user)s"),
+    "backend_down": (logging.WARNING, "%(session)s backend %(backend)s is down: %(reason)s%(hold_off_note)s"),
+    "backend_untrusted": (logging.ERROR, "%(session)s backend %(backend)s %(reason)s: %(fix)s"),
+    "backend_up": (logging.INFO, "backend %(backend)s answers again"),
+    "no_backend": (logging.ERROR, "%(session)s all back-ends are down"),
+    "short_of_resources": (logging.ERROR, "%(session)s cannot reach backend %(backend)s: the relay is short of "
+                                          "resources: %(reason)s"),
+    "backend_failed": (logging.WARNING, "%(session)s backend %(backend)s failed at %(command)s: %(reason)s"),
+    "backend_refused": (logging.INFO, "%(session)s backend %(backend)s refused %(command)s: %(reply)s"),
+    "backend_command": (logging.DEBUG, "%(session)s S>B: %(line)s"),
+    "backend_reply": (logging.DEBUG, "%(session)s B: %(code)s %(line)s"),
+    "stdout_stalled": (logging.ERROR, "%(session)s standard output took no message within --data-timeout %(seconds)gs"),
+}
+SUBSCRIBERS = collections.defaultdict(list)     # event name -> callables given its fields
+
+
+def event(name, exc_info=False, **fields):
+    """One event: to its subscribers, and logged where its level is wanted."""
+    level, text = EVENTS[name]
+    for subscriber in SUBSCRIBERS.get(name, ()):
+        subscriber(fields)
+    if log.isEnabledFor(level):
+        log.log(level, text, *[fields] if fields else [], exc_info=exc_info, extra={"event": name, "fields": fields})
+
 
 # Where the next byte of message data stands; decides what a leading dot means.
 LINE_START, BARE_BREAK, MID_LINE = "line start", "after bare newline", "mid line"
@@ -622,10 +842,10 @@ class SMTPError(RelayError):
     mistakes of ERROR_CODES; failed AUTH attempts count too).
     """
 
-    def __init__(self, code, text, counted=None):
-        super().__init__(code, text)
-        self.code, self.text = code, text
-        self.counted = code in ERROR_CODES if counted is None else counted
+    def __init__(self, reply, counted=None):
+        super().__init__(*reply)
+        self.code, self.text = reply
+        self.counted = self.code in ERROR_CODES if counted is None else counted
 
 
 class ClientGone(RelayError):
@@ -1006,11 +1226,12 @@ class Channel:
         self.interruptible = False  # a stop may cut the wait for input (no transaction open)
 
     def reply(self, code, text):
+        """Queue one reply (a back-end's is passed on as it came)."""
         self.last_code = code
         data = format_reply(code, text)
         if self.debug_sid:
             for line in data.split(b"\r\n")[:-1]:
-                log.debug("%s S: %s", self.debug_sid, printable(line))
+                event("reply", session=self.debug_sid, line=printable(line))
         self.outbuf.append(data)
 
     def flush(self):
@@ -1065,7 +1286,7 @@ class Channel:
             line = self.wire.read_line(limit, deadline, not waited, stop)
         except LineTooLong as e:
             self.skipping = not e.whole
-            raise SMTPError(*LINE_TOO_LONG) from None
+            raise SMTPError(LINE_TOO_LONG) from None
         except TimeoutError:
             raise
         except OSError as e:
@@ -1169,43 +1390,41 @@ MAILBOX = re.compile(r"""
 """, re.VERBOSE)
 
 
-def parse_path(arg, keyword):
-    """'FROM:<addr> PARAM=V ...' -> (addr, {PARAM: value or None}).
+def parse_path(arg):
+    """'<addr> PARAM=V ...', what follows FROM: or TO: -> (addr, {PARAM: value or None}).
 
     Raises 501 for bad syntax. A space after the colon and a missing pair of
     angle brackets are tolerated, as by Postfix; a source route is dropped
     (§4.1.1.3 lets a server ignore it).
     """
-    if arg[:len(keyword)].upper() != keyword:
-        raise SMTPError(501, f"5.5.4 Syntax: {'MAIL FROM' if keyword == 'FROM:' else 'RCPT TO'}:<address>")
-    rest = arg[len(keyword):].lstrip(" ")
+    rest = arg.lstrip(" ")
     if rest.startswith("<"):
         # The first ">" outside a quoted local part ends the path: "a>b"@d is one mailbox.
         quoted = QUOTED_PATH.match(rest)
         end = rest.find(">", quoted.end())
         if end < 0:
-            raise SMTPError(501, "5.1.7 Bad address syntax: missing >")
+            raise SMTPError(BAD_PATH.fill(why="missing >"))
         address, params = rest[1:end], rest[end + 1:]
         if params and not params.startswith(" "):
-            raise SMTPError(501, "5.5.4 Bad syntax after the address")
+            raise SMTPError(BAD_AFTER_ADDRESS)
     else:
         address, _, params = rest.partition(" ")
         if not address:
-            raise SMTPError(501, "5.1.7 Bad address syntax: no address")
+            raise SMTPError(BAD_PATH.fill(why="no address"))
     if address.startswith("@"):
         if ":" not in address:
-            raise SMTPError(501, "5.1.7 Bad address syntax: bad source route")
+            raise SMTPError(BAD_PATH.fill(why="bad source route"))
         address = address.split(":", 1)[1]
     if len(address) > PATH_LIMIT // 4 and len(printable(address).encode("utf-8")) > PATH_LIMIT:
-        raise SMTPError(501, "5.1.3 Path too long")       # RFC 5321 §4.5.3.1.10
+        raise SMTPError(PATH_TOO_LONG)
     if address and not MAILBOX.fullmatch(address) and address.lower() != "postmaster":
-        raise SMTPError(501, "5.1.3 Bad address syntax")
+        raise SMTPError(BAD_ADDRESS)
     parsed = {}
     for param in params.split():
         name, eq, value = param.partition("=")
         name = name.upper()
         if not PARAMETER_NAME.fullmatch(name) or name in parsed or (eq and not value):
-            raise SMTPError(501, f"5.5.4 Bad parameter {printable(param)!r}")
+            raise SMTPError(BAD_PARAMETER.fill(param=printable(param)))
         parsed[name] = value if eq else None
     return address, parsed
 
@@ -1219,20 +1438,21 @@ def mask_secrets(line):
 def decode_auth_response(line):
     """A base64 line of an AUTH exchange (RFC 4954 §4) -> bytes; "=" is empty, "*" cancels."""
     if line == b"*":
-        raise SMTPError(501, "5.7.0 Authentication cancelled")
+        raise SMTPError(AUTH_CANCELLED)
     if line == b"=":
         return b""
     try:
         return base64.b64decode(line, validate=True)
     except (binascii.Error, ValueError):
-        raise SMTPError(501, "5.5.2 Cannot decode base64 response") from None
+        raise SMTPError(BAD_BASE64) from None
 
 
 def decode_utf8(data):
+    """An AUTH answer's text -> str; 501 where it is not UTF-8."""
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
-        raise SMTPError(501, "5.5.2 Not UTF-8") from None
+        raise SMTPError(NOT_UTF8) from None
 
 
 # --- 3. Client session: the state machine, one method per verb ---------------
@@ -1243,6 +1463,14 @@ def decode_utf8(data):
 
 JUNK_COMMANDS = {"NOOP", "RSET", "VRFY", "EXPN", "HELP"}
 JUNK_LIMIT = 100            # Postfix's smtpd_junk_command_limit: past it, each one is a refusal
+
+
+def syntax(text):
+    """Declare a verb's syntax on its smtp_VERB method, for HELP and its 501 (aiosmtpd's @syntax)."""
+    def declare(method):
+        method.syntax = text
+        return method
+    return declare
 
 
 def client_ip(peer):
@@ -1310,6 +1538,7 @@ class NameLookup:
         self.done = threading.Event()
 
     def found(self, names):
+        """The lookup is done: names for every session waiting on it."""
         self.names = names
         self.done.set()
 
@@ -1326,10 +1555,6 @@ class ClientNames:
         if self.lookup.done.wait(max(self.deadline - time.monotonic(), 0)) and self.lookup.names:
             return self.lookup.names
         return TEMPUNAVAIL, TEMPUNAVAIL
-
-    @property
-    def name(self):
-        return self.get()[0]
 
 
 class Resolver:
@@ -1367,7 +1592,7 @@ class Resolver:
                     threading.Thread(target=self.work, name="resolver", daemon=True).start()
                     self.threads += 1
                 except RuntimeError as e:       # the relay's own shortage: no name, no failure
-                    log.error("cannot start a resolver thread: %s", e)
+                    event("resolver_failed", reason=str(e))
                     if not self.threads:
                         lookup.found((TEMPUNAVAIL, TEMPUNAVAIL))
                         return ClientNames(lookup, deadline)
@@ -1378,6 +1603,7 @@ class Resolver:
         return ClientNames(lookup, deadline)
 
     def work(self):
+        """A resolver thread: the waiting lookups, one at a time, for good."""
         while True:
             with self.lock:
                 self.idle += 1
@@ -1389,7 +1615,7 @@ class Resolver:
                 if time.monotonic() < lookup.wanted_until:
                     names = lookup_client_names(lookup.ip)
             except Exception:       # a resolver that fails in a way of its own: no name, and the thread lives
-                log.exception("name lookup of %s failed", lookup.ip)
+                event("lookup_failed", exc_info=True, client=lookup.ip)
             finally:
                 with self.lock:
                     del self.looking[lookup.ip]
@@ -1399,18 +1625,45 @@ class Resolver:
                 lookup.found(names)
 
 
+@dataclasses.dataclass(frozen=True)
+class Client:
+    """Who the client is, as back-ends and the auth service are told: one value
+    the session builds, and builds anew (dataclasses.replace) when the client
+    says HELO, starts TLS or logs in; nothing else of the session reaches them."""
+
+    sid: str                    # the session's id, first on each of its log lines
+    ip: str = None              # None: no IP address (--inetd on a UNIX socket or pipes)
+    port: int = None
+    names: "ClientNames" = None     # its names, being looked up (--resolve on)
+    helo: str = None            # its HELO or EHLO argument
+    esmtp: bool = False         # it said EHLO
+    tls: tuple = None           # (protocol, cipher) once the connection is TLS
+    certificate: dict = None    # its verified certificate, as Auth-SSL-* values
+    user: str = None            # the login it authenticated as
+
+    @functools.cached_property
+    def address(self):
+        """The address as an ipaddress object, for the checks that need one."""
+        return ipaddress.ip_address(self.ip) if self.ip else None
+
+    def looked_up(self):
+        """(name, reverse_name) as XCLIENT names them; [UNAVAILABLE] unless looked up."""
+        return self.names.get() if self.names else (UNAVAILABLE, UNAVAILABLE)
+
+    def __str__(self):
+        """For the log: ADDR:PORT, or what it has instead of an address."""
+        return format_address(self.ip, self.port) if self.ip else "a client with no IP address"
+
+
 class Session:
     """One client's SMTP session: run() serves it until QUIT, EOF or an error."""
 
-    def __init__(self, relay, setup, channel, peer, via=None, implicit_tls=False, ip=None):
-        self.relay, self.setup, self.cfg, self.channel = relay, setup, setup.cfg, channel
+    def __init__(self, relay, channel, client, via=None, implicit_tls=False):
+        self.relay, self.setup, self.channel = relay, relay.setup, channel
+        self.cfg = self.setup.cfg
         self.via = via              # the PROXY protocol peer that told us who the client is
         self.implicit_tls = implicit_tls
-        self.tls = False            # the connection is TLS now
-        self.certificate = None     # the client's verified certificate (Auth-SSL-* headers)
-        self.peer_ip = ip           # None: a client with no IP address (--inetd on a UNIX socket or pipes)
-        self.peer_port = peer[1] if ip else None
-        self.sid = secrets.token_hex(4)
+        self.client, self.sid = client, client.sid
         self.backend = None         # open back-end connection, for the rest of the session
         self.backend_opened = False     # a back-end was tried for this session before (--balance)
         self.login_attempt = 0      # Auth-Login-Attempt
@@ -1423,22 +1676,11 @@ class Session:
         self.reset(forget_helo=True)
         if log.isEnabledFor(logging.DEBUG):
             channel.debug_sid = self.sid
-        # The client's name is looked up from the start, beside the greeting,
-        # where anyone will ask for it (XCLIENT, the auth service).
-        self.names = (relay.resolver.lookup(self.peer_ip, self.cfg.resolve_timeout)
-                      if setup.needs_names and self.peer_ip else None)
-
-    @functools.cached_property
-    def peer_address(self):
-        """The client's address as an ipaddress object, for the checks that need one."""
-        return ipaddress.ip_address(self.peer_ip) if self.peer_ip else None
 
     def reset(self, forget_helo=False):
         """Forget the mail transaction (RFC 5321 §4.1.1.5); with forget_helo, who the client said it was too."""
         if forget_helo:
-            self.helo = None        # the client's HELO/EHLO argument
-            self.esmtp = False      # the client said EHLO
-            self.user = None        # the login the client authenticated as
+            self.client = dataclasses.replace(self.client, helo=None, esmtp=False, user=None)
             self.route = None       # the auth service's OK answer that applies now
         self.mail_from = None
         self.mail_params = {}
@@ -1449,65 +1691,61 @@ class Session:
 
     # The loop ----------------------------------------------------------------
 
-    def event(self, name, level, message, **fields):
-        """One event of this session (Relay.event), its id and client among the fields."""
-        self.relay.event(name, level, f"{self.sid} {message}", session=self.sid, client=self.peer_ip, **fields)
+    def event(self, name, **fields):
+        """One event of this session: its id and client among the fields."""
+        event(name, session=self.sid, client=self.client.ip, **fields)
 
     def run(self):
         """Serve the client from greeting to close: QUIT, EOF, --timeout, a stop or an error."""
         self.connected = time.monotonic()
-        if self.relay.wants(logging.INFO):
-            via = f" via {format_address(*self.via[:2])}" if self.via else ""
-            self.event("connect", logging.INFO, f"connect from {peer_text(self.peer_ip, (None, self.peer_port))}{via}",
-                       port=self.peer_port)
+        via = f" via {format_address(*self.via[:2])}" if self.via else ""
+        self.event("connect", peer=f"{self.client}{via}", port=self.client.port)
         try:
             if self.implicit_tls:
                 self.begin_tls()
-            if not self.allowed_in():
-                self.event("refused", logging.WARNING, f"refused {self.peer_ip or 'a client with no IP address'}: not in --allow-from",
-                           reply="554 5.7.1 Access denied")
-                self.say_last(554, "5.7.1 Access denied")
-            elif self.greet():
+            if self.greet():
                 while not self.done:
                     self.handle_command()
             self.channel.flush()
         except Stopping:
-            self.say_last(*self.shutting_down)
+            self.say_last(SHUTTING_DOWN.fill(name=self.cfg.server_name))
         except ClientGone as e:
-            log.info("%s client gone: %s", self.sid, e)
+            self.event("client_gone", reason=str(e))
         except TimeoutError:
-            log.info("%s client timed out after %gs", self.sid, self.cfg.timeout)
-            self.say_last(421, f"4.4.2 {self.cfg.server_name} Error: timeout exceeded")
+            self.event("client_timed_out", seconds=self.cfg.timeout)
+            self.say_last(TIMED_OUT.fill(name=self.cfg.server_name))
         finally:
             self.close_backend()
 
     def log_disconnect(self):
         """The session's last line, once its slot is free (serve_connection)."""
-        if self.relay.wants(logging.INFO):
-            self.event("disconnect", logging.INFO, f"disconnect from {self.peer_ip or 'a client with no IP address'}",
-                       seconds=round(time.monotonic() - self.connected, 3))
+        self.event("disconnect", peer=self.client.ip or str(self.client),
+                   seconds=round(time.monotonic() - self.connected, 3))
 
     def begin_tls(self):
+        """The TLS handshake (implicit TLS or STARTTLS); --tls-verify-client on turns
+        away a client without a certificate, with a reply it can read."""
         self.channel.start_tls(self.setup.tls_context)
-        self.tls = True
-        self.certificate = self.channel.client_certificate()
-        if self.cfg.tls_verify_client == "on" and not self.certificate:
-            self.say_last(421, "4.7.1 No required SSL certificate")
+        certificate = self.channel.client_certificate()
+        self.client = dataclasses.replace(self.client, tls=self.channel.tls_parameters(), certificate=certificate)
+        if self.cfg.tls_verify_client == "on" and not certificate:
+            self.say_last(CERTIFICATE_REQUIRED)
             raise ClientGone("refused: no client certificate (--tls-verify-client on)")
-        log.info("%s TLS %s %s%s", self.sid, *self.channel.tls_parameters(),
-                 f", client certificate {printable(self.certificate['Auth-SSL-Subject'])}" if self.certificate else "")
+        self.event("tls", protocol=self.client.tls[0], cipher=self.client.tls[1],
+                   certificate=certificate and printable(certificate["Auth-SSL-Subject"]),
+                   certificate_note=certificate and f", client certificate {printable(certificate['Auth-SSL-Subject'])}" or "")
 
     @property
     def tls_required(self):
         """MAIL and AUTH wait for TLS: --starttls only, or client certificates required."""
-        return not self.tls and (self.cfg.starttls == "only" or self.cfg.tls_verify_client == "on")
+        return not self.client.tls and (self.cfg.starttls == "only" or self.cfg.tls_verify_client == "on")
 
     def check_tls_and_ehlo(self):
         """MAIL and AUTH: raises 530 until TLS where it is required, 503 until EHLO after STARTTLS."""
         if self.tls_required:
-            raise SMTPError(530, "5.7.0 Must issue a STARTTLS command first")
+            raise SMTPError(STARTTLS_FIRST)
         if self.ehlo_required:
-            raise SMTPError(503, "5.5.1 Error: send EHLO first after STARTTLS")
+            raise SMTPError(EHLO_AFTER_STARTTLS)
 
     def offered_mechanisms(self):
         """The AUTH mechanisms EHLO lists now.
@@ -1518,51 +1756,30 @@ class Session:
         administrator has chosen clear text.
         """
         methods = self.cfg.auth_mechanisms
-        if self.tls or not self.setup.tls_context:
+        if self.client.tls or not self.setup.tls_context:
             return methods
         if self.tls_required:
             return []
-        if self.peer_address is not None and self.peer_address.is_loopback:
+        if self.client.address is not None and self.client.address.is_loopback:
             return [m for m in methods if m != "external"]
         return [m for m in methods if m not in ("plain", "login", "external")]
-
-    def tls_headers(self):
-        """nginx's Auth-SSL-* headers for this session (ngx_mail_auth_http_module)."""
-        if not self.tls:
-            return {}
-        protocol, cipher = self.channel.tls_parameters()
-        headers = {"Auth-SSL": "on", "Auth-SSL-Protocol": protocol, "Auth-SSL-Cipher": cipher}
-        if self.cfg.tls_verify_client != "off":
-            headers["Auth-SSL-Verify"] = "SUCCESS" if self.certificate else "NONE"
-            # Certificate names may hold any Unicode, even control characters.
-            headers.update({k: header_value(v) for k, v in (self.certificate or {}).items()})
-        return headers
-
-    def allowed_in(self):
-        # A client with no IP address is trusted no more than a remote one: only the default admits it.
-        return not self.cfg.allow_from or self.peer_address is not None and any(
-            self.peer_address in net for net in self.cfg.allow_from)
 
     def greet(self):
         """Send the greeting; False if the client spoke first during --greeting-delay."""
         if self.cfg.greeting_delay and self.channel.spoke_within(self.cfg.greeting_delay):
-            log.info("%s client was rejected before greeting", self.sid)
-            self.say_last(503, "5.5.0 Improper use of SMTP command pipelining")
+            self.event("spoke_first")
+            self.say_last(SPOKE_FIRST)
             return False
-        self.channel.reply(220, f"{self.cfg.server_name} ESMTP")
+        self.channel.reply(*GREETING.fill(name=self.cfg.server_name))
         return True
 
-    def say_last(self, code, text):
+    def say_last(self, reply):
         """A closing reply to a client that may no longer listen."""
         try:
-            self.channel.reply(code, text)
+            self.channel.reply(*reply)
             self.channel.flush()
         except (ClientGone, OSError):
             pass
-
-    @property
-    def shutting_down(self):
-        return 421, f"4.3.2 {self.cfg.server_name} Service shutting down, closing connection"
 
     def handle_command(self):
         """Read one command line and answer it; a stop is taken here, between transactions only."""
@@ -1574,13 +1791,13 @@ class Session:
         try:
             line = self.channel.read_line(AUTH_LINE_LIMIT)
             if len(line) + 2 > COMMAND_LINE_LIMIT and not re.match(rb"(?i)AUTH ", line):
-                raise SMTPError(*LINE_TOO_LONG)
+                raise SMTPError(LINE_TOO_LONG)
             if self.channel.debug_sid:
-                log.debug("%s C: %s", self.sid, printable(mask_secrets(line)))
+                self.event("command", line=printable(mask_secrets(line)))
             if self.cfg.max_refusals and self.refusals >= self.cfg.max_refusals:
                 # Postfix's smtpd_hard_error_limit: a client that only probes is sent away.
-                log.info("%s %d refusals without a delivered message: closing", self.sid, self.refusals)
-                self.channel.reply(421, "4.7.0 Error: too many refusals, closing connection")
+                self.event("too_many_refusals", refusals=self.refusals)
+                self.channel.reply(*TOO_MANY_REFUSALS)
                 self.done = True
                 return
             self.dispatch(line)
@@ -1590,18 +1807,18 @@ class Session:
             self.counted(e.code, protocol_error=e.counted)
             if e.counted:
                 self.errors += 1
-                log.info("%s error %d %s (%d of %d)", self.sid, e.code, e.text, self.errors, self.cfg.max_errors)
+                self.event("client_error", code=e.code, text=e.text, errors=self.errors, max_errors=self.cfg.max_errors)
                 if self.cfg.max_errors and self.errors >= self.cfg.max_errors:
-                    self.channel.reply(421, "4.7.0 Too many errors, closing connection")
+                    self.channel.reply(*TOO_MANY_ERRORS)
                     self.done = True
         except (ClientGone, TimeoutError, Stopping):
             raise
         except Exception:
             # A bug of ours: the stream may be out of step, so close rather
             # than guess; 4xx tells the client to try again later.
-            log.exception("%s internal error", self.sid)
+            self.event("internal_error", exc_info=True)
             self.drop_backend()
-            self.channel.reply(421, "4.3.0 Internal error, closing connection")
+            self.channel.reply(*INTERNAL_ERROR)
             self.done = True
 
     def counted(self, code, protocol_error=False):
@@ -1612,41 +1829,47 @@ class Session:
                 self.refusals += 1
         elif self.verb in ("MAIL", "RCPT") and code >= 400 and not protocol_error:
             self.refusals += 1
-        if self.verb == "RCPT" and self.relay.wants(logging.DEBUG):
-            outcome = "accepted" if code < 400 else "deferred" if code < 500 else "refused"
-            self.event("recipient", logging.DEBUG, f"recipient {outcome} with {code}", outcome=outcome, code=code)
+        if self.verb == "RCPT":
+            self.event("recipient", outcome="accepted" if code < 400 else "deferred" if code < 500 else "refused",
+                       code=code)
 
     def dispatch(self, line):
         """Decode a command line and hand its argument to the smtp_VERB method (500 for any other)."""
         if COMMAND_CONTROLS.search(line):
-            raise SMTPError(500, "5.5.2 Syntax error: control character in command")
+            raise SMTPError(CONTROL_CHARACTER)
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError:
-            raise SMTPError(500, "5.5.2 Syntax error: not UTF-8") from None
+            raise SMTPError(COMMAND_NOT_UTF8) from None
         self.command_line = text.rstrip(" ")      # as typed, for Auth-SMTP-From/To (nginx)
         verb, _, arg = text.partition(" ")
         handler = getattr(self, "smtp_" + verb.upper(), None) if verb.isascii() and verb.isalpha() else None
         if handler is None:
-            raise SMTPError(500, "5.5.2 Error: command not recognized")
+            raise SMTPError(UNRECOGNIZED)
         self.verb = verb.upper()
         handler(arg.strip(" "))
 
-    # Verbs --------------------------------------------------------------------
+    def syntax_error(self):
+        """The 501 that shows the command's syntax, as its smtp_VERB method declares it."""
+        return SMTPError(SYNTAX.fill(syntax=getattr(self, "smtp_" + self.verb).syntax))
 
+    # Verbs: each declares its syntax (@syntax), for HELP and the 501 replies ----
+
+    @syntax("HELO hostname")
     def smtp_HELO(self, arg, esmtp=False):
         """RFC 5321 §4.1.1.1: who the client is; EHLO lists the extensions (RFC 1869)."""
         words = arg.split()
         if len(words) != 1:
-            raise SMTPError(501, f"5.5.4 Syntax: {'EHLO' if esmtp else 'HELO'} hostname")
+            raise self.syntax_error()
         if not PRINTABLE_ASCII.fullmatch(words[0]):
-            raise SMTPError(501, "5.5.2 Bad host name: printable ASCII only")
+            raise SMTPError(BAD_HOST_NAME.fill(why="printable ASCII only"))
         # RFC 5321 §4.5.3.1.2: a domain is at most 255 octets; Postfix takes
         # no longer XCLIENT value, and xtext may triple it.
         if len(xtext(words[0])) > XCLIENT_VALUE_LIMIT:
-            raise SMTPError(501, "5.5.2 Bad host name: too long")
+            raise SMTPError(BAD_HOST_NAME.fill(why="too long"))
         self.abort_transaction()        # RFC 5321 §4.1.4: like RSET
-        self.helo, self.esmtp, self.ehlo_required = words[0], esmtp, False
+        self.client = dataclasses.replace(self.client, helo=words[0], esmtp=esmtp)
+        self.ehlo_required = False
         if not esmtp:
             self.channel.reply(250, self.cfg.server_name)
             return
@@ -1660,77 +1883,84 @@ class Session:
         mechanisms = [m.upper() for m in self.offered_mechanisms()]
         if mechanisms:
             extensions.append("AUTH " + " ".join(mechanisms))
-        if self.cfg.starttls != "off" and not self.tls and self.channel.wire.sock is not None:
+        if self.cfg.starttls != "off" and not self.client.tls and self.channel.wire.sock is not None:
             extensions.append("STARTTLS")
         self.channel.reply(250, "\n".join(extensions))
 
+    @syntax("EHLO hostname")
     def smtp_EHLO(self, arg):
         """RFC 5321 §4.1.1.1."""
         self.smtp_HELO(arg, esmtp=True)
 
+    @syntax("MAIL FROM:<address>")
     def smtp_MAIL(self, arg):
         """RFC 5321 §4.1.1.2: the sender, checked here, then passed to the back-end (or held for
         the auth service's first lookup, as nginx's smtp_auth none)."""
         if self.mail_from is not None:
-            raise SMTPError(503, "5.5.1 Error: nested MAIL command")
+            raise SMTPError(NESTED_MAIL)
         self.check_tls_and_ehlo()
-        if self.user is None and self.cfg.auth_required:
-            raise SMTPError(530, "5.7.0 Authentication required")
-        address, params = parse_path(arg, "FROM:")
+        if self.client.user is None and self.cfg.auth_required:
+            raise SMTPError(AUTH_REQUIRED)
+        if arg[:5].upper() != "FROM:":
+            raise self.syntax_error()
+        address, params = parse_path(arg[5:])
         for name, value in params.items():
             if name == "SIZE":
                 if value is None or not is_number(value) or len(value) > 20:
-                    raise SMTPError(501, "5.5.4 Bad SIZE parameter")
+                    raise SMTPError(BAD_SIZE)
                 if self.cfg.max_message_size and int(value) > self.cfg.max_message_size:
-                    raise SMTPError(*TOO_BIG)
+                    raise SMTPError(TOO_BIG)
             elif name == "BODY":
                 if value is None or value.upper() not in ("7BIT", "8BITMIME"):
-                    raise SMTPError(501, "5.5.4 Bad BODY parameter, 7BIT or 8BITMIME")
+                    raise SMTPError(BAD_BODY)
                 params[name] = value.upper()
             elif name == "SMTPUTF8":
                 if value is not None:
-                    raise SMTPError(501, "5.5.4 SMTPUTF8 takes no value")
+                    raise SMTPError(BAD_SMTPUTF8)
             elif name == "AUTH":
                 # RFC 4954 §5: accepted as we advertise AUTH; the identity the
                 # back-end knows is the relay's own business, so it stays here.
                 if value is None or value != "<>" and not re.fullmatch(r"[!-~]+", value):
-                    raise SMTPError(501, "5.5.4 Bad AUTH parameter")
+                    raise SMTPError(BAD_AUTH_PARAMETER)
             else:
-                raise SMTPError(555, f"5.5.4 Unsupported option: {printable(name)}")
+                raise SMTPError(UNSUPPORTED_OPTION.fill(name=printable(name)))
         if not address.isascii() and "SMTPUTF8" not in params:
-            raise SMTPError(553, "5.6.7 Must declare SMTPUTF8 to send a UTF-8 address")
+            raise SMTPError(UTF8_UNDECLARED)
         if self.cfg.allow_sender and not self.cfg.allow_sender.fullmatch(address):
-            log.info("%s sender <%s> refused by --allow-sender", self.sid, printable(address))
-            raise SMTPError(550, "5.7.1 Sender address rejected: not allowed")
+            self.event("not_allowed", role="sender", address=printable(address))
+            raise SMTPError(SENDER_NOT_ALLOWED)
         self.started = time.monotonic()
-        if self.cfg.auth_http and self.user is None:
+        if self.cfg.auth_http and self.client.user is None:
             # nginx's smtp_auth none: the auth service is asked at the first
             # RCPT, with this MAIL and that RCPT; until then MAIL is ours.
             self.mail_from, self.mail_params, self.mail_line = address, params, self.command_line
-            self.channel.reply(250, "2.1.0 Ok")
+            self.channel.reply(*SENDER_OK)
             return
         code, text = self.backend_call("mail", address, params)
         if 200 <= code < 300:
             self.mail_from, self.mail_params, self.mail_sent = address, params, True
         self.channel.reply(code, text)
 
+    @syntax("RCPT TO:<address>")
     def smtp_RCPT(self, arg):
         """RFC 5321 §4.1.1.3: a recipient, checked here, then passed to the back-end, whose
         reply the client hears."""
         if self.mail_from is None:
-            raise SMTPError(*NEED_MAIL)
-        address, params = parse_path(arg, "TO:")
+            raise SMTPError(NEED_MAIL)
+        if arg[:3].upper() != "TO:":
+            raise self.syntax_error()
+        address, params = parse_path(arg[3:])
         if params:
-            raise SMTPError(555, f"5.5.4 Unsupported option: {printable(next(iter(params)))}")
+            raise SMTPError(UNSUPPORTED_OPTION.fill(name=printable(next(iter(params)))))
         if not address:
-            raise SMTPError(501, "5.1.3 Bad recipient address syntax")
+            raise SMTPError(BAD_RECIPIENT)
         if not address.isascii() and "SMTPUTF8" not in self.mail_params:
-            raise SMTPError(553, "5.6.7 Must declare SMTPUTF8 to send a UTF-8 address")
+            raise SMTPError(UTF8_UNDECLARED)
         if len(self.rcpt_to) >= self.cfg.max_recipients:
-            raise SMTPError(452, "4.5.3 Error: too many recipients")
+            raise SMTPError(TOO_MANY_RECIPIENTS)
         if self.cfg.allow_recipient and not self.cfg.allow_recipient.fullmatch(address):
-            log.info("%s recipient <%s> refused by --allow-recipient", self.sid, printable(address))
-            raise SMTPError(550, "5.7.1 Recipient address rejected: not allowed")
+            self.event("not_allowed", role="recipient", address=printable(address))
+            raise SMTPError(RECIPIENT_NOT_ALLOWED)
         if not self.mail_sent:
             # --auth-http-scope session: one OK answer holds for the session (nginx's load on the service).
             if self.cfg.auth_http_scope == "transaction" or not self.route:
@@ -1746,15 +1976,16 @@ class Session:
             self.rcpt_to.append(address)
         self.channel.reply(code, text)
 
+    @syntax("DATA")
     def smtp_DATA(self, arg):
         """RFC 5321 §4.1.1.4: the message, streamed to the back-end; the client hears 250 only
         after the back-end said it, and a message that fails never gets its end sent."""
         if arg:
-            raise SMTPError(501, "5.5.4 Syntax: DATA")
+            raise self.syntax_error()
         if self.mail_from is None:
-            raise SMTPError(*NEED_MAIL)
+            raise SMTPError(NEED_MAIL)
         if not self.rcpt_to:
-            raise SMTPError(554, "5.5.1 Error: no valid recipients")
+            raise SMTPError(NO_RECIPIENTS)
         code, text = self.backend_call("data_start")
         self.channel.reply(code, text)
         if code != 354:
@@ -1767,7 +1998,7 @@ class Session:
                 if failure:
                     continue            # read the rest, so the client hears our reply
                 if segment is BARE_NEWLINE:
-                    failure = (554, "5.6.0 Message contains a bare CR or LF; refused")
+                    failure = BARE_NEWLINE_REFUSED
                     continue
                 size += unstuffed_size(segment, at_line_start)
                 at_line_start = segment.endswith(b"\r\n")
@@ -1780,11 +2011,11 @@ class Session:
                 try:
                     self.backend.data_write(segment)
                 except BackendGone as e:
-                    log.warning("%s backend %s failed during DATA: %s", self.sid, self.backend.name, e)
+                    self.event("backend_failed", backend=self.backend.name, command="DATA", reason=str(e))
                     failure = BACKEND_LOST
         except (ClientGone, TimeoutError):
             # No terminator reaches the back-end: it keeps no message.
-            log.warning("%s client lost during DATA after %d bytes; message abandoned", self.sid, size)
+            self.event("message_abandoned", size=size)
             self.drop_backend()
             raise
         if failure:
@@ -1803,33 +2034,34 @@ class Session:
         self.reset()
         self.channel.reply(code, text)
 
+    @syntax("AUTH mechanism [initial-response]")
     def smtp_AUTH(self, arg):
         """RFC 4954; the auth service checks the credentials and names the back-end."""
         mechanisms = self.cfg.auth_mechanisms
         if not mechanisms:
-            raise SMTPError(502, "5.5.1 Error: authentication not enabled")
-        if self.user is not None:
-            raise SMTPError(503, "5.5.1 Error: already authenticated")
+            raise SMTPError(AUTH_NOT_ENABLED)
+        if self.client.user is not None:
+            raise SMTPError(ALREADY_AUTHENTICATED)
         if self.mail_from is not None:
-            raise SMTPError(503, "5.5.1 Error: MAIL transaction in progress")
+            raise SMTPError(MAIL_IN_PROGRESS)
         mechanism, _, initial = arg.partition(" ")
         if not mechanism:
-            raise SMTPError(501, "5.5.4 Syntax: AUTH mechanism [initial-response]")
+            raise self.syntax_error()
         self.check_tls_and_ehlo()
         if mechanism.lower() not in mechanisms:
-            raise SMTPError(504, "5.5.4 Unrecognized authentication type")
+            raise SMTPError(UNKNOWN_MECHANISM)
         if mechanism.lower() not in self.offered_mechanisms():
-            raise SMTPError(538, "5.7.11 Encryption required for requested authentication mechanism")
+            raise SMTPError(ENCRYPTION_REQUIRED)
         initial = initial.strip().encode() or None
         credentials = getattr(self, "auth_" + mechanism.upper().replace("-", "_"))(initial)
         answer = self.ask_auth_service(**credentials)
         if not answer.ok:
             self.refuse(answer, counted=True)
-        self.user, self.route = credentials["user"], answer
+        self.client, self.route = dataclasses.replace(self.client, user=credentials["user"]), answer
         self.close_backend()       # a back-end chosen before AUTH no longer applies
-        log.info("%s authenticated as %s with %s; backend %s", self.sid, printable(self.user),
-                 mechanism.upper(), answer.backend)
-        self.channel.reply(235, "2.7.0 Authentication successful")
+        self.event("authenticated", user=printable(self.client.user), mechanism=mechanism.upper(),
+                   backend=str(answer.backend))
+        self.channel.reply(*AUTHENTICATED)
 
     def challenge(self, text):
         """Send a 334 challenge -> the client's decoded answer (bytes)."""
@@ -1845,7 +2077,7 @@ class Session:
         response = self.first_response(initial, "")
         parts = response.split(b"\0")
         if len(parts) != 3 or not parts[1]:
-            raise SMTPError(501, "5.5.2 Bad PLAIN response: authzid NUL authcid NUL password")
+            raise SMTPError(BAD_RESPONSE.fill(mechanism="PLAIN", form="authzid NUL authcid NUL password"))
         return dict(method="plain", user=decode_utf8(parts[1]), password=decode_utf8(parts[2]))
 
     def auth_LOGIN(self, initial):
@@ -1857,11 +2089,11 @@ class Session:
     def auth_CRAM_MD5(self, initial):
         """RFC 2195: a challenge, and the user with the HMAC-MD5 of it; the service checks it (Auth-Salt)."""
         if initial is not None:
-            raise SMTPError(501, "5.5.2 CRAM-MD5 takes no initial response")
+            raise SMTPError(NO_INITIAL_RESPONSE.fill(mechanism="CRAM-MD5"))
         salt = f"<{secrets.randbelow(10**10)}.{int(time.time())}@{self.cfg.server_name}>"
         user, _, digest = decode_utf8(self.challenge(base64.b64encode(salt.encode()).decode())).rpartition(" ")
         if not user or not re.fullmatch(r"[0-9a-fA-F]{32}", digest):
-            raise SMTPError(501, "5.5.2 Bad CRAM-MD5 response: user SP 32 hex digits")
+            raise SMTPError(BAD_RESPONSE.fill(mechanism="CRAM-MD5", form="user SP 32 hex digits"))
         return dict(method="cram-md5", user=user, password=digest.lower(), salt=salt)
 
     def auth_EXTERNAL(self, initial):
@@ -1870,14 +2102,14 @@ class Session:
         # with TLS it authenticates as its certificate's subject.
         identity = decode_utf8(self.first_response(initial, ""))
         if self.setup.tls_context:
-            if not self.certificate:
-                raise SMTPError(535, "5.7.0 No client certificate", counted=True)
-            identity = self.certificate["Auth-SSL-Subject"]
+            if not self.client.certificate:
+                raise SMTPError(NO_CLIENT_CERTIFICATE, counted=True)
+            identity = self.client.certificate["Auth-SSL-Subject"]
         return dict(method="external", user=identity, password="")
 
     def login(self):
         """The login the back-end should know the client by (XCLIENT LOGIN), or None."""
-        return (self.route and self.route.user) or self.user
+        return (self.route and self.route.user) or self.client.user
 
     def backend_credentials(self):
         """(user, password) for AUTH towards the back-end, or None."""
@@ -1901,36 +2133,36 @@ class Session:
         self.login_attempt += 1
         started = time.monotonic()
         try:
-            answer = self.setup.auth_service.lookup(self, method, user, password, salt, mail, rcpt)
+            answer = self.setup.auth_service.lookup(self.client, self.login_attempt, method, user, password, salt,
+                                                    mail, rcpt)
         except AuthServiceError as e:
-            self.event("auth_lookup", logging.ERROR, f"auth service {self.cfg.auth_http}: {e}",
-                       result="error", seconds=round(time.monotonic() - started, 3))
-            raise SMTPError(451, "4.3.2 Internal server error; try again later") from None
-        result = "ok" if answer.ok else "refused"
-        self.event("auth_lookup", logging.DEBUG, f"auth service said {result} in {time.monotonic() - started:.3f}s",
-                   result=result, seconds=round(time.monotonic() - started, 3))
+            self.event("auth_service_failed", url=self.cfg.auth_http, reason=str(e), result="error",
+                       seconds=round(time.monotonic() - started, 3))
+            raise SMTPError(AUTH_SERVICE_FAILED) from None
+        self.event("auth_lookup", result="ok" if answer.ok else "refused", seconds=round(time.monotonic() - started, 3))
         return answer
 
     def refuse(self, answer, counted=False):
         """Raise the auth service's refusal, after its Auth-Wait (nginx)."""
-        log.info("%s client login failed: %r", self.sid, printable(answer.text))
+        self.event("login_failed", reason=printable(answer.text))
         if answer.wait:
             self.channel.flush()
             time.sleep(min(answer.wait, self.cfg.timeout))
         code, enhanced = answer.error_code or (535, "5.7.0")
         if code == 421:
             self.done = True        # RFC 5321 §3.8: 421 closes the session
-        raise SMTPError(code, f"{enhanced} {answer.text}" if enhanced else answer.text, counted=counted)
+        raise SMTPError((code, f"{enhanced} {answer.text}" if enhanced else answer.text), counted=counted)
 
+    @syntax("STARTTLS")
     def smtp_STARTTLS(self, arg):
         """RFC 3207: TLS, after which the session starts over."""
         if self.cfg.starttls == "off" or self.channel.wire.sock is None:     # off, or a client on pipes
-            raise SMTPError(502, "5.5.1 Error: STARTTLS not available")
-        if self.tls:
-            raise SMTPError(503, "5.5.1 Error: TLS already active")
+            raise SMTPError(STARTTLS_NOT_AVAILABLE)
+        if self.client.tls:
+            raise SMTPError(TLS_ACTIVE)
         if arg:
-            raise SMTPError(501, "5.5.4 Syntax: STARTTLS")
-        self.channel.reply(220, "2.0.0 Ready to start TLS")
+            raise self.syntax_error()
+        self.channel.reply(*READY_FOR_TLS)
         self.begin_tls()
         # RFC 3207 §4.2: the session starts over; nothing learned in clear
         # (HELO, AUTH, a back-end chosen for the plaintext client) carries on.
@@ -1938,35 +2170,45 @@ class Session:
         self.reset(forget_helo=True)
         self.ehlo_required = True           # "The client SHOULD send an EHLO command as the first command"
 
+    @syntax("RSET")
     def smtp_RSET(self, arg):
         """RFC 5321 §4.1.1.5: the transaction is forgotten, here and at the back-end."""
         self.abort_transaction()
-        self.channel.reply(250, "2.0.0 Ok")
+        self.channel.reply(*OK)
 
+    @syntax("NOOP")
     def smtp_NOOP(self, arg):
         """RFC 5321 §4.1.1.9 (a junk command: counted toward --max-refusals past 100)."""
-        self.channel.reply(250, "2.0.0 Ok")
+        self.channel.reply(*OK)
 
+    @syntax("QUIT")
     def smtp_QUIT(self, arg):
         """RFC 5321 §4.1.1.10."""
-        self.channel.reply(221, "2.0.0 Bye")
+        self.channel.reply(*BYE)
         self.done = True
 
+    @syntax("VRFY address")
     def smtp_VRFY(self, arg):
         """RFC 5321 §3.5.3: 252, the answer of a server that verifies nothing."""
         if not arg:
-            raise SMTPError(501, "5.5.4 Syntax: VRFY address")
-        self.channel.reply(252, "2.5.2 Cannot VRFY user, but will accept message and attempt delivery")
+            raise self.syntax_error()
+        self.channel.reply(*CANNOT_VRFY)
 
+    @syntax("EXPN list")
     def smtp_EXPN(self, arg):
         """RFC 5321 §3.5.3: no lists are expanded here."""
-        raise SMTPError(502, "5.5.1 EXPN not available")
+        raise SMTPError(EXPN_NOT_AVAILABLE)
 
+    @syntax("HELP [command]")
     def smtp_HELP(self, arg):
-        """RFC 5321 §4.1.1.8."""
-        # The verbs this relay answers, as the smtp_VERB methods say: it cannot drift.
+        """RFC 5321 §4.1.1.8: the verbs this relay answers, or one verb's syntax, as the
+        smtp_VERB methods declare them (it cannot drift)."""
+        method = getattr(self, "smtp_" + arg.upper(), None) if arg.isascii() and arg.isalpha() else None
+        if method:
+            self.channel.reply(*HELP_VERB.fill(syntax=method.syntax))
+            return
         verbs = [name[5:] for name in dir(self) if name.startswith("smtp_")]
-        self.channel.reply(214, "2.0.0 Commands: " + " ".join(sorted(verbs)))
+        self.channel.reply(*HELP.fill(verbs=" ".join(sorted(verbs))))
 
     # The back-end, seen from the session ---------------------------------------
 
@@ -1985,18 +2227,18 @@ class Session:
         from_pool, kept = False, self.backend is not None
         if self.backend is None:
             if self.route:
-                self.backend = open_backend(self, [self.route.backend])
+                self.backend = open_backend(self.client, [self.setup.route_backend(self.route)], self.connection_use())
             else:
                 balancer = self.relay.balancer
-                order = balancer.order(self.cfg.backend, self.cfg.balance, new_session=not self.backend_opened)
+                order = balancer.order(self.setup.backends, self.cfg.balance, new_session=not self.backend_opened)
                 self.backend_opened = True
-                self.backend = open_backend(self, order, balancer)
+                self.backend = open_backend(self.client, order, self.connection_use(), balancer)
             self.relay.balancer.opened(self.backend.name)
             from_pool = self.backend.reused
         try:
             code, text = getattr(self.backend, method)(*args)
         except BackendGone as e:
-            log.warning("%s backend %s failed at %s: %s", self.sid, self.backend.name, method, e)
+            self.event("backend_failed", backend=self.backend.name, command=COMMAND_NAMES[method], reason=str(e))
             self.drop_backend()
             if from_pool or kept and method == "mail" and not e.reply:
                 return self.backend_call(method, *args)
@@ -2004,20 +2246,25 @@ class Session:
             if e.reply:
                 self.done = True
                 return e.reply
-            raise SMTPError(*BACKEND_LOST) from None
+            raise SMTPError(BACKEND_LOST) from None
         if code >= 400 and method != "data_end":       # the end of data has its own line, log_message
-            verb = {"data_start": "DATA"}.get(method, method.upper())
-            reply = printable(f"{code} {text}")
-            self.event("backend_refused", logging.INFO, f"backend {self.backend.name} refused {verb}: {reply}",
-                       backend=self.backend.name, command=verb, reply=reply)
+            self.event("backend_refused", backend=self.backend.name, command=COMMAND_NAMES[method],
+                       reply=printable(f"{code} {text}"))
         return code, text
 
+    def connection_use(self):
+        """What a back-end connection opened now carries beside the client: the
+        credentials for AUTH towards it and the login XCLIENT names."""
+        credentials = self.backend_credentials()
+        return credentials, None if credentials else self.login()
+
     def abort_transaction(self):
+        """RSET at the back-end where a transaction is open there, and forget it here."""
         if self.mail_from is not None and self.backend:
             try:
                 self.backend.rset()
             except BackendGone as e:
-                log.warning("%s backend %s failed at RSET: %s", self.sid, self.backend.name, e)
+                self.event("backend_failed", backend=self.backend.name, command="RSET", reason=str(e))
                 self.drop_backend()
         self.reset()
 
@@ -2026,24 +2273,21 @@ class Session:
         self.close_backend(quit=False)
 
     def close_backend(self, quit=True):
+        """Done with the back-end connection: QUIT (or back to the pool) between
+        transactions; with quit False, closed at once."""
         if self.backend:
             backend, self.backend = self.backend, None
             self.relay.balancer.closed(backend.name)
             if quit and not self.mail_sent:     # no transaction open there: it may serve another session
-                backend.release(self)
+                backend.release()
             else:
                 backend.close(quit)
 
     def log_message(self, sender, rcpts, size, code, text, started):
-        if not self.relay.wants(logging.INFO):
-            return
-        backend, reply, seconds = self.backend.name if self.backend else "-", printable(f"{code} {text}"), \
-            time.monotonic() - started
-        self.event("message", logging.INFO,
-                   f"message from=<{printable(sender)}> rcpts={len(rcpts)} size={size} backend={backend} "
-                   f"reply={reply!r} time={seconds:.3f}s",
-                   sender=printable(sender), recipients=[printable(r) for r in rcpts], size=size, backend=backend,
-                   reply=reply, seconds=round(seconds, 3))
+        """The message's one line: its envelope, size, back-end and what the client heard."""
+        self.event("message", sender=printable(sender), recipients=[printable(r) for r in rcpts], rcpts=len(rcpts),
+                   size=size, backend=self.backend.name if self.backend else "-", reply=printable(f"{code} {text}"),
+                   seconds=round(time.monotonic() - started, 3))
 
 
 # --- 4. Back-ends: failover, the smtplib handshake, XCLIENT, Maildir ---------
@@ -2072,22 +2316,22 @@ def xtext(value):
                    "".join(f"+{b:02X}" for b in c.encode("utf-8")) for c in value)
 
 
-def xclient_arguments(session, wanted, login):
+def xclient_arguments(client, wanted, login):
     """The XCLIENT arguments for the attributes in wanted, within Postfix's limits.
 
     An attribute left out would keep the relay's own value on the back-end,
     so every wanted one is sent; where the line would pass 512 octets, the
     names give way to [UNAVAILABLE] (the stricter value), then LOGIN goes.
     """
-    ip = session.peer_address       # None: the client has none, and the back-end must not take the relay's
-    name, reverse_name = session.names.get() if session.names else (UNAVAILABLE, UNAVAILABLE)
+    ip = client.address         # None: the client has none, and the back-end must not take the relay's
+    name, reverse_name = client.looked_up()
     values = {
         "ADDR": UNAVAILABLE if ip is None else f"IPV6:{ip}" if ip.version == 6 else str(ip),
-        "PORT": UNAVAILABLE if ip is None else str(session.peer_port),
+        "PORT": UNAVAILABLE if ip is None else str(client.port),
         "NAME": name,
         "REVERSE_NAME": reverse_name,
-        "HELO": session.helo or UNAVAILABLE,
-        "PROTO": "ESMTP" if session.esmtp else "SMTP",
+        "HELO": client.helo or UNAVAILABLE,
+        "PROTO": "ESMTP" if client.esmtp else "SMTP",
         "LOGIN": login,     # left out when the relay itself authenticates (nginx)
     }
     values = {k: xtext(v) for k, v in values.items() if k in wanted and v}
@@ -2143,36 +2387,38 @@ class LocalFailure(RelayError):
 
 
 LOCAL_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
-LOCAL_TROUBLE = (451, "4.3.0 Error: the relay is short of resources; try again later")
+# What a back-end connection's methods are called in the log.
+COMMAND_NAMES = {"mail": "MAIL", "rcpt": "RCPT", "data_start": "DATA", "data_end": "end of data", "rset": "RSET"}
 
 
-def open_backend(session, candidates, balancer=None):
-    """Try each back-end in order -> an open connection; all down: SMTPError 451.
-    The balancer (static back-ends) hears which answered and which were down."""
+def open_backend(client, candidates, use, balancer=None):
+    """Try each back-end in order for client, with use = (credentials, login) -> an open
+    connection; all down: SMTPError 451. The balancer (static back-ends) hears which
+    answered, and what SIZE each offered, and which were down."""
     for backend in candidates:
+        fields = dict(session=client.sid, client=client.ip, backend=str(backend))
         try:
-            connection = backend.open(session)
+            connection = backend.open(client, *use)
             if connection.reused:
-                log.debug("%s backend %s: an idle connection reused", session.sid, backend)
+                event("backend_reused", **fields)
             else:
-                log.info("%s backend %s connected%s", session.sid, backend, connection.describe())
+                event("backend_connected", tls=connection.tls_note(), xclient=connection.xclient_note(), **fields)
             if balancer:
-                balancer.answered(backend)
+                balancer.answered(backend, connection.size)
             return connection
-        except BackendUntrusted as e:
-            session.event("backend_down", logging.ERROR, f"backend {backend} {e}: {XCLIENT_FIX}",
-                          backend=str(backend), reason=str(e))
         except BackendDown as e:
-            session.event("backend_down", logging.WARNING, f"backend {backend} is down: {e}; trying next",
-                          backend=str(backend), reason=str(e))
+            hold_off = balancer.failed(backend) if balancer else None
+            if isinstance(e, BackendUntrusted):
+                event("backend_untrusted", reason=str(e), fix=XCLIENT_FIX, **fields)
+            else:
+                event("backend_down", reason=str(e), hold_off=hold_off,
+                      hold_off_note=f"; new sessions skip it for {hold_off:g}s" if hold_off else "", **fields)
         except LocalFailure as e:
             # Ours, not the back-end's: it is not held off, and the next one would fail alike.
-            log.error("%s cannot reach backend %s: the relay is short of resources: %s", session.sid, backend, e)
-            raise SMTPError(*LOCAL_TROUBLE) from None
-        if balancer:
-            balancer.failed(backend)
-    log.error("%s all back-ends are down", session.sid)
-    raise SMTPError(451, "4.4.1 Error: no mail server available; try again later")
+            event("short_of_resources", reason=str(e), **fields)
+            raise SMTPError(SHORT_OF_RESOURCES) from None
+    event("no_backend", session=client.sid, client=client.ip)
+    raise SMTPError(NO_BACKEND)
 
 
 class Balancer:
@@ -2219,16 +2465,18 @@ class Balancer:
                 return retry + up
             return retry + up + sorted(held, key=lambda b: self.held_until[str(b)])
 
-    def answered(self, backend):
+    def answered(self, backend, size):
+        """backend took a session; size: the SIZE its EHLO gave (0: none), what EHLO may advertise."""
         with self.lock:
+            self.sizes[str(backend)] = size
             if self.held_until.pop(str(backend), None) is not None:
-                log.info("backend %s answers again", backend)
+                event("backend_up", backend=str(backend))
 
     def failed(self, backend):
+        """backend was found down -> the seconds new sessions now skip it."""
         with self.lock:
-            if str(backend) not in self.held_until:
-                log.warning("backend %s is down: new sessions skip it for %gs", backend, BACKEND_HOLD_OFF)
             self.held_until[str(backend)] = time.monotonic() + BACKEND_HOLD_OFF
+        return BACKEND_HOLD_OFF
 
     def size_limit(self, backends):
         """The smallest SIZE the back-ends' last EHLOs gave, or None while none is known."""
@@ -2237,10 +2485,12 @@ class Balancer:
         return min(known) if known else None
 
     def opened(self, backend_name):
+        """A session holds a connection to it now (leastconn)."""
         with self.lock:
             self.in_use[backend_name] += 1
 
     def closed(self, backend_name):
+        """A session let go of its connection to it."""
         with self.lock:
             self.in_use[backend_name] -= 1
             if self.in_use[backend_name] <= 0:
@@ -2248,10 +2498,10 @@ class Balancer:
 
 
 class SMTPBackend:
-    """A mail server reached over SMTP at HOST:PORT."""
+    """A mail server reached over SMTP at HOST:PORT, under one Setup's settings."""
 
-    def __init__(self, host, port):
-        self.host, self.port = host, port
+    def __init__(self, setup, host, port):
+        self.setup, self.host, self.port = setup, host, port
 
     def __str__(self):
         return format_address(self.host, self.port)
@@ -2259,22 +2509,18 @@ class SMTPBackend:
     def create(self, owner=None):
         """Nothing to make: a server is reached when a session needs it."""
 
-    def open(self, session):
-        key = pool_key(session, self)
-        connection = key and session.relay.pool.take(key)
+    def open(self, client, credentials=None, login=None):
+        """A connection for client: an idle one from the pool where it may be shared
+        (with XCLIENT one carries its client's identity for good: Postfix refuses a
+        second XCLIENT on one connection), else a new one, its handshake done."""
+        key = None if self.setup.cfg.xclient else (str(self), credentials)
+        connection = key and self.setup.pool.take(key)
         if connection:
-            connection.sid = session.sid
+            connection.sid = client.sid
             return connection
-        return SMTPConnection(self, session, pooled=bool(key))
-
-
-def pool_key(session, backend):
-    """What a connection to `backend` must match to serve `session` from the pool, or
-    None where it may not be shared: with XCLIENT it carries its client's identity for
-    good (Postfix refuses a second XCLIENT on one connection and keeps the first)."""
-    if session.cfg.xclient:
-        return None
-    return str(backend), session.setup, session.backend_credentials()
+        connection = SMTPConnection(self, client.sid, pool_key=key)
+        connection.handshake(client, credentials, login)
+        return connection
 
 
 class BackendPool:
@@ -2285,8 +2531,10 @@ class BackendPool:
     def __init__(self):
         self.idle = collections.defaultdict(collections.deque)     # key -> (connection, since), newest last
         self.lock = threading.Lock()
+        self.closed = False
 
     def take(self, key):
+        """An idle connection for key, still open and silent, or None."""
         while True:
             with self.lock:
                 waiting = self.idle.get(key)
@@ -2298,13 +2546,14 @@ class BackendPool:
             connection.close()
 
     def give(self, key, connection):
+        """Keep connection for the next session that matches key; the expired go."""
         now, expired = time.monotonic(), []
         with self.lock:
             for waiting in self.idle.values():
                 while waiting and now - waiting[0][1] >= POOL_IDLE_SECONDS:
                     expired.append(waiting.popleft()[0])
             waiting = self.idle[key]
-            if len(waiting) < POOL_SIZE:
+            if len(waiting) < POOL_SIZE and not self.closed:
                 waiting.append((connection, now))
             else:
                 expired.append(connection)
@@ -2312,9 +2561,11 @@ class BackendPool:
             old.close(quit=True)
 
     def close(self):
+        """QUIT every idle connection; any given back later is closed at once."""
         with self.lock:
             connections = [c for waiting in self.idle.values() for c, _ in waiting]
             self.idle.clear()
+            self.closed = True
         for connection in connections:
             connection.close(quit=True)
 
@@ -2335,32 +2586,44 @@ class SMTPConnection(smtplib.SMTP):
 
     reused = False                  # taken from the pool, not opened for this session
 
-    def __init__(self, backend, session, pooled=False):
-        self.name, self.sid, self.balancer = str(backend), session.sid, session.relay.balancer
+    def __init__(self, backend, sid, pool_key=None):
+        """Nothing is sent yet: handshake() connects. pool_key: what a session must
+        match to take this connection from the pool, None where it is not shared."""
+        cfg = backend.setup.cfg
+        self.backend, self.name, self.sid, self.pool_key = backend, str(backend), sid, pool_key
         self.debug = log.isEnabledFor(logging.DEBUG)
         self.authenticating = False     # masks the AUTH exchange in the debug log
-        self.pool_key = pool_key(session, backend) if pooled else None
-        # A connection that may serve other clients says the relay's own name.
-        helo = session.cfg.server_name if pooled else session.helo or session.cfg.server_name
-        self.tls_mode, self.tls_context = session.cfg.backend_tls, session.setup.backend_tls_context
+        self.tls_mode, self.tls_context = cfg.backend_tls, backend.setup.backend_tls_context
         self.wire = None
-        self.reply_timeout = self.proxy_timeout = session.cfg.proxy_timeout
-        self.data_timeout = session.cfg.data_timeout
-        super().__init__(timeout=session.cfg.proxy_timeout, local_hostname=helo)
+        self.reply_timeout = self.proxy_timeout = cfg.proxy_timeout
+        self.data_timeout = cfg.data_timeout
+        super().__init__(timeout=cfg.proxy_timeout, local_hostname=cfg.server_name)   # no getfqdn() each time
         self._host = backend.host       # the name TLS verifies; only smtplib's __init__ sets it
+        self.greeting = None            # (code, text) of the back-end's greeting
+        self.tls_version = None         # of TLS towards the back-end, once it is up
         self.xclient = False            # XCLIENT was accepted on this connection
+        self.size = 0                   # the SIZE its last EHLO gave (0: none)
+
+    def handshake(self, client, credentials=None, login=None):
+        """Connect and greet, STARTTLS (--backend-tls starttls), XCLIENT (--xclient) and
+        AUTH (credentials) -> self; raises BackendDown (untrusted: BackendUntrusted) or
+        LocalFailure, the connection closed."""
+        cfg = self.backend.setup.cfg
+        # A connection that may serve other clients says the relay's own name.
+        helo = cfg.server_name if self.pool_key else client.helo or cfg.server_name
+        self.local_hostname = helo
         try:
-            code, text = self.connect(backend.host, backend.port)
+            self.greeting = code, text = self.connect(self.backend.host, self.backend.port)
             if code != 220:
                 raise BackendDown(f"greeted with {code} {printable(text)}")
             self.greet(helo)
             if self.tls_mode == "starttls":
                 self.start_tls(helo)
-            credentials = session.backend_credentials()
-            if session.cfg.xclient:
-                self.send_xclient(session, helo, login=None if credentials else session.login())
+            if cfg.xclient:
+                self.send_xclient(client, helo, login)
             if credentials:
                 self.authenticate(*credentials)
+            return self
         except OSError as e:
             self.close()
             if e.errno in LOCAL_ERRNOS:
@@ -2383,6 +2646,7 @@ class SMTPConnection(smtplib.SMTP):
         self.wire = Wire(sock, first_read=self.proxy_timeout)
         if self.tls_mode == "on":
             self.wire.start_tls(self.tls_context, time.monotonic() + self.timeout, server_hostname=host)
+            self.tls_version = self.wire.sock.version()
         return self.wire.sock
 
     def start_tls(self, helo):
@@ -2394,19 +2658,21 @@ class SMTPConnection(smtplib.SMTP):
             raise BackendDown(f"refused STARTTLS with {code} {printable(text)}")
         self.wire.start_tls(self.tls_context, time.monotonic() + self.timeout, server_hostname=self._host)
         self.sock = self.wire.sock
+        self.tls_version = self.sock.version()
         # As smtplib.starttls(): nothing the server said in clear counts (RFC 3207 §4.2).
         self.helo_resp = self.ehlo_resp = None
         self.esmtp_features, self.does_esmtp = {}, False
         self.greet(helo)
 
     def greet(self, helo):
+        """EHLO, or HELO where EHLO is refused; neither: BackendDown."""
         code, text = self.ehlo(helo)
         if code != 250:
             code, text = self.helo(helo)
             if code != 250:
                 raise BackendDown(f"refused HELO with {code} {printable(text)}")
         size = self.esmtp_features.get("size", "").strip()
-        self.balancer.sizes[self.name] = int(size) if size.isdigit() else 0     # what EHLO may advertise
+        self.size = int(size) if size.isdigit() else 0
 
     def authenticate(self, user, password):
         """AUTH towards the back-end: PLAIN, or LOGIN where only that is offered (Exchange)."""
@@ -2424,9 +2690,9 @@ class SMTPConnection(smtplib.SMTP):
             raise BackendDown("smtplib can only send ASCII credentials") from None
         finally:
             self.authenticating = False
-        log.info("%s backend %s: authenticated as %s", self.sid, self.name, printable(user))
+        event("backend_authenticated", session=self.sid, backend=self.name, user=printable(user))
 
-    def send_xclient(self, session, helo, login):
+    def send_xclient(self, client, helo, login):
         """Postfix XCLIENT_README: the client's attributes the back-end asked for.
 
         Required, with ADDR: a back-end that does not take it would judge the
@@ -2438,16 +2704,19 @@ class SMTPConnection(smtplib.SMTP):
         if "ADDR" not in wanted:
             # smtp-sink offers "XCLIENT NAME HELO": the back-end would still judge the relay's address.
             raise BackendUntrusted(f"offers XCLIENT without ADDR ({' '.join(wanted) or 'no attributes'})")
-        code, text = self.docmd("XCLIENT", xclient_arguments(session, wanted, login))
+        code, text = self.docmd("XCLIENT", xclient_arguments(client, wanted, login))
         if code not in (220, 250):      # Postfix greets anew with 220; some answer 250
             raise BackendUntrusted(f"refused XCLIENT with {code} {printable(text.decode('utf-8', 'replace'))}")
         self.xclient = True
         self.greet(helo)        # XCLIENT starts a new session on the back-end
 
-    def describe(self):
-        """For the log: " (TLS TLSv1.3, XCLIENT)"."""
-        tls = f"TLS {self.sock.version()}" if isinstance(self.sock, ssl.SSLSocket) else "no TLS"
-        return f" ({tls}, {'XCLIENT' if self.xclient else 'no XCLIENT'})"
+    def tls_note(self):
+        """For the log: "TLS TLSv1.3" or "no TLS"."""
+        return f"TLS {self.tls_version}" if self.tls_version else "no TLS"
+
+    def xclient_note(self):
+        """For the log: "XCLIENT" or "no XCLIENT"."""
+        return "XCLIENT" if self.xclient else "no XCLIENT"
 
     def in_step(self):
         """Raise UnaskedReply where the back-end has said anything since its last reply was read."""
@@ -2489,7 +2758,7 @@ class SMTPConnection(smtplib.SMTP):
                 shown = "AUTH ****"
             elif self.authenticating:
                 shown = "****"
-            log.debug("%s S>B: %s", self.sid, printable(shown))
+            event("backend_command", session=self.sid, line=printable(shown))
         super().putcmd(cmd, args)
 
     def getreply(self):
@@ -2527,7 +2796,7 @@ class SMTPConnection(smtplib.SMTP):
         text = b"\n".join(lines)
         if self.debug:
             for part in lines:
-                log.debug("%s B: %s %s", self.sid, code, printable(part))
+                event("backend_reply", session=self.sid, code=code, line=printable(part))
         return code, text
 
     # The interface the session uses.
@@ -2553,10 +2822,10 @@ class SMTPConnection(smtplib.SMTP):
 
     def mail(self, address, params):
         if "SMTPUTF8" in params and not self.has_extn("smtputf8"):
-            return 555, "5.6.7 SMTPUTF8 is not supported by the mail server behind this relay"
+            return NOT_SUPPORTED_BEHIND.fill(status="5.6.7", extension="SMTPUTF8")
         if params.get("BODY") == "8BITMIME" and not self.has_extn("8bitmime"):
             # RFC 6152 §3: 8-bit data must not go to a server without 8BITMIME.
-            return 555, "5.6.3 8BITMIME is not supported by the mail server behind this relay"
+            return NOT_SUPPORTED_BEHIND.fill(status="5.6.3", extension="8BITMIME")
         self.command_encoding = "utf-8" if "SMTPUTF8" in params else "ascii"
         args = [f"FROM:<{address}>"]
         if "SIZE" in params and self.has_extn("size"):
@@ -2607,11 +2876,11 @@ class SMTPConnection(smtplib.SMTP):
         421 on, is readable."""
         return bool(self.sock) and not self.wire.pending()
 
-    def release(self, session):
+    def release(self):
         """The session is done with it, between transactions: back to the pool, or QUIT."""
         if self.pool_key and self.sock:
             self.reused = True
-            session.relay.pool.give(self.pool_key, self)
+            self.backend.setup.pool.give(self.pool_key, self)
         else:
             self.close(quit=True)
 
@@ -2631,8 +2900,8 @@ class MaildirBackend:
     to tmp/, fsynced and renamed into new/ before the client hears 250.
     """
 
-    def __init__(self, path):
-        self.path = path
+    def __init__(self, setup, path):
+        self.setup, self.path = setup, path
         # The host part of Maildir file names, with / and : escaped as Maildir asks.
         self.hostname = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
 
@@ -2649,8 +2918,9 @@ class MaildirBackend:
             for directory in (self.path, *(os.path.join(self.path, sub) for sub in ("cur", "new", "tmp"))):
                 os.chown(directory, owner.pw_uid, owner.pw_gid)
 
-    def open(self, session):
-        return MaildirDelivery(self, session)
+    def open(self, client, credentials=None, login=None):
+        """One session's deliveries."""
+        return MaildirDelivery(self, client)
 
 
 HEADER_FOLD = 78           # RFC 5322 §2.1.1: lines SHOULD stay within 78 characters, MUST within 998
@@ -2670,11 +2940,13 @@ def folded(name, items):
 
 
 def timestamp():
+    """Now, as RFC 5322 §3.3 writes a date."""
     return datetime.datetime.now(datetime.timezone.utc).strftime("%a, %d %b %Y %H:%M:%S +0000")
 
 
 def maildir_failure(error):
-    return 451, f"4.3.0 Error: cannot write to the Maildir: {error.strerror}"
+    """The 451 for a Maildir that cannot be written."""
+    return CANNOT_STORE.fill(what="write to the Maildir", reason=error.strerror)
 
 
 class LocalDelivery:
@@ -2682,56 +2954,67 @@ class LocalDelivery:
     sender and recipient accepted, the message streamed into self.file
     unstuffed, and nothing kept once the transaction is aborted."""
 
-    counter = itertools.count()
+    counter = itertools.count()     # message numbers, unique in the process
     reused = False
+    size = 0                        # no limit of its own
     file = None
+
+    def __init__(self, backend, client):
+        self.name, self.backend, self.client = str(backend), backend, client
+        self.cfg = backend.setup.cfg
 
     def mail(self, address, params):
         self.sender, self.recipients = address, []
-        return 250, "2.1.0 Ok"
+        return SENDER_OK
 
     def rcpt(self, address):
         self.recipients.append(address)
-        return 250, "2.1.5 Ok"
+        return RECIPIENT_OK
 
     def rset(self):
         self.abort()
-        return 250, "2.0.0 Ok"
+        return OK
 
     def close(self, quit=False):
         self.abort()
 
-    def release(self, session):
+    def release(self):
         self.close()
 
-    def describe(self):
-        return ""
+    def tls_note(self):
+        return "no TLS"
+
+    def xclient_note(self):
+        return "no XCLIENT"
+
+    def abort(self):
+        """The message is not accepted: what was stored of it goes."""
+        if self.file:
+            self.file.close()
+            self.file = None
 
 
 class MaildirDelivery(LocalDelivery):
     """One session's deliveries into a Maildir, streamed to disk."""
 
-    def __init__(self, backend, session):
-        self.name, self.path, self.hostname, self.session = str(backend), backend.path, backend.hostname, session
-
     def data_start(self):
         now = time.time()
         self.filename = (f"{int(now)}.M{int(now % 1 * 1e6)}P{os.getpid()}Q{next(self.counter)}"
-                         f"R{secrets.token_hex(4)}.{self.hostname}")
-        self.tmp_path = os.path.join(self.path, "tmp", self.filename)
+                         f"R{secrets.token_hex(4)}.{self.backend.hostname}")
+        self.tmp_path = os.path.join(self.backend.path, "tmp", self.filename)
         try:
             self.file = open(self.tmp_path, "xb")
         except OSError as e:
             return maildir_failure(e)
-        s = self.session
+        c = self.client
         header = [f"Return-Path: <{printable(self.sender)}>",
                   folded("X-Envelope-To", [f"<{printable(r)}>" for r in self.recipients]),
-                  f"Received: from {printable(s.helo or 'unknown')} "
-                  f"({f'[{s.peer_ip}]' if s.peer_ip else 'no IP address'})\n"
-                  f"\tby {s.cfg.server_name} (smtprelay) with {'ESMTP' if s.esmtp else 'SMTP'}"
+                  f"Received: from {printable(c.helo or 'unknown')} "
+                  f"({f'[{c.ip}]' if c.ip else 'no IP address'})\n"
+                  f"\tby {self.cfg.server_name} (smtprelay) with {'ESMTP' if c.esmtp else 'SMTP'}"
                   f" id {self.filename}; {timestamp()}", ""]
         self.at_line_start = self.at_message_start = True
-        return self.write("\n".join(header).encode("utf-8")) or (354, "End data with <CR><LF>.<CR><LF>")
+        return self.write("\n".join(header).encode("utf-8")) or START_DATA
 
     def data_write(self, segment):
         # Unstuffed, with LF line ends, as local delivery stores mail.
@@ -2748,6 +3031,7 @@ class MaildirDelivery(LocalDelivery):
             raise BackendGone(error[1])
 
     def write(self, data):
+        """Store data -> None, or the 451 where the disk refuses it."""
         try:
             self.file.write(data)
         except OSError as e:
@@ -2762,8 +3046,8 @@ class MaildirDelivery(LocalDelivery):
             os.fsync(self.file.fileno())
             self.file.close()
             self.file = None
-            os.rename(self.tmp_path, os.path.join(self.path, "new", self.filename))
-            directory = os.open(os.path.join(self.path, "new"), os.O_RDONLY)
+            os.rename(self.tmp_path, os.path.join(self.backend.path, "new", self.filename))
+            directory = os.open(os.path.join(self.backend.path, "new"), os.O_RDONLY)
             try:
                 os.fsync(directory)
             finally:
@@ -2771,12 +3055,11 @@ class MaildirDelivery(LocalDelivery):
         except OSError as e:
             self.abort()
             return maildir_failure(e)
-        return 250, f"2.0.0 Ok: queued as {self.filename}"
+        return QUEUED.fill(id=self.filename)
 
     def abort(self):
         if self.file:
-            self.file.close()
-            self.file = None
+            super().abort()
             try:
                 os.unlink(self.tmp_path)
             except OSError:
@@ -2799,14 +3082,18 @@ class StdoutBackend:
     wire = None                 # standard output, made at the first message
     cut = False                 # a message was cut short: its frame never ended
 
+    def __init__(self, setup):
+        self.setup = setup
+
     def __str__(self):
         return "stdout:"
 
     def create(self, owner=None):
         """Nothing to make: standard output is there."""
 
-    def open(self, session):
-        return StdoutDelivery(self, session)
+    def open(self, client, credentials=None, login=None):
+        """One session's messages."""
+        return StdoutDelivery(self, client)
 
 
 STDOUT_START = b"---------- MESSAGE FOLLOWS ----------\n"
@@ -2818,6 +3105,7 @@ FRAME_LINE = re.compile(rb"^>*(?:---------- MESSAGE FOLLOWS|------------ (?:END 
 
 
 def quote_frame_lines(text, at_line_start):
+    """text with each line that would pass for a frame line quoted by one more ">"."""
     quoted = FRAME_LINE.sub(rb">\g<0>", text)
     if not at_line_start and FRAME_LINE.match(text):
         quoted = quoted[1:]         # it goes on a line already begun: no frame line
@@ -2827,16 +3115,13 @@ def quote_frame_lines(text, at_line_start):
 class StdoutDelivery(LocalDelivery):
     """One session's messages, each spooled, then printed at its end of data."""
 
-    def __init__(self, backend, session):
-        self.name, self.backend, self.session = str(backend), backend, session
-
     def data_start(self):
         try:
             self.file = tempfile.TemporaryFile(prefix="smtprelay-")
         except OSError as e:
-            return 451, f"4.3.0 Error: cannot spool the message: {e.strerror}"
+            return CANNOT_STORE.fill(what="spool the message", reason=e.strerror)
         self.at_line_start = True
-        return 354, "End data with <CR><LF>.<CR><LF>"
+        return START_DATA
 
     def data_write(self, segment):
         # As the client sent it, less the dot-stuffing: byte for byte, but
@@ -2852,18 +3137,18 @@ class StdoutDelivery(LocalDelivery):
     def data_end(self, tail=b""):
         if tail:
             self.data_write(tail)
-        s, message_id = self.session, f"{self.session.sid}.{next(self.counter)}"
+        c, message_id, seconds = self.client, f"{self.client.sid}.{next(self.counter)}", self.cfg.data_timeout
         envelope = [f"X-Smtprelay-Id: {message_id}",
                     f"X-Envelope-From: <{printable(self.sender)}>",
                     folded("X-Envelope-To", [f"<{printable(r)}>" for r in self.recipients]),
-                    f"X-Peer: {peer_text(s.peer_ip, (None, s.peer_port))} HELO {printable(s.helo or 'unknown')}",
+                    f"X-Peer: {c} HELO {printable(c.helo or 'unknown')}",
                     f"X-Received-At: {timestamp()}", "", ""]
-        deadline = time.monotonic() + s.cfg.data_timeout
+        deadline = time.monotonic() + seconds
         backend = StdoutBackend      # one standard output, whatever the reloads
         try:
             self.file.seek(0)
-            if not backend.lock.acquire(timeout=s.cfg.data_timeout):
-                return 451, "4.3.0 Error: standard output is not being read; try again later"
+            if not backend.lock.acquire(timeout=seconds):
+                return STDOUT_NOT_READ
             try:
                 if backend.wire is None:
                     backend.wire = Wire(writer=sys.stdout.fileno())
@@ -2879,18 +3164,13 @@ class StdoutDelivery(LocalDelivery):
             finally:
                 backend.lock.release()
         except TimeoutError:
-            log.error("%s standard output took no message within --data-timeout %gs", s.sid, s.cfg.data_timeout)
-            return 451, "4.3.0 Error: standard output is not being read; try again later"
+            event("stdout_stalled", session=c.sid, seconds=seconds)
+            return STDOUT_NOT_READ
         except (OSError, ValueError) as e:      # ValueError: standard output closed
-            return 451, f"4.3.0 Error: cannot print the message: {getattr(e, 'strerror', None) or e}"
+            return CANNOT_STORE.fill(what="print the message", reason=getattr(e, "strerror", None) or e)
         finally:
             self.abort()
-        return 250, f"2.0.0 Ok: printed as {message_id}"
-
-    def abort(self):
-        if self.file:
-            self.file.close()
-            self.file = None
+        return PRINTED.fill(id=message_id)
 
 
 # --- 5. The auth lookup: nginx's auth_http protocol ----------------------------
@@ -2911,16 +3191,27 @@ class AuthServiceError(RelayError):
     """The auth service failed: down, timed out, or an answer that makes no sense."""
 
 
+@dataclasses.dataclass(frozen=True)
 class AuthAnswer:
-    """What the auth service said: ok, and backend (+ user, password) or a refusal."""
+    """What the auth service said: ok, and the back-end's (host, port) (+ user,
+    password), or a refusal's text, Auth-Wait and Auth-Error-Code."""
 
-    def __init__(self, ok, backend=None, user=None, password=None, text="", wait=0, error_code=None):
-        self.ok, self.backend, self.user, self.password = ok, backend, user, password
-        self.text, self.wait, self.error_code = text, wait, error_code
+    ok: bool
+    server: tuple = None
+    user: str = None
+    password: str = None
+    text: str = ""
+    wait: int = 0
+    error_code: tuple = None
+
+    @property
+    def backend(self):
+        """The back-end named, as the log writes it."""
+        return format_address(*self.server)
 
     def identity(self):
         """What a back-end connection opened for this answer stands for."""
-        return (str(self.backend), self.user, self.password)
+        return (self.server, self.user, self.password)
 
 
 def escape_auth_value(text):
@@ -2945,6 +3236,18 @@ def rfc2253(name):
         value = re.sub(r'([,+"\\<>;])', r"\\\1", value)
         return re.sub(r"^([ #])|( )$", r"\\\1\2", value)
     return ",".join("+".join(f"{RDN_NAMES.get(k, k)}={escape(v)}" for k, v in rdn) for rdn in reversed(name))
+
+
+def auth_ssl_headers(client, verify_client):
+    """nginx's Auth-SSL-* headers for client (ngx_mail_auth_http_module)."""
+    if not client.tls:
+        return {}
+    headers = {"Auth-SSL": "on", "Auth-SSL-Protocol": client.tls[0], "Auth-SSL-Cipher": client.tls[1]}
+    if verify_client != "off":
+        headers["Auth-SSL-Verify"] = "SUCCESS" if client.certificate else "NONE"
+        # Certificate names may hold any Unicode, even control characters.
+        headers.update({k: header_value(v) for k, v in (client.certificate or {}).items()})
+    return headers
 
 
 def client_certificate(sock):
@@ -3065,7 +3368,7 @@ class AuthService:
         global requests
         import requests
         self.url, self.timeout = cfg.auth_http, cfg.auth_http_timeout
-        self.extra_headers = cfg.auth_http_header
+        self.extra_headers, self.verify_client = cfg.auth_http_header, cfg.tls_verify_client
         host = urllib.parse.urlsplit(self.url).hostname     # Host without the port, as nginx
         self.host = f"[{host}]" if ":" in host else host     # RFC 3986 §3.2.2: an IPv6 literal in brackets
         # requests' transport adapter, given a prepared request: what a
@@ -3079,6 +3382,7 @@ class AuthService:
         self.transport = deadline_adapter()
 
     def request(self, headers):
+        """One GET with headers -> the answer's headers; raises AuthServiceError."""
         with self.lock:
             transport = self.idle.pop() if self.idle else self.transport()
         request, deadline = self.request_template.copy(), AnswerDeadline(self.timeout)
@@ -3103,19 +3407,18 @@ class AuthService:
             self.idle.append(transport)
         return response.headers
 
-    def lookup(self, session, method, user="", password="", salt=None, mail=None, rcpt=None):
-        """Ask about one client -> AuthAnswer; raises AuthServiceError."""
+    def lookup(self, client, attempt, method, user="", password="", salt=None, mail=None, rcpt=None):
+        """Ask about client, at its attempt-th lookup -> AuthAnswer; raises AuthServiceError."""
         headers = {"Host": self.host, "Auth-Method": method,
                    "Auth-User": escape_auth_value(user), "Auth-Pass": escape_auth_value(password)}
         if salt:
             headers["Auth-Salt"] = salt
-        headers.update({"Auth-Protocol": "smtp", "Auth-Login-Attempt": str(session.login_attempt),
-                        "Client-IP": session.peer_ip or UNAVAILABLE,
-                        "Client-Host": session.names.name if session.names else UNAVAILABLE})
+        headers.update({"Auth-Protocol": "smtp", "Auth-Login-Attempt": str(attempt),
+                        "Client-IP": client.ip or UNAVAILABLE, "Client-Host": client.looked_up()[0]})
         if method == "none":
-            headers.update({"Auth-SMTP-Helo": header_value(session.helo or ""),
+            headers.update({"Auth-SMTP-Helo": header_value(client.helo or ""),
                             "Auth-SMTP-From": header_value(mail or ""), "Auth-SMTP-To": header_value(rcpt or "")})
-        headers.update(session.tls_headers())
+        headers.update(auth_ssl_headers(client, self.verify_client))
         headers.update(self.extra_headers)
         for _ in range(AUTH_WAIT_ROUNDS):
             h = self.request(headers)
@@ -3140,7 +3443,7 @@ class AuthService:
             raise AuthServiceError(f"sent a bad Auth-Port {port!r}")
         if not is_host(host):
             raise AuthServiceError(f"sent a bad Auth-Server {host!r}")
-        return AuthAnswer(True, SMTPBackend(host, int(port)),     # a host name is resolved at connect
+        return AuthAnswer(True, (host, int(port)),     # a host name is resolved at connect
                           user=h.get("Auth-User") or None, password=h.get("Auth-Pass") or None)
 
 
@@ -3169,8 +3472,9 @@ RESTART_SETTINGS = [("listen", "listen"), ("tls_listen", "tls-listen"), ("user",
 
 
 class Setup:
-    """What one configuration builds for the sessions that start under it;
-    raises ConfigError naming the option (a bad certificate, say)."""
+    """What one configuration builds for the sessions that start under it: TLS
+    contexts, the auth service's client, the back-ends and their idle
+    connections; raises ConfigError naming the option (a bad certificate, say)."""
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -3179,13 +3483,25 @@ class Setup:
         self.backend_tls_context = (make_backend_tls(cfg.backend_tls_ca, cfg.backend_tls_verify)
                                     if cfg.backend_tls != "off" else None)
         self.auth_service = AuthService(cfg) if cfg.auth_http else None
+        self.pool = BackendPool()       # idle back-end connections (--no-xclient)
+        self.backends = [self.make_backend(spec) for spec in cfg.backend]
         # Names are looked up only where someone will read them.
         self.needs_names = cfg.resolve == "on" and bool(
-            cfg.auth_http or cfg.xclient and any(isinstance(b, SMTPBackend) for b in cfg.backend))
+            cfg.auth_http or cfg.xclient and any(spec.kind == "smtp" for spec in cfg.backend))
+
+    def make_backend(self, spec):
+        """A BackendSpec -> the back-end it names, under these settings."""
+        if spec.kind == "smtp":
+            return SMTPBackend(self, spec.host, spec.port)
+        return MaildirBackend(self, spec.path) if spec.kind == "maildir" else StdoutBackend(self)
+
+    def route_backend(self, answer):
+        """The back-end an auth service's answer names."""
+        return SMTPBackend(self, *answer.server)
 
     def create_backends(self, owner=None):
         """Make the Maildirs, owned by --user's entry `owner` if given; raises ConfigError."""
-        for backend in self.cfg.backend:
+        for backend in self.backends:
             try:
                 backend.create(owner)
             except OSError as e:
@@ -3208,25 +3524,9 @@ class Relay:
         # transactions (Channel.receive); it is never read, so it stays readable.
         self.stopping = threading.Event()
         self.stop_reader, self.stop_writer = os.pipe()
-        self.pool = BackendPool()       # idle back-end connections (--no-xclient)
         self.resolver = Resolver()      # the clients' names, from a few threads for all sessions
         self.stop_signal = None         # the signal that stops the relay, once one came
         self.balancer = Balancer()      # --balance and the back-ends' health
-
-    def event(self, name, level, message, **fields):
-        """Every log line worth counting: the text line, the JSON line's fields and the metrics."""
-        if self.metrics:
-            self.metrics.observe(name, fields)
-        if log.isEnabledFor(level):
-            log.log(level, message, extra={"event": name, "fields": fields})
-
-    def wants(self, level):
-        """Whether an event at `level` is logged or counted: where not, the busiest skip building it."""
-        return self.metrics is not None or log.isEnabledFor(level)
-
-    def stop(self):
-        self.stopping.set()
-        os.write(self.stop_writer, b"x")
 
     def begin_stop(self, signum):
         """SIGTERM or SIGINT: the one way the relay stops, daemon and --inetd alike.
@@ -3237,22 +3537,28 @@ class Relay:
             self.stop_signal = signum
             self.lock.notify_all()
         sd_notify("STOPPING=1", f"STATUS=stopping: {self.sessions} sessions to finish")
-        log.info("%s: stopping; messages in flight are finished first", signal.Signals(signum).name)
-        self.stop()
+        event("stopping", signal=signal.Signals(signum).name)
+        self.stopping.set()
+        os.write(self.stop_writer, b"x")
 
     def admit(self, ip):
-        """Count a new session in -> None, or the refusal (code, text) to send instead."""
+        """Admission, all of it: count a new session in -> None, or the refusal
+        (reply, reason) to send instead: --allow-from, --max-clients, --max-clients-per-ip."""
         cfg = self.setup.cfg
+        # A client with no IP address is trusted no more than a remote one: only the default admits it.
+        if cfg.allow_from and (ip is None or not any(ipaddress.ip_address(ip) in net for net in cfg.allow_from)):
+            return ACCESS_DENIED, "not in --allow-from"
         with self.lock:
             if self.sessions >= cfg.max_clients:
-                return 421, "4.3.2 Too many connections, try again later"
+                return TOO_MANY_CONNECTIONS, "%d %s" % TOO_MANY_CONNECTIONS
             if cfg.max_clients_per_ip and self.per_ip[ip] >= cfg.max_clients_per_ip:
-                return 421, "4.7.0 Too many connections from your address, try again later"
+                return TOO_MANY_FROM_ADDRESS, "%d %s" % TOO_MANY_FROM_ADDRESS
             self.sessions += 1
             self.per_ip[ip] += 1
         return None
 
     def release(self, ip):
+        """The session admitted for ip has ended."""
         with self.lock:
             self.sessions -= 1
             self.per_ip[ip] -= 1
@@ -3262,22 +3568,22 @@ class Relay:
 
     def reload(self):
         """SIGHUP: read the configuration again, as at start, for new sessions; a bad one keeps the old."""
-        old = self.setup.cfg
+        old = self.setup
         try:
-            cfg, _ = load_config(self.argv)
-            changed = [option for attr, option in RESTART_SETTINGS if restart_value(cfg, attr) != restart_value(old, attr)]
-            for attr, _ in RESTART_SETTINGS:
-                setattr(cfg, attr, getattr(old, attr))
+            cfg, _, _ = load_config(self.argv)
+            changed = [option for attr, option in RESTART_SETTINGS if restart_value(cfg, attr) != restart_value(old.cfg, attr)]
+            cfg = dataclasses.replace(cfg, **{attr: getattr(old.cfg, attr) for attr, _ in RESTART_SETTINGS})
             setup = Setup(cfg)
             setup.create_backends(cfg.user)
         except ConfigError as e:
-            log.error("SIGHUP: keeping the old configuration: %s", e)
+            event("reload_refused", reason=str(e))
             return
         if changed:
-            log.warning("SIGHUP: these settings need a restart and stay as they were: %s", ", ".join(changed))
+            event("reload_partial", settings=", ".join(changed))
         setup_logging(cfg)
         self.setup = setup
-        log.info("SIGHUP: configuration reloaded for new sessions")
+        old.pool.close()            # its idle connections were made under the old settings
+        event("reloaded")
 
     def connection_opened(self):
         """Count a connection in -> False where --max-clients plus REFUSING are being served
@@ -3301,6 +3607,7 @@ class Relay:
 
 
 def restart_value(cfg, attr):
+    """A RESTART_SETTINGS value, comparable across two reads."""
     value = getattr(cfg, attr)
     return value.pw_name if attr == "user" and value else value
 
@@ -3319,6 +3626,7 @@ class ProxyHeaderError(RelayError):
 
 
 def receive_exactly(wire, count, deadline):
+    """count bytes of the header; ProxyHeaderError where the connection ends first."""
     data = wire.read_exactly(count, deadline)
     if len(data) < count:
         raise ProxyHeaderError("connection closed inside the header")
@@ -3344,6 +3652,7 @@ def read_proxy_header(wire, timeout):
 
 
 def parse_proxy_v1(line):
+    """A v1 line without its CRLF -> (ip, port), or None for UNKNOWN; raises ProxyHeaderError."""
     words = line.split(" ")
     if len(words) >= 2 and words[1] == "UNKNOWN":
         return None
@@ -3361,6 +3670,8 @@ def parse_proxy_v1(line):
 
 
 def parse_proxy_v2(head, wire, deadline):
+    """The v2 header after its 16 bytes head, read from wire -> (ip, port), or None where
+    it names no TCP client; raises ProxyHeaderError."""
     if head[:12] != PROXY_V2_SIGNATURE:
         raise ProxyHeaderError("bad v2 signature")
     version, command, family = head[12] >> 4, head[12] & 0xF, head[13]
@@ -3386,39 +3697,42 @@ def serve_connection(relay, connection, peer, implicit_tls=False):
     setup, channel = relay.setup, None
     cfg, ip = setup.cfg, client_ip(peer)
     wire = connection if isinstance(connection, Wire) else Wire(connection, first_read=cfg.timeout)
-    if relay.wants(logging.DEBUG):
-        relay.event("connection", logging.DEBUG, f"connection from {peer_text(ip, peer)}", client=ip)
+    event("connection", peer=peer_text(ip, peer), client=ip)
     try:
         via = None
         if cfg.proxy_protocol:
             if ip is None or not any(ipaddress.ip_address(ip) in net for net in cfg.real_ip_from):
-                relay.event("refused", logging.WARNING,
-                            f"refused {ip or 'a client with no address'}: PROXY protocol from a peer outside "
-                            "--real-ip-from", client=ip)
+                event("refused", peer=ip or "a client with no address", client=ip,
+                      reason="PROXY protocol from a peer outside --real-ip-from")
                 return
             try:
                 real = read_proxy_header(wire, cfg.timeout)
             except TimeoutError:
-                relay.event("refused", logging.WARNING, f"{ip}: no PROXY header within {cfg.timeout:g}s", client=ip)
+                event("bad_proxy_header", peer=ip, client=ip, reason=f"no PROXY header within {cfg.timeout:g}s")
                 return
             except (ProxyHeaderError, OSError) as e:
-                relay.event("refused", logging.WARNING, f"{ip}: bad PROXY header: {e}", client=ip)
+                event("bad_proxy_header", peer=ip, client=ip, reason=f"bad PROXY header: {e}")
                 return
             if real:
                 via, peer, ip = peer, real, client_ip(real)
         refusal = relay.admit(ip)
         if refusal:
-            relay.event("refused", logging.WARNING, f"refused {ip or 'a client with no IP address'}: %d %s" % refusal,
-                        client=ip, reply="%d %s" % refusal)
+            reply, reason = refusal
+            event("refused", peer=ip or "a client with no IP address", client=ip, reason=reason,
+                  reply="%d %s" % reply)
             try:
-                wire.send(format_reply(*refusal), time.monotonic() + REFUSAL_TIMEOUT)
+                wire.send(format_reply(*reply), time.monotonic() + REFUSAL_TIMEOUT)
             except OSError:
                 pass
             return
         session = None
         try:
             channel = Channel(wire, cfg.timeout, relay.stop_reader)
-            session = Session(relay, setup, channel, peer, via, implicit_tls, ip)
+            # The client's names are looked up from the start, beside the greeting,
+            # where anyone will ask for them (XCLIENT, the auth service).
+            names = relay.resolver.lookup(ip, cfg.resolve_timeout) if setup.needs_names and ip else None
+            client = Client(secrets.token_hex(4), ip, peer[1] if ip else None, names)
+            session = Session(relay, channel, client, via, implicit_tls)
             session.run()
         finally:
             # The slot is free before the client sees the close (or the log
@@ -3440,6 +3754,8 @@ def serve_connection(relay, connection, peer, implicit_tls=False):
 
 
 class SessionHandler(socketserver.BaseRequestHandler):
+    """A listener's connection, served as every connection is."""
+
     def handle(self):
         serve_connection(self.server.relay, self.request, self.client_address, self.server.tls)
 
@@ -3491,7 +3807,7 @@ class RelayServer(Listener):
             if e.errno in LOCAL_ERRNOS:
                 # The connection waits in the backlog; without a pause the
                 # listener would spin on it until a descriptor frees up.
-                log.error("accept failed: %s; pausing new connections for %g s", e.strerror, ACCEPT_PAUSE)
+                event("accept_failed", reason=e.strerror, seconds=ACCEPT_PAUSE)
                 time.sleep(ACCEPT_PAUSE)
             raise
 
@@ -3500,37 +3816,38 @@ class RelayServer(Listener):
         it hears 421 from the listener now, not a silent close."""
         if not self.relay.connection_opened():
             ip = client_ip(client_address)
-            if self.relay.wants(logging.DEBUG):
-                self.relay.event("connection", logging.DEBUG, f"connection from {peer_text(ip, client_address)}",
-                                 client=ip)
-            self.relay.event("refused", logging.WARNING, f"refused {ip}: too many connections", client=ip,
-                             reply="421 4.3.2")
+            event("connection", peer=peer_text(ip, client_address), client=ip)
+            event("refused", peer=ip, client=ip, reason="too many connections", reply="%d %s" % TOO_MANY_CONNECTIONS)
             return self.refuse_at_once(request)
         try:
             super().process_request(request, client_address)
         except RuntimeError as e:
             self.relay.connection_closed()
-            log.error("no thread for a client from %s: %s", client_ip(client_address), e)
+            event("no_thread", client=client_ip(client_address), reason=str(e))
             self.refuse_at_once(request)
 
     def refuse_at_once(self, request):
+        """421 from the listener itself, never waiting for the client, then the close."""
         try:
             request.setblocking(False)
-            request.send(format_reply(421, "4.3.2 Too many connections, try again later"))
+            request.send(format_reply(*TOO_MANY_CONNECTIONS))
         except OSError:
             pass
         self.shutdown_request(request)
 
     def process_request_thread(self, request, client_address):
+        """The connection's thread, counted until its session's last log line."""
         try:
             super().process_request_thread(request, client_address)
         finally:
             self.relay.connection_closed()      # after the session's last log line: the drain waits for it
 
     def handle_error(self, request, client_address):
-        log.exception("error in session from %s", client_ip(client_address))
+        """A bug of ours: the traceback to the log, never to the client."""
+        event("crashed", exc_info=True, doing="in session", client=client_ip(client_address))
 
     def describe(self):
+        """For the log: the address, and whether TLS and inherited."""
         host, port = self.server_address[:2]
         notes = ["TLS"] * self.tls + ["inherited"] * self.inherited
         return format_address(host, port) + (f" ({', '.join(notes)})" if notes else "")
@@ -3591,7 +3908,7 @@ def drop_privileges(user):
         os.setuid(user.pw_uid)
     except OSError as e:
         raise ConfigError("--user", f"{user.pw_name}: cannot switch to it: {e.strerror}") from None
-    log.info("running as user %s (uid %d)", user.pw_name, user.pw_uid)
+    event("running_as_user", user=user.pw_name, uid=user.pw_uid)
 
 
 def sd_notify(*lines):
@@ -3606,7 +3923,7 @@ def sd_notify(*lines):
             s.connect(address)
             s.sendall("\n".join(lines).encode())
     except OSError as e:
-        log.warning("NOTIFY_SOCKET %s: %s", address.replace("\0", "@"), e.strerror or e)
+        event("notify_failed", address=address.replace("\0", "@"), reason=e.strerror or str(e))
 
 
 def watchdog_interval():
@@ -3618,7 +3935,7 @@ def watchdog_interval():
 
 
 class Metrics:
-    """--metrics: Prometheus counters fed by Relay.event, served over HTTP."""
+    """--metrics: Prometheus counters fed by the events they subscribe to, served over HTTP."""
 
     def __init__(self, relay, address):
         try:
@@ -3646,6 +3963,18 @@ class Metrics:
                                        ["outcome"], registry=registry)
         for outcome in ("accepted", "deferred", "refused"):
             self.recipients.labels(outcome)
+        outcomes = {"2": "delivered", "4": "deferred"}
+        counts = {
+            "connection": lambda f: self.sessions.inc(),
+            "message": lambda f: (self.messages.labels(outcomes.get(f["reply"][:1], "refused")).inc(),
+                                  self.message_bytes.inc(f["size"])),
+            "backend_down": lambda f: self.backend_errors.labels(f["backend"]).inc(),
+            "backend_untrusted": lambda f: self.backend_errors.labels(f["backend"]).inc(),
+            "auth_lookup": lambda f: (self.auth_lookups.labels(f["result"]).inc(), self.auth_seconds.observe(f["seconds"])),
+            "auth_service_failed": lambda f: (self.auth_lookups.labels("error").inc(),
+                                              self.auth_seconds.observe(f["seconds"])),
+            "recipient": lambda f: self.recipients.labels(f["outcome"]).inc(),
+        }
         from prometheus_client.exposition import generate_latest
         self.page = lambda: generate_latest(registry)
         host, port = address
@@ -3656,21 +3985,8 @@ class Metrics:
         threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.5}, name="metrics",
                          daemon=True).start()
         self.url = f"http://{format_address(host or '[::]', port)}/metrics"
-
-    def observe(self, name, fields):
-        if name == "connection":
-            self.sessions.inc()
-        elif name == "message":
-            code = fields["reply"][:1]
-            self.messages.labels({"2": "delivered", "4": "deferred"}.get(code, "refused")).inc()
-            self.message_bytes.inc(fields["size"])
-        elif name == "backend_down":
-            self.backend_errors.labels(fields["backend"]).inc()
-        elif name == "auth_lookup":
-            self.auth_lookups.labels(fields["result"]).inc()
-            self.auth_seconds.observe(fields["seconds"])
-        elif name == "recipient":
-            self.recipients.labels(fields["outcome"]).inc()
+        for name, count in counts.items():
+            SUBSCRIBERS[name].append(count)
 
 
 METRICS_REQUESTS = 8        # served at a time; more are closed at once
@@ -3687,6 +4003,7 @@ class MetricsServer(Listener):
         super().__init__(address, None)
 
     def process_request(self, request, client_address):
+        """A thread for the request while a slot is free; else it is closed at once."""
         if not self.slots.acquire(blocking=False):
             self.shutdown_request(request)      # METRICS_REQUESTS are being served: closed at once
             return
@@ -3697,13 +4014,15 @@ class MetricsServer(Listener):
             self.shutdown_request(request)
 
     def finish_request(self, request, client_address):
+        """Answer the request, and free its slot."""
         try:
             answer_metrics(Wire(request), self.metrics)
         finally:
             self.slots.release()
 
     def handle_error(self, request, client_address):
-        log.exception("error answering a metrics request from %s", client_address[0])
+        """A bug of ours: the traceback to the log."""
+        event("crashed", exc_info=True, doing="answering a metrics request", client=client_address[0])
 
 
 def answer_metrics(wire, metrics):
@@ -3739,7 +4058,7 @@ class JSONFormatter(logging.Formatter):
         entry = {"time": self.formatTime(record), "level": record.levelname.lower(), "message": record.getMessage()}
         if getattr(record, "event", None):
             entry["event"] = record.event
-            entry.update(record.fields)
+            entry.update((k, v) for k, v in record.fields.items() if not k.endswith("_note"))   # _note: text only
         if record.exc_info:
             entry["traceback"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
@@ -3787,6 +4106,7 @@ def log_handler(target):
 
 
 def setup_logging(cfg, handler=None):
+    """Log as cfg says, through handler (at start) or the handler in use (on SIGHUP)."""
     handler = handler or log.handlers[0]
     # A line that cannot be logged (syslog gone) is dropped; logging's own
     # report of it would go to stderr, which may be the client.
@@ -3803,6 +4123,7 @@ def setup_logging(cfg, handler=None):
 
 
 def status(relay):
+    """systemd's STATUS= line."""
     return f"STATUS={relay.sessions} sessions"
 
 
@@ -3838,8 +4159,8 @@ def take_signals(relay, inetd=False):
             sd_notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
             try:
                 relay.reload()
-            except BaseException:   # SystemExit too: this thread must live on, it alone can stop the relay
-                log.exception("SIGHUP: keeping the old configuration")
+            except BaseException as e:      # SystemExit too: this thread must live on, it alone can stop the relay
+                event("reload_refused", exc_info=True, reason=f"internal error: {type(e).__name__}")
             sd_notify("READY=1", status(relay))
 
 
@@ -3851,7 +4172,7 @@ def serve(relay, servers, client=None):
     for s in servers:
         threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.05}, name=f"listen {s.describe()}",
                          daemon=True).start()
-        log.info("listening on %s", s.describe())
+        event("listening", address=s.describe())
     if client:
         relay.connection_opened()
         try:
@@ -3871,10 +4192,10 @@ def serve(relay, servers, client=None):
     # units' TimeoutStopSec= allows): --data-timeout plus --timeout.
     cfg = relay.setup.cfg
     if not relay.wait_idle(cfg.data_timeout + cfg.timeout):
-        log.warning("stopping with %d sessions still open", relay.connections)
-    relay.pool.close()
+        event("drain_cut", sessions=relay.connections)
+    relay.setup.pool.close()
     if relay.stop_signal is not None:
-        log.info("stopped")
+        event("stopped")
     return 0
 
 
@@ -3917,17 +4238,16 @@ def load_lazy_modules():
 # --- 7. main() ---------------------------------------------------------------
 
 def probe(setup):
-    """--probe: connect to each static back-end, say what it offers, send nothing
-    beyond EHLO, STARTTLS and QUIT -> 0 if every back-end would be used, else 1."""
-    cfg = setup.cfg
-    backends = cfg.backend
+    """--probe: run the real handshake with each static back-end (with --auth-http: the
+    one the auth service names) for a client at PROBE_CLIENT, say what it offers, send
+    nothing beyond the handshake and QUIT -> 0 if every back-end would be used, else 1."""
+    cfg, backends = setup.cfg, setup.backends
+    client = Client("probe", PROBE_CLIENT, 0, helo=cfg.server_name, esmtp=True)
     if cfg.auth_http:
         # The auth service names the back-end per client: ask it once, as for a
         # loopback client that said EHLO with the relay's own name, and probe that.
-        asking = types.SimpleNamespace(login_attempt=1, peer_ip=PROBE_CLIENT, names=None, helo=cfg.server_name,
-                                       tls_headers=dict)
         try:
-            answer = setup.auth_service.lookup(asking, "none", mail="MAIL FROM:<>", rcpt="RCPT TO:<postmaster>")
+            answer = setup.auth_service.lookup(client, 1, "none", mail="MAIL FROM:<>", rcpt="RCPT TO:<postmaster>")
         except AuthServiceError as e:
             print(f"auth service {cfg.auth_http}: {e}")
             return 1
@@ -3935,10 +4255,10 @@ def probe(setup):
             print(f"auth service {cfg.auth_http}: refused a client at {PROBE_CLIENT}: {answer.text}")
             return 1
         print(f"auth service {cfg.auth_http}: for a client at {PROBE_CLIENT}, backend {answer.backend}")
-        backends = [answer.backend]
+        backends = [setup.route_backend(answer)]
     usable = True
     for backend in backends:
-        ok, lines = probe_backend(backend, setup)
+        ok, lines = probe_backend(backend, client)
         usable = usable and ok
         print(f"backend {backend}: {'would be used' if ok else 'would NOT be used'}")
         for line in lines:
@@ -3946,101 +4266,72 @@ def probe(setup):
     return 0 if usable else 1
 
 
-PROBE_CLIENT = "127.0.0.1"      # the client --probe asks the auth service about
+PROBE_CLIENT = "127.0.0.1"      # the client --probe stands for
 
 
-def probe_backend(backend, setup):
-    """One back-end for --probe -> (would it be used, [lines])."""
+def probe_backend(backend, client):
+    """One back-end for --probe: the handshake a session would run -> (would it be used, [lines])."""
     if not isinstance(backend, SMTPBackend):
         return True, ["built in: nothing to reach"]
-    cfg, lines, ok = setup.cfg, [], True
-    context, tls = setup.backend_tls_context, cfg.backend_tls
-    smtp = (smtplib.SMTP_SSL(context=context, timeout=cfg.proxy_timeout) if tls == "on"
-            else smtplib.SMTP(timeout=cfg.proxy_timeout))
-    smtp._host = backend.host       # for starttls()'s certificate check (only __init__ sets it)
+    cfg = backend.setup.cfg
+    connection = SMTPConnection(backend, client.sid)
     try:
-        try:
-            code, text = smtp.connect(backend.host, backend.port)
-        except (OSError, smtplib.SMTPException) as e:
-            reason = getattr(e, "verify_message", None) or getattr(e, "strerror", None) or e
-            return False, [f"not reachable: {printable(str(reason))}"]
-        lines.append(f"greeting: {code} {printable(text.decode('utf-8', 'replace'))}")
-        if code != 220:
-            return False, lines
-        code, _ = smtp.ehlo(cfg.server_name)
-        if code != 250:
-            return False, lines + [f"EHLO refused with {code}: no extensions, so no XCLIENT or TLS"]
-        if tls == "starttls":
-            if not smtp.has_extn("starttls"):
-                return False, lines + ["TLS: no STARTTLS offered, and --backend-tls starttls requires it"]
-            try:
-                smtp.starttls(context=context)
-            except (ssl.SSLError, OSError, smtplib.SMTPException) as e:
-                reason = getattr(e, "verify_message", None) or getattr(e, "reason", None) or e
-                return False, lines + [f"TLS: STARTTLS failed: {printable(str(reason))}"]
-            smtp.ehlo(cfg.server_name)
-        if tls == "off":
-            lines.append("TLS: off (--backend-tls off)" + (", STARTTLS offered" if smtp.has_extn("starttls") else ""))
-        else:
-            verified = (f"certificate verified for {backend.host}" if cfg.backend_tls_verify == "on"
-                        else "certificate NOT verified (--backend-tls-verify off)")
-            lines.append(f"TLS: {smtp.sock.version()}, {verified}")
-        if smtp.has_extn("xclient"):
-            attributes = smtp.esmtp_features["xclient"].strip()
-            if "ADDR" not in attributes.upper().split():
-                works = "without ADDR, so the back-end would still judge the relay's address"
-                if cfg.xclient:
-                    ok = False
-                    works += f": --xclient counts it as down; {XCLIENT_FIX}"
-            else:
-                works = "--xclient will work" if cfg.xclient else "not used (--no-xclient)"
-            lines.append(f"XCLIENT: offered ({attributes}): {works}")
-        elif cfg.xclient:
-            ok = False
-            lines.append(f"XCLIENT: not offered to this relay, so --xclient counts it as down: {XCLIENT_FIX}")
-        else:
-            lines.append("XCLIENT: not offered (--no-xclient: not needed)")
-        mechanisms = smtp.esmtp_features.get("auth", "").split()
-        lines.append(f"AUTH: {' '.join(mechanisms) or 'none offered'}")
-        if cfg.backend_auth and not {"PLAIN", "LOGIN"} & {m.upper() for m in mechanisms}:
-            ok = False
-            lines.append("AUTH: --backend-auth needs PLAIN or LOGIN, and neither is offered")
-        size = smtp.esmtp_features.get("size", "").strip()
-        if not smtp.has_extn("size"):
-            lines.append("SIZE: not offered")
-        elif size.isdigit() and int(size) and (not cfg.max_message_size or int(size) < cfg.max_message_size):
-            ours = f"below --max-message-size {cfg.max_message_size}" if cfg.max_message_size else \
-                "--max-message-size unlimited"
-            lines.append(f"SIZE: {size}, {ours}: EHLO will advertise {size}")
-        else:
-            lines.append(f"SIZE: {size or 'no limit given'}")
-        lines.append(f"PIPELINING: {'offered' if smtp.has_extn('pipelining') else 'not offered'}")
-        return ok, lines
-    finally:
-        try:
-            smtp.quit()
-        except (OSError, smtplib.SMTPException):
-            smtp.close()
+        connection.handshake(client, cfg.backend_auth)
+        failure = None
+    except (BackendDown, LocalFailure) as e:
+        failure = f"{e}: {XCLIENT_FIX}" if isinstance(e, BackendUntrusted) else str(e)
+    features = connection.esmtp_features       # before QUIT forgets them
+    connection.close(quit=True)
+    if not connection.greeting:
+        return False, [f"not reachable: {failure}"]
+    code, text = connection.greeting
+    lines = [f"greeting: {code} {printable(text.decode('utf-8', 'replace'))}"]
+    if cfg.backend_tls == "off":
+        lines.append("TLS: off (--backend-tls off)" + (", STARTTLS offered" if "starttls" in features else ""))
+    elif connection.tls_version:
+        verified = (f"certificate verified for {backend.host}" if cfg.backend_tls_verify == "on"
+                    else "certificate NOT verified (--backend-tls-verify off)")
+        lines.append(f"TLS: {connection.tls_version}, {verified}")
+    else:
+        lines.append(f"TLS: {'STARTTLS' if cfg.backend_tls == 'starttls' else 'implicit TLS'} failed: {failure}")
+    if "xclient" in features:
+        taken = "taken" if connection.xclient else "not used (--no-xclient)" if not cfg.xclient else "not taken"
+        lines.append(f"XCLIENT: offered ({features['xclient'].strip()}): {taken}")
+    else:
+        lines.append("XCLIENT: not offered" + ("" if cfg.xclient else " (--no-xclient: not needed)"))
+    lines.append(f"AUTH: {features.get('auth', '').strip() or 'none offered'}")
+    size = connection.size
+    if size and (not cfg.max_message_size or size < cfg.max_message_size):
+        ours = f"below --max-message-size {cfg.max_message_size}" if cfg.max_message_size else \
+            "--max-message-size unlimited"
+        lines.append(f"SIZE: {size}, {ours}: EHLO will advertise {size}")
+    else:
+        lines.append(f"SIZE: {features['size'].strip() or 'no limit given'}" if "size" in features else "SIZE: not offered")
+    lines.append(f"PIPELINING: {'offered' if 'pipelining' in features else 'not offered'}")
+    if failure:
+        lines.append(f"would NOT be used: {failure}")
+    return failure is None, lines
 
 
 def main(argv=None):
     """Run smtprelay -> exit status: 0 clean stop, 1 bad configuration, 2 usage."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        cfg, settings = load_config(argv)
+        cfg, settings, mode = load_config(argv)
         setup = Setup(cfg)
-        if cfg.check_config:
+        if mode == "check_config":
             print(settings)
             return 0
-        if cfg.probe:
+        if mode == "probe":
             return probe(setup)
         setup_logging(cfg, log_handler(cfg.log_target))
         connection = inetd_connection() if cfg.inetd else None
         if not cfg.xclient:
-            log.warning("--no-xclient: back-ends see the relay's own address, not the client's; they must "
-                        "not trust it for relaying (keep it out of Postfix's mynetworks)")
+            event("warning", text="--no-xclient: back-ends see the relay's own address, not the client's; they "
+                                  "must not trust it for relaying (keep it out of Postfix's mynetworks)")
         if cfg.backend_tls != "off" and cfg.backend_tls_verify == "off":
-            log.warning("--backend-tls-verify off: back-end certificates are not checked; for lab set-ups only")
+            event("warning", text="--backend-tls-verify off: back-end certificates are not checked; for lab "
+                                  "set-ups only")
         raise_open_files_limit()
         setup.create_backends(cfg.user)
         block_signals()         # before any thread starts: every thread keeps them out
@@ -4048,12 +4339,12 @@ def main(argv=None):
         servers = [] if cfg.inetd else make_servers(relay)
         if cfg.metrics:
             relay.metrics = Metrics(relay, cfg.metrics)
-            log.info("metrics on %s", relay.metrics.url)
+            event("metrics_listening", url=relay.metrics.url)
         if cfg.user:
             load_lazy_modules()
             drop_privileges(cfg.user)
         elif os.geteuid() == 0 and "INVOCATION_ID" not in os.environ and not cfg.inetd:
-            log.warning("running as root: give --user to drop privileges once the listeners are bound")
+            event("warning", text="running as root: give --user to drop privileges once the listeners are bound")
     except ConfigError as e:
         if stderr_is_the_client():
             log_config_error(e)
@@ -4070,8 +4361,8 @@ def log_config_error(error):
         handler = log_handler("stderr")
         handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
         log.handlers[:] = [handler]
-        log.error("%s", error)
-        os.write(1, format_reply(421, "4.3.5 Service not available: the relay is misconfigured"))
+        event("config_error", reason=str(error))
+        os.write(1, format_reply(*MISCONFIGURED))
     except (ConfigError, OSError):
         pass
 

@@ -2,9 +2,6 @@
 the PROXY protocol's v1 line (haproxy's proxy-protocol.txt), XCLIENT's arguments
 (Postfix's XCLIENT_README), certificate names (RFC 2253), folded header fields
 (RFC 5322 §2.2.3) and the quoting of stdout: frame lines (README)."""
-import ipaddress
-import types
-
 import pytest
 
 import smtprelay
@@ -40,8 +37,9 @@ def test_proxy_v1_refuses_a_malformed_line(line):
 # --- XCLIENT ------------------------------------------------------------------------------
 
 def client(ip="192.0.2.7", port=40001, helo="client.example", names=("mx.example", "mx.example"), esmtp=True):
-    return types.SimpleNamespace(peer_address=ipaddress.ip_address(ip) if ip else None, peer_port=port, helo=helo,
-                                 esmtp=esmtp, names=types.SimpleNamespace(get=lambda: names))
+    lookup = smtprelay.NameLookup(ip or "192.0.2.1", wanted_until=0)
+    lookup.found(names)
+    return smtprelay.Client("test", ip, port, smtprelay.ClientNames(lookup, deadline=0), helo, esmtp)
 
 
 def arguments(session, wanted=("ADDR", "PORT", "NAME", "REVERSE_NAME", "HELO", "PROTO", "LOGIN"), login=None):

@@ -1,4 +1,5 @@
-"""--probe: connect to each static back-end, say what it offers, exit 0 only if every one would be used."""
+"""--probe: run a session's handshake with each static back-end, say what it offers, exit 0 only if
+every one would be used."""
 from auth_fixtures import always, auth_service, ok  # noqa: F401  (fixtures)
 from helpers import free_port, run_relay, verbs
 from scripted_backend import DEFAULT_EXTENSIONS
@@ -18,7 +19,7 @@ def test_smtp_sink_would_be_used_with_no_xclient_and_the_report_names_what_it_of
     assert code == 0, out
     assert f"backend {sink.address}: would be used" in out
     assert "greeting: 220 " in out
-    assert "XCLIENT: offered (NAME HELO): without ADDR" in out
+    assert "XCLIENT: offered (NAME HELO): not used (--no-xclient)" in out
     assert "PIPELINING: offered" in out
     assert "TLS: off" in out
 
@@ -33,7 +34,7 @@ def test_a_back_end_without_xclient_would_not_be_used_and_the_report_says_why(sc
     assert code == 0, out
 
 
-def test_probe_sends_nothing_beyond_ehlo_and_quit_and_reports_size_below_ours(scripted_backend):
+def test_probe_runs_the_handshake_a_session_would_then_quits_and_reports_size_below_ours(scripted_backend):
     backend = scripted_backend(extensions=["PIPELINING", "SIZE 1000", "AUTH PLAIN", XCLIENT])
     code, out = probe("--backend", backend.address, "--max-message-size", "2000")
     assert code == 0, out
@@ -41,7 +42,7 @@ def test_probe_sends_nothing_beyond_ehlo_and_quit_and_reports_size_below_ours(sc
     assert "AUTH: PLAIN" in out
     [session] = backend.sessions
     assert session.closed.wait(5)
-    assert verbs(session) == [b"EHLO", b"QUIT"]
+    assert verbs(session) == [b"EHLO", b"XCLIENT", b"EHLO", b"QUIT"]     # for a client at 127.0.0.1, no mail
 
 
 def test_a_tls_back_end_with_a_certificate_from_another_ca_would_not_be_used(scripted_backend, tls):
@@ -53,7 +54,7 @@ def test_a_tls_back_end_with_a_certificate_from_another_ca_would_not_be_used(scr
     code, out = probe("--backend", backend.address, "--backend-tls", "starttls", "--backend-tls-ca", tls.ca_path)
     assert code == 0, out
     assert "certificate verified for 127.0.0.1" in out
-    assert verbs(backend.sessions[-1]) == [b"EHLO", b"STARTTLS", b"EHLO", b"QUIT"]
+    assert verbs(backend.sessions[-1]) == [b"EHLO", b"STARTTLS", b"EHLO", b"XCLIENT", b"EHLO", b"QUIT"]
 
 
 def test_a_closed_port_is_not_reachable_and_a_built_in_back_end_needs_nothing(tmp_path):
