@@ -20,12 +20,11 @@ import socketserver
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
-from helpers import free_port, stop_process, stopped_on_exit, wait_accepting
+from helpers import free_port, stop_process, stopped_on_exit, wait_accepting, wait_until
 from scripted_backend import ThreadingServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "contrib"))
@@ -207,9 +206,9 @@ http {{
             try:
                 if wait_accepting(self.proc, "127.0.0.1", self.port, timeout=10):
                     return
-            except TimeoutError as timeout:
+            except AssertionError as timeout:
                 self.stop()
-                raise AssertionError(f"nginx {timeout}:\n{self.error_log()}") from None
+                raise AssertionError(f"nginx: {timeout}:\n{self.error_log()}") from None
         raise AssertionError(f"nginx did not start:\n{self.error_log()}")
 
     def error_log(self):
@@ -218,15 +217,15 @@ http {{
 
     def wait_for_access_log(self, n, timeout=5):
         """The access log's lines once there are at least n (nginx writes each after answering)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            text = self.access_log_path.read_text() if self.access_log_path.exists() else ""
-            lines = text.splitlines()
-            if len(lines) >= n:
-                return lines
-            if time.monotonic() > deadline:
-                raise AssertionError(f"nginx logged {len(lines)} request(s), wanted {n}:\n{self.error_log()}")
-            time.sleep(0.01)    # nginx signals nothing: poll the file
+        lines = []
+
+        def enough():
+            lines[:] = self.access_log_path.read_text().splitlines() if self.access_log_path.exists() else []
+            return len(lines) >= n
+
+        # nginx signals nothing: poll the file
+        wait_until(enough, timeout, lambda: f"nginx logged {len(lines)} request(s), wanted {n}:\n{self.error_log()}")
+        return lines
 
     def stop(self):
         stop_process(self.proc, timeout=10)
