@@ -162,6 +162,14 @@ class LoggedProcess:
                                  f"(exit code: {self.proc.poll()}); last lines:\n{tail}")
         return match
 
+    def wait_for_count(self, pattern, n, timeout=10):
+        """Wait until `n` log lines (past and future) match `pattern`; AssertionError with the log tail if not."""
+        rx = re.compile(pattern)
+        if not self._wait_lines(lambda lines: sum(1 for line in lines if rx.search(line)) >= n, timeout):
+            tail = "\n".join(self.lines[-30:])
+            raise AssertionError(f"{self.name}: fewer than {n} log lines matching {pattern!r} within {timeout}s "
+                                 f"(exit code: {self.proc.poll()}); last lines:\n{tail}")
+
     def log_text(self):
         """All log lines so far, newline-joined."""
         with self._cond:
