@@ -54,12 +54,17 @@ class RunningAuthService:
     """auth_http_example's server answering with `policy`, serving until stop()."""
 
     def __init__(self, policy):
-        self.server = auth_http_example.make_server(("127.0.0.1", 0), policy)
+        self.server = self.make_server(policy)
         self.host, self.port = self.server.server_address[:2]
-        self.url = f"http://{self.host}:{self.port}/auth"
+        self.url = f"http://{f'[{self.host}]' if ':' in self.host else self.host}:{self.port}/auth"
         # A short poll interval only makes shutdown() quick; nothing waits on it.
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
+
+    @staticmethod
+    def make_server(policy):
+        """The server, not yet serving: on 127.0.0.1, a port of its own."""
+        return auth_http_example.make_server(("127.0.0.1", 0), policy)
 
     @property
     def requests(self):

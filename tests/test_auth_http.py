@@ -10,6 +10,7 @@ import base64
 import concurrent.futures
 import hashlib
 import hmac
+import http.server
 import re
 import smtplib
 import socket
@@ -19,7 +20,7 @@ import time
 
 import pytest
 
-from auth_fixtures import always, auth_service, nginx, ok, raw_listener  # noqa: F401  (fixtures)
+from auth_fixtures import RunningAuthService, always, auth_service, nginx, ok, raw_listener  # noqa: F401  (fixtures)
 from auth_http_example import AuthHandler, Policy      # contrib/, put on sys.path by auth_fixtures
 from helpers import (SMTPClient, assert_closed, b64, can_bind, free_port, greeted, run_relay, send_message,
                      session_id, session_lines, verbs, xclient_attributes)
@@ -772,35 +773,26 @@ def test_debug_log_holds_no_password_and_no_base64_of_auth_data(start, scripted_
 
 # --- The service on IPv6, its error codes, the DEL byte ---------------------------------------
 
-class V6AuthServer:
+class V6AuthService(RunningAuthService):
     """auth_http_example's handler on [::1]:<port 0>, answering with `policy`."""
 
-    def __init__(self, policy):
-        import http.server
-
+    @staticmethod
+    def make_server(policy):
         class Server(http.server.ThreadingHTTPServer):
             address_family = socket.AF_INET6
 
-        self.server = Server(("::1", 0), AuthHandler)
-        self.server.daemon_threads = True
-        self.server.policy, self.server.verbose = policy, False
-        self.server.requests, self.server.connections, self.server.lock = [], 0, threading.Lock()
-        self.port = self.server.server_address[1]
-        self.url = f"http://[::1]:{self.port}/auth"
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
-        self.thread.start()
-
-    def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
+        server = Server(("::1", 0), AuthHandler)
+        server.daemon_threads = True
+        server.policy, server.verbose = policy, False
+        server.requests, server.connections, server.lock = [], 0, threading.Lock()
+        return server
 
 
 def test_auth_http_on_ipv6_loopback_sends_host_in_brackets(relay, scripted_backend):
     if not can_bind("::1"):
         pytest.skip("this host has no IPv6 loopback (::1)")
     backend = scripted_backend()
-    service = V6AuthServer(always(*ok(backend)))
+    service = V6AuthService(always(*ok(backend)))
     try:
         r = relay("--auth-http", service.url, kill=True)
         client = greeted(r, ehlo=CLIENT_HELO)

@@ -169,7 +169,7 @@ def test_session_starts_over_after_starttls_forgetting_helo_and_mail(tls_relay, 
 
 def test_mail_right_after_starttls_waits_for_a_new_ehlo_and_the_helo_sent_in_clear_is_gone(tls_relay, backend, tls,
                                                                                               opened):
-    # RFC 3207 §4.2: the session starts over; the issue asks for a new EHLO.
+    # RFC 3207 §4.2: the session starts over; MAIL before a new EHLO gets 503.
     relay = tls_relay("--backend", backend.address, "--starttls", "on")
     client = greeted(relay)
     assert client.say("EHLO before.example").code == 250
