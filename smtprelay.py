@@ -3206,8 +3206,8 @@ class AuthAnswer:
 
     @property
     def backend(self):
-        """The back-end named, as the log writes it."""
-        return format_address(*self.server)
+        """The back-end named, as the log writes it; None for a refusal."""
+        return format_address(*self.server) if self.server else None
 
     def identity(self):
         """What a back-end connection opened for this answer stands for."""

@@ -20,12 +20,11 @@ import socketserver
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
-from helpers import free_port, stop_process, stopped_on_exit, wait_accepting
+from helpers import free_port, stop_process, stopped_on_exit, wait_accepting, wait_until
 from scripted_backend import ThreadingServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "contrib"))
@@ -55,12 +54,17 @@ class RunningAuthService:
     """auth_http_example's server answering with `policy`, serving until stop()."""
 
     def __init__(self, policy):
-        self.server = auth_http_example.make_server(("127.0.0.1", 0), policy)
+        self.server = self.make_server(policy)
         self.host, self.port = self.server.server_address[:2]
-        self.url = f"http://{self.host}:{self.port}/auth"
+        self.url = f"http://{f'[{self.host}]' if ':' in self.host else self.host}:{self.port}/auth"
         # A short poll interval only makes shutdown() quick; nothing waits on it.
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
+
+    @staticmethod
+    def make_server(policy):
+        """The server, not yet serving: on 127.0.0.1, a port of its own."""
+        return auth_http_example.make_server(("127.0.0.1", 0), policy)
 
     @property
     def requests(self):
@@ -207,9 +211,9 @@ http {{
             try:
                 if wait_accepting(self.proc, "127.0.0.1", self.port, timeout=10):
                     return
-            except TimeoutError as timeout:
+            except AssertionError as timeout:
                 self.stop()
-                raise AssertionError(f"nginx {timeout}:\n{self.error_log()}") from None
+                raise AssertionError(f"nginx: {timeout}:\n{self.error_log()}") from None
         raise AssertionError(f"nginx did not start:\n{self.error_log()}")
 
     def error_log(self):
@@ -218,15 +222,15 @@ http {{
 
     def wait_for_access_log(self, n, timeout=5):
         """The access log's lines once there are at least n (nginx writes each after answering)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            text = self.access_log_path.read_text() if self.access_log_path.exists() else ""
-            lines = text.splitlines()
-            if len(lines) >= n:
-                return lines
-            if time.monotonic() > deadline:
-                raise AssertionError(f"nginx logged {len(lines)} request(s), wanted {n}:\n{self.error_log()}")
-            time.sleep(0.01)    # nginx signals nothing: poll the file
+        lines = []
+
+        def enough():
+            lines[:] = self.access_log_path.read_text().splitlines() if self.access_log_path.exists() else []
+            return len(lines) >= n
+
+        # nginx signals nothing: poll the file
+        wait_until(enough, timeout, lambda: f"nginx logged {len(lines)} request(s), wanted {n}:\n{self.error_log()}")
+        return lines
 
     def stop(self):
         stop_process(self.proc, timeout=10)

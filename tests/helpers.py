@@ -1,8 +1,10 @@
 """Real processes for the tests (the relay under test, Postfix's smtp-sink) and what talks to them.
 
-The fixtures in conftest.py wrap the processes; `run_relay` is used directly
-by tests. SMTPClient is the raw-socket SMTP client of every test file; the
-small functions after it are what several test files share.
+The fixtures in conftest.py wrap the processes; `run_relay` (a run to
+completion) is used directly by tests. `wait_until` is the one way a
+test polls for a condition. SMTPClient is the raw-socket SMTP client of
+every test file; the small functions after it are what several test files
+share.
 """
 import base64
 import contextlib
@@ -25,7 +27,25 @@ import pytest
 
 RELAY = Path(__file__).resolve().parent.parent / "smtprelay.py"
 SMTP_SINK = "/usr/sbin/smtp-sink"
+# A host name of exactly 255 octets (RFC 5321 §4.5.3.1.2's limit), in labels of 63.
+HOST_255 = ".".join(["a" * 63] * 3 + ["b" * 63])
 LISTENING = re.compile(r"listening on (?:\[(?P<v6>[^\]]+)\]|(?P<v4>[^\s:\[\]]+)):(?P<port>\d+)")
+
+
+def wait_until(condition, timeout=5, what="the condition"):
+    """Poll condition() until it is truthy -> its value; fail the test naming `what` after `timeout` s.
+
+    `what` says what was waited for (a callable giving that text is called at
+    the timeout, e.g. to show a log as it is then). For what signals nothing
+    (a file, /proc, a gauge, a port); an event that can be awaited (a log
+    line, a reply, a back-end's message) is awaited instead.
+    """
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what() if callable(what) else what}: not within {timeout}s")
+        time.sleep(0.01)        # the poll interval
+    return value
 
 
 def listeners_in(lines):
@@ -47,33 +67,47 @@ def stop_process(proc, sig=signal.SIGTERM, timeout=10):
 
 
 def relay_env(extra=None):
-    """os.environ without SMTPRELAY_* variables, updated with `extra`."""
+    """os.environ without SMTPRELAY_* variables, updated with `extra` (a value None removes the variable)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SMTPRELAY_")}
     env.update(extra or {})
-    return env
+    return {k: v for k, v in env.items() if v is not None}
 
 
-def relay_argv(config_path, listen, args):
-    """The relay's command line: python smtprelay.py -c CONFIG [--listen LISTEN] *args."""
-    argv = [sys.executable, str(RELAY), "-c", str(config_path)]
+def relay_command(constants=None):
+    """The command that runs the relay: python smtprelay.py, as its __main__ does.
+
+    With `constants` ({name: value}) it is python -c, which imports the module,
+    sets each module attribute (e.g. BACKEND_HOLD_OFF) and runs main(argv):
+    a module constant made short for a test, the module itself unchanged.
+    """
+    if not constants:
+        return [sys.executable, str(RELAY)]
+    settings = "".join(f"smtprelay.{name} = {value!r}; " for name, value in constants.items())
+    return [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(RELAY.parent)!r}); import smtprelay; "
+                                  f"{settings}sys.exit(smtprelay.main(sys.argv[1:]))"]
+
+
+def relay_argv(config_path, listen, args, constants=None):
+    """The relay's command line: relay_command(constants) -c CONFIG [--listen LISTEN] *args."""
+    argv = [*relay_command(constants), "-c", str(config_path)]
     if listen is not None:
         argv += ["--listen", listen]
     return argv + [str(a) for a in args]
 
 
-def run_relay(*args, env=None, config=None, listen=None, timeout=20):
-    """Run the relay to completion (for --check-config and bad-config tests).
+def run_relay(*args, env=None, config=None, listen=None, timeout=20, text=True, wrapper=()):
+    """Run the relay to completion (--check-config, --probe, bad configurations, --inetd on /dev/null).
 
     `config` is the config file's text (default: an empty file); `listen` adds
     `--listen LISTEN` before `args` (default: not added); `env` is added to the
-    cleaned environment. Returns the CompletedProcess with text stdout/stderr.
+    cleaned environment; `wrapper` goes before the relay's command line.
+    Returns the CompletedProcess with stdout/stderr (text unless text=False).
     """
     with tempfile.TemporaryDirectory(prefix="smtprelay-") as tmp:
         config_path = Path(tmp, "smtprelay.conf")
         config_path.write_text(config or "")
-        return subprocess.run(relay_argv(config_path, listen, args), env=relay_env(env),
-                              stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                              timeout=timeout)
+        return subprocess.run([*map(str, wrapper), *relay_argv(config_path, listen, args)], env=relay_env(env),
+                              stdin=subprocess.DEVNULL, capture_output=True, text=text, timeout=timeout)
 
 
 class LoggedProcess:
@@ -127,6 +161,14 @@ class LoggedProcess:
             raise AssertionError(f"{self.name}: no log line matching {rx.pattern!r} within {timeout}s "
                                  f"(exit code: {self.proc.poll()}); last lines:\n{tail}")
         return match
+
+    def wait_for_count(self, pattern, n, timeout=10):
+        """Wait until `n` log lines (past and future) match `pattern`; AssertionError with the log tail if not."""
+        rx = re.compile(pattern)
+        if not self._wait_lines(lambda lines: sum(1 for line in lines if rx.search(line)) >= n, timeout):
+            tail = "\n".join(self.lines[-30:])
+            raise AssertionError(f"{self.name}: fewer than {n} log lines matching {pattern!r} within {timeout}s "
+                                 f"(exit code: {self.proc.poll()}); last lines:\n{tail}")
 
     def log_text(self):
         """All log lines so far, newline-joined."""
@@ -262,22 +304,17 @@ def wait_accepting(proc, host, port, timeout):
     """Wait until host:port accepts a TCP connection or the process `proc` exits.
 
     Returns True once a connection was accepted while `proc` still runs, False
-    once `proc` has exited (e.g. the port was taken). Raises TimeoutError
-    ("did not accept connections within ...") after `timeout` seconds of neither.
+    once `proc` has exited (e.g. the port was taken). Raises AssertionError
+    ("... accepting connections: not within ...") after `timeout` seconds of neither.
     """
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def accepting_or_exited():
         try:
             socket.create_connection((host, port), timeout=1).close()
-            return proc.poll() is None
+            return "running" if proc.poll() is None else "exited"
         except ConnectionRefusedError:
-            pass
-        try:
-            proc.wait(timeout=0.01)  # doubles as the poll interval
-            return False
-        except subprocess.TimeoutExpired:
-            pass
-    raise TimeoutError(f"did not accept connections within {timeout}s")
+            return "exited" if proc.poll() is not None else None
+
+    return wait_until(accepting_or_exited, timeout, f"{host}:{port} accepting connections") == "running"
 
 
 @contextlib.contextmanager
@@ -294,29 +331,6 @@ def stopped_on_exit(make):
             return made
 
         yield start
-
-
-@contextlib.contextmanager
-def killed_on_exit(relay, *options):
-    """A factory over the `relay` fixture's: yields start(*more, listen="127.0.0.1:0") -> RelayProcess.
-
-    start() runs relay(*options, *more, listen=listen). When the with block
-    ends, each relay started has its clients closed and is SIGKILLed: a
-    graceful stop waits for sessions in flight, which sockets a test left
-    open (TLS ones too) would hold up.
-    """
-    started = []
-
-    def start(*more, listen="127.0.0.1:0"):
-        started.append(relay(*options, *more, listen=listen))
-        return started[-1]
-
-    try:
-        yield start
-    finally:
-        for process in started:
-            process.close_clients()
-            process.stop(signal.SIGKILL)
 
 
 class SmtpSink:
@@ -356,9 +370,9 @@ class SmtpSink:
             try:
                 if wait_accepting(self.proc, self.host, self.port, timeout=5):
                     return
-            except TimeoutError as timeout:
+            except AssertionError as timeout:
                 self.stop()
-                raise AssertionError(f"smtp-sink {timeout}:\n{self.log()}") from None
+                raise AssertionError(f"smtp-sink: {timeout}:\n{self.log()}") from None
         self.stop()
         raise AssertionError(f"smtp-sink did not start:\n{self.log()}")
 
@@ -397,11 +411,14 @@ class SmtpSink:
 
     def wait_for_messages(self, n, timeout=5):
         """All completed messages once there are at least `n`; AssertionError after `timeout` s."""
-        deadline = time.monotonic() + timeout
-        while len(found := self.messages()) < n:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"smtp-sink has {len(found)} message(s), wanted {n}; log:\n{self.log()}")
-            time.sleep(0.01)  # smtp-sink signals nothing: poll the dump directory
+        found = []
+
+        def enough():
+            found[:] = self.messages()
+            return len(found) >= n
+
+        # smtp-sink signals nothing: poll the dump directory
+        wait_until(enough, timeout, lambda: f"{len(found)} message(s) at smtp-sink, wanted {n}; log:\n{self.log()}")
         return found
 
     def stop(self):
@@ -555,7 +572,37 @@ def send_message(client, body, sender="a@example.org", recipient="b@example.net"
     return client.reply()
 
 
+def send_data(client, body):
+    """DATA answered 354, then `body` (already dot-stuffed) and ".\r\n" -> the Reply to the end of data."""
+    assert client.say("DATA").code == 354
+    client.send(body + b".\r\n")
+    return client.reply()
+
+
+def assert_closed(client):
+    """The relay sends no more replies and closes the connection."""
+    assert client.replies_until_closed() == []
+
+
 # --- What several test files ask of a back-end session, the log, the auth service ------
+
+def backend_args(*backends):
+    """--backend ADDRESS for each back-end (with an .address, or a "HOST:PORT" string), in order."""
+    return [a for b in backends for a in ("--backend", getattr(b, "address", b))]
+
+
+def matching_lines(relay, pattern):
+    """The relay's log lines so far in which `pattern` (a regex) is found."""
+    rx = re.compile(pattern)
+    return [line for line in relay.log_text().splitlines() if rx.search(line)]
+
+
+def blocked_signals(pid, tid):
+    """The signals thread `tid` of process `pid` blocks (SigBlk in its status)."""
+    with open(f"/proc/{pid}/task/{tid}/status") as status:
+        mask = int(next(line for line in status if line.startswith("SigBlk:")).split()[1], 16)
+    return {sig for sig in signal.Signals if mask >> (sig - 1) & 1}
+
 
 def verbs(session):
     """The verbs a back-end session received, upper-cased, in order."""

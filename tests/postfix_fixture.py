@@ -46,6 +46,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import wait_until
+
 POSTFIX = "/usr/sbin/postfix"
 POSTQUEUE = "/usr/sbin/postqueue"
 HOSTNAME = "backend.test"
@@ -234,22 +236,28 @@ class Postfix:
 
     def _wait_greeting(self, deadline):
         """Until smtpd answers 220 on the port (a connection, its greeting read, QUIT)."""
-        last = None
-        while time.monotonic() < deadline:
+        last = []
+
+        def greeted_or_exited():
             try:
                 with socket.create_connection((self.host, self.port), timeout=max(0.1, deadline - time.monotonic())) as s:
                     s.settimeout(max(0.1, deadline - time.monotonic()))
                     greeting = s.makefile("rb").readline()
                     if greeting.startswith(b"220 "):
                         s.sendall(b"QUIT\r\n")
-                        return
-                    last = greeting
+                        return "greeted"
+                    last[:] = [greeting]
             except (ConnectionRefusedError, ConnectionResetError, socket.timeout) as e:
-                last = e
-            if self.proc.poll() is not None:   # every Postfix process has exited
-                break
-            time.sleep(0.02)                    # poll interval, bounded by the deadline
-        raise PostfixError(f"Postfix on {self.address} did not greet ({last!r}); maillog:\n{self.log_text()}")
+                last[:] = [e]
+            return "exited" if self.proc.poll() is not None else None     # every Postfix process has exited
+
+        try:
+            if wait_until(greeted_or_exited, max(0.0, deadline - time.monotonic()), "smtpd's greeting") == "greeted":
+                return
+        except AssertionError:
+            pass
+        raise PostfixError(f"Postfix on {self.address} did not greet ({last[0] if last else None!r}); "
+                           f"maillog:\n{self.log_text()}")
 
     def _wait_stopped(self, timeout):
         """Wait for the reaper, i.e. for master and all its children, to exit -> True if they did."""
@@ -301,16 +309,14 @@ class Postfix:
         postlogd signals nothing, so the file is polled every 10 ms.
         """
         rx = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        while True:
-            lines = self.log_lines()
-            for line in lines[since:]:
-                if m := rx.search(line):
-                    return m
-            if time.monotonic() > deadline:
-                tail = "\n".join(lines[-30:])
-                raise AssertionError(f"no maillog line matching {rx.pattern!r} within {timeout}s; last lines:\n{tail}")
-            time.sleep(0.01)
+        lines = []
+
+        def found():
+            lines[:] = self.log_lines()
+            return next((m for m in map(rx.search, lines[since:]) if m), None)
+
+        return wait_until(found, timeout, lambda: f"a maillog line matching {rx.pattern!r}; last lines:\n"
+                                                   + "\n".join(lines[-30:]))
 
     def log_matches(self, pattern, since=0):
         """Every re.search match of `pattern` in maillog lines from `since` on, now."""
@@ -332,12 +338,14 @@ class Postfix:
 
     def wait_for_queue(self, n, timeout=5):
         """The queue once it holds at least `n` messages; AssertionError after `timeout` s."""
-        deadline = time.monotonic() + timeout
-        while len(found := self.queue()) < n:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"Postfix queue has {len(found)} message(s), wanted {n}; maillog:\n"
-                                     f"{self.log_text()}")
-            time.sleep(0.02)
+        found = []
+
+        def enough():
+            found[:] = self.queue()
+            return len(found) >= n
+
+        wait_until(enough, timeout, lambda: f"Postfix queue has {len(found)} message(s), wanted {n}; maillog:\n"
+                                            f"{self.log_text()}")
         return found
 
     def client_of(self, queue_id):

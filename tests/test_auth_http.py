@@ -10,21 +10,24 @@ import base64
 import concurrent.futures
 import hashlib
 import hmac
+import http.server
 import re
 import smtplib
+import socket
 import subprocess
 import threading
 import time
 
 import pytest
 
-from auth_fixtures import always, auth_service, nginx, ok, raw_listener  # noqa: F401  (fixtures)
-from auth_http_example import Policy      # contrib/, put on sys.path by auth_fixtures
-from helpers import (SMTPClient, b64, can_bind, free_port, greeted, killed_on_exit, run_relay, send_message,
+from auth_fixtures import RunningAuthService, always, auth_service, nginx, ok, raw_listener  # noqa: F401  (fixtures)
+from auth_http_example import AuthHandler, Policy      # contrib/, put on sys.path by auth_fixtures
+from helpers import (SMTPClient, assert_closed, b64, can_bind, free_port, greeted, run_relay, send_message,
                      session_id, session_lines, verbs, xclient_attributes)
 from scripted_backend import DEFAULT_EXTENSIONS
 
 SERVER_NAME = "mx.test"
+CLIENT_HELO = "client.example"
 BODY = b"Subject: auth_http test\r\n\r\nHello.\r\n"
 USERS = {"alice": "Alice-Secret-7"}
 
@@ -64,22 +67,15 @@ def auth_headers(method, user, password, salt=None):
 # --- Starting things -----------------------------------------------------------------------
 
 @pytest.fixture
-def smtprelay(relay):
-    """The `relay` fixture's factory, its relays killed at teardown.
+def start(relay, auth_service):
+    """start(policy, *options, listen=...) -> (relay, service): the relay, named mx.test, asking `service`.
 
-    A graceful stop waits for sessions in flight and is test_config.py's and
-    test_trust.py's subject, not this file's; SIGKILL keeps this file fast.
-    """
-    with killed_on_exit(relay) as start:
-        yield start
-
-
-@pytest.fixture
-def start(smtprelay, auth_service):
-    """start(policy, *options, listen=...) -> (relay, service): the relay, named mx.test, asking `service`."""
+    Its relays are killed at teardown: stopping is test_stop.py's subject, and
+    SIGKILL keeps this file fast."""
     def start(policy, *options, listen="127.0.0.1:0"):
         service = auth_service(policy)
-        return smtprelay("--server-name", SERVER_NAME, "--auth-http", service.url, *options, listen=listen), service
+        return relay("--server-name", SERVER_NAME, "--auth-http", service.url, *options, listen=listen,
+                     kill=True), service
     return start
 
 
@@ -243,35 +239,35 @@ def test_bad_auth_port_gets_451_and_the_session_goes_on(start):
     assert len(service.requests) == len(ports)
 
 
-def test_service_that_is_down_gets_451_and_one_log_line_saying_why(smtprelay):
+def test_service_that_is_down_gets_451_and_one_log_line_saying_why(relay):
     url = f"http://127.0.0.1:{free_port()}/auth"
-    relay = smtprelay("--server-name", SERVER_NAME, "--auth-http", url)
-    client = greeted(relay)
+    r = relay("--server-name", SERVER_NAME, "--auth-http", url, kill=True)
+    client = greeted(r)
     assert client.say("MAIL FROM:<a@example.org>").code == 250
     assert client.say("RCPT TO:<b@example.net>").text.startswith("451 4.3.2")
     assert client.say("QUIT").code == 221
-    wait_for_session_end(relay, client)
-    [line] = [line for line in relay.log_text().splitlines() if "auth service" in line]
+    wait_for_session_end(r, client)
+    [line] = [line for line in r.log_text().splitlines() if "auth service" in line]
     assert url in line and "refused" in line.lower()
 
 
-def test_service_that_never_answers_gets_451_after_auth_http_timeout(smtprelay, raw_listener):
+def test_service_that_never_answers_gets_451_after_auth_http_timeout(relay, raw_listener):
     hung = raw_listener(None)
-    relay = smtprelay("--server-name", SERVER_NAME, "--auth-http", hung.url, "--auth-http-timeout", "1")
-    client = greeted(relay)
+    r = relay("--server-name", SERVER_NAME, "--auth-http", hung.url, "--auth-http-timeout", "1", kill=True)
+    client = greeted(r)
     assert client.say("MAIL FROM:<a@example.org>").code == 250
     began = time.monotonic()
     assert client.say("RCPT TO:<b@example.net>").text.startswith("451 4.3.2")
     assert 0.95 <= time.monotonic() - began < 30
     assert len(hung.heads) == 1
-    assert "timed out" in relay.wait_for_log("auth service .*").group()
+    assert "timed out" in r.wait_for_log("auth service .*").group()
     assert client.say("QUIT").code == 221
 
 
-def test_service_answering_nonsense_gets_451(smtprelay, raw_listener):
+def test_service_answering_nonsense_gets_451(relay, raw_listener):
     garbage = raw_listener(b"SSH-2.0-OpenSSH_9.2\r\nthis is no HTTP\r\n\r\n")
-    relay = smtprelay("--server-name", SERVER_NAME, "--auth-http", garbage.url)
-    client = greeted(relay)
+    r = relay("--server-name", SERVER_NAME, "--auth-http", garbage.url, kill=True)
+    client = greeted(r)
     assert client.say("MAIL FROM:<a@example.org>").code == 250
     assert client.say("RCPT TO:<b@example.net>").text.startswith("451 4.3.2")
     assert len(garbage.heads) == 1
@@ -775,14 +771,72 @@ def test_debug_log_holds_no_password_and_no_base64_of_auth_data(start, scripted_
             assert shown not in log
 
 
+# --- The service on IPv6, its error codes, the DEL byte ---------------------------------------
+
+class V6AuthService(RunningAuthService):
+    """auth_http_example's handler on [::1]:<port 0>, answering with `policy`."""
+
+    @staticmethod
+    def make_server(policy):
+        class Server(http.server.ThreadingHTTPServer):
+            address_family = socket.AF_INET6
+
+        server = Server(("::1", 0), AuthHandler)
+        server.daemon_threads = True
+        server.policy, server.verbose = policy, False
+        server.requests, server.connections, server.lock = [], 0, threading.Lock()
+        return server
+
+
+def test_auth_http_on_ipv6_loopback_sends_host_in_brackets(relay, scripted_backend):
+    if not can_bind("::1"):
+        pytest.skip("this host has no IPv6 loopback (::1)")
+    backend = scripted_backend()
+    service = V6AuthService(always(*ok(backend)))
+    try:
+        r = relay("--auth-http", service.url, kill=True)
+        client = greeted(r, ehlo=CLIENT_HELO)
+        assert send_message(client, BODY).code == 250
+        with service.server.lock:
+            [request] = service.server.requests
+        assert dict(request)["Host"] == "[::1]"
+    finally:
+        service.stop()
+
+
+@pytest.mark.parametrize("where", ["RCPT", "AUTH"])
+def test_auth_error_code_421_gives_that_reply_and_closes_the_session(relay, auth_service, where):
+    service = auth_service(always(("Auth-Status", "Try later"), ("Auth-Error-Code", "421 4.7.0")))
+    r = relay("--auth-http", service.url, *(["--auth", "none,plain"] if where == "AUTH" else []), kill=True)
+    client = greeted(r, ehlo=CLIENT_HELO)
+    if where == "AUTH":
+        reply = client.say("AUTH PLAIN " + b64("\0alice\0secret"))
+    else:
+        assert client.say("MAIL FROM:<a@example.org>").code == 250
+        reply = client.say("RCPT TO:<b@example.net>")
+    assert reply.text == "421 4.7.0 Try later"
+    assert_closed(client)
+
+
+def test_del_in_the_auth_user_and_password_is_sent_as_percent_7f(relay, scripted_backend, auth_service):
+    backend = scripted_backend()
+    service = auth_service(always(*ok(backend)))
+    r = relay("--auth-http", service.url, "--auth", "plain", kill=True)
+    client = greeted(r, ehlo=CLIENT_HELO)
+    assert client.say("AUTH PLAIN " + b64("\0al\x7fice\0se\x7fcret")).code == 235
+    [request] = service.requests
+    assert (dict(request)["Auth-User"], dict(request)["Auth-Pass"]) == ("al%7Fice", "se%7Fcret")
+
+
 # --- A real nginx as the auth service ----------------------------------------------------------
 
-def test_relay_delivers_where_a_real_nginx_auth_http_answer_says(smtprelay, nginx, smtp_sink):
+def test_relay_delivers_where_a_real_nginx_auth_http_answer_says(relay, nginx, smtp_sink):
     sink = smtp_sink()
     server = nginx("location = /auth { add_header Auth-Status OK; add_header Auth-Server 127.0.0.1; "
                    f"add_header Auth-Port {sink.port}; return 204; }}")
-    relay = smtprelay("--server-name", SERVER_NAME, "--auth-http", server.url, "--no-xclient")    # no ADDR in its XCLIENT
-    client = greeted(relay)
+    r = relay("--server-name", SERVER_NAME, "--auth-http", server.url, "--no-xclient",     # no ADDR in its XCLIENT
+              kill=True)
+    client = greeted(r)
     assert client.say("EHLO client.example").code == 250
     assert send_message(client, BODY).code == 250
     [message] = sink.wait_for_messages(1)

@@ -1,5 +1,7 @@
-"""What the relay takes from a back-end and passes on: replies only in step, XCLIENT only with ADDR,
-no control characters toward the auth service, and a lone back-end taken back as soon as it answers.
+"""What the relay takes from a back-end and passes on: replies only in step, XCLIENT fails closed (only
+with ADDR, a back-end without it or refusing it is down, never sent mail) and carries what fits
+Postfix's limits, no control characters toward the auth service, and a lone back-end taken back as
+soon as it answers.
 
 Real processes and sockets throughout: the relay as a subprocess, ScriptedBackend
 (which can send a reply nobody asked for in the same write as an honest one),
@@ -15,14 +17,21 @@ import time
 
 import pytest
 
-from auth_fixtures import raw_listener  # noqa: F401  (fixture)
-from helpers import greeted, run_relay, session_id, verbs
+from auth_fixtures import always, auth_service, ok, raw_listener  # noqa: F401  (fixtures)
+from helpers import (HOST_255, b64, backend_args, greeted, matching_lines, run_relay, send_message, session_id, verbs,
+                     xclient_attributes)
 from scripted_backend import ThreadingServer
 
 SENDER, RECIPIENT = "a@example.org", "b@example.net"
 FIRST_BODY = b"Subject: first\r\n\r\nThe back-end says 554 to this one.\r\n"
 SECOND_BODY = b"Subject: second\r\n\r\nThis one goes through.\r\n"
 MAIL_REPLY = "250 2.1.0 Sender ok"          # what the scripted back-end answers MAIL, and only MAIL
+CLIENT_HELO = "client.example"
+BODY = b"Subject: trust\r\n\r\nhello\r\n"
+NO_SERVER = "451 4.4.1"
+XCLIENT_ORDER = ["ADDR", "PORT", "NAME", "REVERSE_NAME", "HELO", "PROTO", "LOGIN"]
+NO_XCLIENT = ["PIPELINING", "SIZE 100000000", "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8"]
+ALL_XCLIENT = NO_XCLIENT + ["XCLIENT ADDR PORT NAME REVERSE_NAME HELO PROTO LOGIN"]
 
 
 # --- A back-end that comes up late -------------------------------------------------
@@ -176,6 +185,158 @@ def test_one_reply_too_many_after_mail_is_never_the_answer_to_rcpt(relay, script
     assert 451 in (mail.code, rcpt.code), f"MAIL got {mail}, RCPT got {rcpt}"
     backend.wait_for_sessions_closed(1, timeout=10)
     assert client.say("QUIT").code == 221
+
+
+# --- XCLIENT fails closed ----------------------------------------------------------------
+
+def test_backend_without_xclient_is_down_mail_gets_451_4_4_1_and_never_reaches_it(relay, scripted_backend):
+    backend = scripted_backend(extensions=NO_XCLIENT)
+    r = relay(*backend_args(backend), kill=True)
+    client = greeted(r, ehlo=CLIENT_HELO)
+    text = client.say("MAIL FROM:<a@example.org>").text
+    assert text.startswith(NO_SERVER + " "), text
+    assert client.say("NOOP").code == 250          # the session goes on
+    line = r.wait_for_log(r" ERROR .*does not offer XCLIENT").string
+    assert "smtpd_authorized_xclient_hosts" in line
+    assert backend.connections == 1
+    assert not {b"MAIL", b"RCPT", b"DATA"} & set(verbs(backend.sessions[0]))
+    assert backend.delivered == []
+
+
+def test_backend_without_xclient_is_skipped_and_the_next_one_gets_the_mail(relay, scripted_backend):
+    first, second = scripted_backend(extensions=NO_XCLIENT), scripted_backend()
+    r = relay(*backend_args(first, second), kill=True)
+    client = greeted(r, ehlo=CLIENT_HELO)
+    assert send_message(client, BODY).code == 250
+    assert len(second.delivered) == 1 and first.delivered == []
+    assert b"MAIL" not in verbs(first.sessions[0])
+    assert xclient_attributes(second.sessions[0])["ADDR"] == "127.0.0.1"
+    r.wait_for_log(r" ERROR .*does not offer XCLIENT.*smtpd_authorized_xclient_hosts")
+
+
+def test_backend_without_xclient_named_by_the_auth_service_gives_451_4_4_1_at_the_first_rcpt(
+        relay, scripted_backend, auth_service):
+    backend = scripted_backend(extensions=NO_XCLIENT)
+    service = auth_service(always(*ok(backend)))
+    r = relay("--auth-http", service.url, kill=True)
+    client = greeted(r, ehlo=CLIENT_HELO)
+    assert client.say("MAIL FROM:<a@example.org>").code == 250     # ours until the first RCPT (nginx)
+    text = client.say("RCPT TO:<b@example.net>").text
+    assert text.startswith(NO_SERVER + " "), text
+    assert len(service.requests) == 1
+    assert b"MAIL" not in verbs(backend.sessions[0])
+    r.wait_for_log(r" ERROR .*does not offer XCLIENT.*smtpd_authorized_xclient_hosts")
+
+
+@pytest.mark.parametrize("refusal", ["550 5.7.0 Error: insufficient authorization", "451 4.3.0 Try again",
+                                     "501 5.5.4 Bad XCLIENT syntax", "251 2.0.0 Whatever"])
+def test_backend_refusing_xclient_is_down_and_mail_gets_451_4_4_1(relay, scripted_backend, refusal):
+    backend = scripted_backend(replies={"XCLIENT": refusal})
+    r = relay(*backend_args(backend), kill=True)
+    client = greeted(r, ehlo=CLIENT_HELO)
+    text = client.say("MAIL FROM:<a@example.org>").text
+    assert text.startswith(NO_SERVER + " "), text
+    line = r.wait_for_log(r" ERROR .*refused XCLIENT").string
+    assert "smtpd_authorized_xclient_hosts" in line
+    assert verbs(backend.sessions[0])[:2] == [b"EHLO", b"XCLIENT"]
+    assert b"MAIL" not in verbs(backend.sessions[0])
+
+
+def test_backend_refusing_the_ehlo_and_helo_after_xclient_is_down(relay, scripted_backend):
+    ehlo = "\r\n".join(f"250{'-' if last else ' '}{x}" for x, last in
+                       zip(["scripted", *ALL_XCLIENT], [True] * len(ALL_XCLIENT) + [False]))
+    backend = scripted_backend(replies={"EHLO": [ehlo, "554 5.7.1 Go away"], "HELO": "554 5.7.1 Go away"})
+    r = relay(*backend_args(backend), kill=True)
+    client = greeted(r, ehlo=CLIENT_HELO)
+    text = client.say("MAIL FROM:<a@example.org>").text
+    assert text.startswith(NO_SERVER + " "), text
+    session = backend.sessions[0]
+    assert verbs(session)[:3] == [b"EHLO", b"XCLIENT", b"EHLO"]
+    assert b"MAIL" not in verbs(session)
+
+
+def test_no_xclient_logs_one_warning_at_start_and_mail_flows_to_a_backend_without_xclient(
+        relay, scripted_backend):
+    backend = scripted_backend(extensions=NO_XCLIENT)
+    r = relay(*backend_args(backend), "--no-xclient", kill=True)
+    lines = r.log_text().splitlines()        # as they stood when the relay was listening
+    warnings = [i for i, line in enumerate(lines) if " WARNING " in line and "--no-xclient" in line]
+    assert len(warnings) == 1, lines
+    assert "mynetworks" in lines[warnings[0]]
+    assert warnings[0] < next(i for i, line in enumerate(lines) if "listening on" in line)
+    assert send_message(greeted(r, ehlo=CLIENT_HELO), BODY).code == 250
+    assert len(backend.delivered) == 1 and backend.sessions[0].xclient is None
+
+
+def test_default_xclient_logs_no_no_xclient_warning(relay, scripted_backend):
+    r = relay(*backend_args(scripted_backend()), kill=True)
+    assert not matching_lines(r, r"WARNING .*--no-xclient"), r.log_text()
+
+
+def test_maildir_backend_needs_no_xclient_and_takes_the_mail_with_xclient_on(relay, tmp_path):
+    r = relay("--backend", f"maildir:{tmp_path / 'md'}", "--xclient", kill=True)
+    assert send_message(greeted(r, ehlo=CLIENT_HELO), BODY).code == 250
+    assert len(list((tmp_path / "md" / "new").iterdir())) == 1
+    assert not matching_lines(r, r" ERROR ")
+
+
+def test_reverse_name_is_sent_when_offered_and_attributes_go_in_the_spec_order(relay, scripted_backend):
+    backend = scripted_backend(extensions=["PIPELINING", "XCLIENT LOGIN PROTO HELO REVERSE_NAME NAME PORT ADDR"])
+    r = relay(*backend_args(backend), kill=True)
+    assert send_message(greeted(r, ehlo=CLIENT_HELO), BODY).code == 250
+    attributes = xclient_attributes(backend.sessions[0])
+    assert list(attributes) == ["ADDR", "PORT", "NAME", "REVERSE_NAME", "HELO", "PROTO"]    # no login: no LOGIN
+    assert attributes["REVERSE_NAME"] and attributes["HELO"] == CLIENT_HELO
+
+
+def test_reverse_name_is_not_sent_when_not_offered(relay, scripted_backend):
+    backend = scripted_backend()        # XCLIENT NAME ADDR PORT PROTO HELO LOGIN
+    r = relay(*backend_args(backend), kill=True)
+    assert send_message(greeted(r, ehlo=CLIENT_HELO), BODY).code == 250
+    assert list(xclient_attributes(backend.sessions[0])) == ["ADDR", "PORT", "NAME", "HELO", "PROTO"]
+
+
+def xclient_after_login(relay, scripted_backend, auth_service, user):
+    """A 255-octet EHLO, AUTH PLAIN as `user` (the service says OK), MAIL -> the back-end's XCLIENT line (str)."""
+    backend = scripted_backend(extensions=ALL_XCLIENT)
+    service = auth_service(always(*ok(backend)))
+    r = relay("--auth-http", service.url, "--auth", "plain", kill=True)
+    client = greeted(r, ehlo=HOST_255)
+    assert client.say("AUTH PLAIN " + b64(f"\0{user}\0password")).code == 235
+    assert client.say("MAIL FROM:<a@example.org>").code == 250
+    line = backend.sessions[0].xclient.decode()
+    return line, xclient_attributes(backend.sessions[0])
+
+
+def assert_within_postfix_limits(line, attributes):
+    assert len(line) + 2 <= 512, (len(line), line)
+    assert all(len(v) <= 255 for v in attributes.values()), {k: len(v) for k, v in attributes.items()}
+    assert list(attributes) == [k for k in XCLIENT_ORDER if k in attributes]
+    assert attributes["HELO"] == HOST_255          # 255 octets, no xtext needed: kept whole
+    assert attributes["ADDR"] == "127.0.0.1" and attributes["PROTO"] == "ESMTP"
+
+
+def test_xclient_with_a_255_octet_helo_and_a_short_login_keeps_every_attribute(
+        relay, scripted_backend, auth_service):
+    line, attributes = xclient_after_login(relay, scripted_backend, auth_service, "alice")
+    assert_within_postfix_limits(line, attributes)
+    assert list(attributes) == XCLIENT_ORDER
+    assert attributes["LOGIN"] == "alice"
+
+
+def test_xclient_line_that_would_pass_512_octets_gives_up_the_names_then_the_login(
+        relay, scripted_backend, auth_service):
+    # HELO 255 + LOGIN 250 cannot fit in 512 octets whatever the names are.
+    line, attributes = xclient_after_login(relay, scripted_backend, auth_service, "u" * 250)
+    assert_within_postfix_limits(line, attributes)
+    assert "LOGIN" not in attributes
+    assert attributes["NAME"] == attributes["REVERSE_NAME"] == "[UNAVAILABLE]"
+
+
+def test_xclient_login_whose_xtext_passes_255_octets_is_never_sent_that_long(
+        relay, scripted_backend, auth_service):
+    line, attributes = xclient_after_login(relay, scripted_backend, auth_service, "=" * 100)  # 300 in xtext
+    assert_within_postfix_limits(line, attributes)
 
 
 # --- XCLIENT only with ADDR -----------------------------------------------------------

@@ -1,5 +1,6 @@
 """Back-ends behind the relay: byte-exact delivery, Postfix's smtp-sink, XCLIENT,
-failover, back-end failures, and the built-in maildir back-end.
+failover, back-end failures, what the log says of a back-end, and the built-in
+maildir back-end.
 
 Every test runs the relay as a subprocess between a real client (smtplib,
 swaks or a raw socket) and a real back-end (smtp-sink or a ScriptedBackend,
@@ -15,7 +16,9 @@ import time
 
 import pytest
 
-from helpers import begin_data, can_bind, free_port, greeted, send_message, verbs, xclient_attributes
+from helpers import (backend_args, begin_data, can_bind, free_port, greeted, send_message, session_id, session_lines,
+                     verbs, xclient_attributes)
+from tls_fixtures import tls  # noqa: F401  (fixture)
 
 SENDER = "sender@example.org"
 RECIPIENT = "rcpt@example.net"
@@ -34,9 +37,7 @@ SINK_SOFT_FAILURE = (450, b"4.3.0 Error: command failed")
 def start_relay(relay, *backends, args=()):
     """The relay with each back-end (ScriptedBackend, SmtpSink or "HOST:PORT") as a --backend, in order.
     smtp-sink offers XCLIENT without ADDR, which --xclient refuses: behind it the relay runs --no-xclient."""
-    argv = []
-    for backend in backends:
-        argv += ["--backend", getattr(backend, "address", backend)]
+    argv = backend_args(*backends)
     if any(type(backend).__name__ == "SmtpSink" for backend in backends):
         argv.append("--no-xclient")
     return relay(*argv, *args)
@@ -531,6 +532,47 @@ def test_backend_dropping_at_rset_gives_250_and_the_next_mail_reconnects(relay, 
     assert transaction(client, b"second\r\n")[0] == 250
     assert backend.connections == 2
     assert [m.raw for m in backend.delivered] == [b"first\r\n", b"second\r\n"]
+
+
+# --- What the log says of a back-end --------------------------------------------------
+
+REFUSALS = {"MAIL": "550 5.7.1 Sender rejected", "RCPT": "550 5.1.1 No such user",
+            "DATA": "554 5.5.1 No valid recipients"}
+
+
+@pytest.mark.parametrize("verb", list(REFUSALS))
+def test_each_backend_refusal_gives_one_info_line(relay, scripted_backend, verb):
+    backend = scripted_backend(replies={verb: REFUSALS[verb]})
+    r = relay(*backend_args(backend), kill=True)
+    client = greeted(r, ehlo=CLIENT_HELO)
+    sid = session_id(r, client.sock)
+    for command in ["MAIL FROM:<a@example.org>", "RCPT TO:<b@example.net>", "DATA"]:
+        reply = client.say(command)
+        if command.startswith(verb):
+            assert reply.text == REFUSALS[verb]
+            break
+        assert reply.code == 250
+    assert client.say("QUIT").code == 221
+    lines = [line for line in session_lines(r, sid) if "refused" in line]
+    assert len(lines) == 1, lines
+    assert re.search(rf" INFO {sid} backend {re.escape(backend.address)} refused {verb}: "
+                     rf"{re.escape(REFUSALS[verb])}$", lines[0]), lines[0]
+
+
+@pytest.mark.parametrize("tls_mode, xclient", [("off", True), ("off", False), ("starttls", True), ("on", False)])
+def test_backend_connected_line_says_tls_and_xclient(relay, scripted_backend, tls, tls_mode, xclient):
+    context = tls.server_context(tls.backend)
+    backend = scripted_backend(tls_context=context if tls_mode == "on" else None,
+                               starttls_context=context if tls_mode == "starttls" else None)
+    args = ["--backend-tls", tls_mode, "--backend-tls-ca", tls.ca_path] if tls_mode != "off" else []
+    r = relay(*backend_args(backend), *args, *([] if xclient else ["--no-xclient"]), kill=True)
+    client = greeted(r, ehlo=CLIENT_HELO)
+    sid = session_id(r, client.sock)
+    assert send_message(client, BODY).code == 250
+    version = backend.sessions[0].tls_version
+    assert (version is not None) == (tls_mode != "off")
+    described = f"{f'TLS {version}' if version else 'no TLS'}, {'XCLIENT' if xclient else 'no XCLIENT'}"
+    r.wait_for_log(rf" INFO {sid} backend {re.escape(backend.address)} connected \({described}\)$")
 
 
 # --- The maildir back-end -------------------------------------------------------

@@ -1,26 +1,24 @@
-"""Configuration, the options contract and the process lifecycle (README, Configuration, Signals).
+"""Configuration, the options contract, listeners and logging (README, Configuration).
 
 Everything here runs the relay as a real process: `run_relay` for runs that
 end by themselves (--check-config, bad configuration, --version), the `relay`
 fixture for a relay that serves. Back-ends are a Maildir (no server needed)
-or the scripted back-end where the back-end dialogue matters.
+or the scripted back-end where the back-end dialogue matters. Stopping is
+test_stop.py's subject, reloading test_reload.py's.
 """
 import ast
 import json
 import os
 import re
-import signal
 import smtplib
 import socket
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
-from helpers import RELAY, can_bind, relay_env, run_relay
+from helpers import RELAY, backend_args, can_bind, greeted, matching_lines, relay_env, run_relay
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -78,25 +76,6 @@ def send_message(host, port, subject="test"):
         refused = client.sendmail("a@example.org", ["b@example.org"],
                                   f"Subject: {subject}\r\n\r\nbody\r\n")
     assert refused == {}
-
-
-def wait_until_refused(host, port, timeout=5):
-    """Poll until a connection to host:port is refused (the listener is closed).
-
-    The relay logs nothing when it closes its listeners, so this polls the
-    condition itself, up to `timeout` seconds.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection((host, port), timeout=1).close()
-        except ConnectionRefusedError:
-            return
-        except ConnectionResetError:
-            pass  # queued on the listener as it closed: try again
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{host}:{port} still accepts connections {timeout}s after the signal")
-        time.sleep(0.02)  # poll interval, not a synchronisation
 
 
 # --- --check-config ------------------------------------------------------------
@@ -418,137 +397,6 @@ def test_a_listen_list_in_the_environment_gives_two_listeners(relay, tmp_path):
     assert len(set(r.ports)) == 2
 
 
-# --- running: signals ----------------------------------------------------------
-
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_stop_signal_with_no_clients_exits_0_promptly(relay, tmp_path, sig):
-    r = relay("--backend", f"maildir:{tmp_path / 'mail'}")
-    assert r.stop(sig, timeout=10) == 0, r.log_text()
-    assert r.lines[-1].endswith("INFO stopped")
-    assert "Traceback" not in r.log_text()
-
-
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_stop_signal_mid_session_refuses_new_connections_but_lets_the_session_finish_its_message(
-        relay, tmp_path, sig):
-    mail = tmp_path / "mail"
-    r = relay("--backend", f"maildir:{mail}")
-    client = r.smtp()
-    assert client.ehlo()[0] == 250
-    assert client.mail("a@example.org")[0] == 250
-    assert client.rcpt("b@example.org")[0] == 250
-
-    r.proc.send_signal(sig)
-    wait_until_refused(r.host, r.port)
-    assert r.proc.poll() is None, "the relay exited with a session in flight"
-
-    code, text = client.data(b"Subject: in flight\r\n\r\nsent after the signal\r\n")
-    assert code == 250, text
-    assert client.quit()[0] == 421          # the message done, the stop closes the session
-    assert r.proc.wait(timeout=5) == 0, r.log_text()
-    [message] = maildir_messages(mail)
-    assert b"sent after the signal" in message.read_bytes()
-
-
-def keep_connecting(address, stop, connected):
-    """Connect and close in a loop until `stop` is set or the listener refuses; counts in `connected`."""
-    while not stop.is_set():
-        try:
-            socket.create_connection(address, timeout=2).close()
-        except ConnectionResetError:
-            continue
-        except OSError:         # refused: the listener is closed
-            return
-        connected.release()
-
-
-def blocked_signals(pid, tid):
-    """The signals thread `tid` of process `pid` blocks (SigBlk in its status)."""
-    with open(f"/proc/{pid}/task/{tid}/status") as status:
-        mask = int(next(line for line in status if line.startswith("SigBlk:")).split()[1], 16)
-    return {sig for sig in signal.Signals if mask >> (sig - 1) & 1}
-
-
-def test_a_stop_signal_is_acted_on_while_clients_keep_connecting(relay, tmp_path):
-    # The failure this guards against showed when the kernel handed SIGTERM to the
-    # thread busy accepting (in about half the runs under load). Every thread
-    # blocks the handled signals but the one that waits for them (sigwaitinfo,
-    # during which the kernel lifts them from its mask): that one takes them all.
-    r = relay("--backend", f"maildir:{tmp_path / 'mail'}")
-    handled = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
-    threads = [int(tid) for tid in os.listdir(f"/proc/{r.proc.pid}/task")]
-    taking = [tid for tid in threads if not handled <= blocked_signals(r.proc.pid, tid)]
-    assert len(taking) == 1 and taking[0] != r.proc.pid, threads
-    stop, connected = threading.Event(), threading.Semaphore(0)
-    clients = [threading.Thread(target=keep_connecting, args=((r.host, r.port), stop, connected))
-               for _ in range(4)]
-    for client in clients:
-        client.start()
-    try:
-        for _ in range(20):
-            assert connected.acquire(timeout=10), "the relay stopped taking connections"
-        r.proc.send_signal(signal.SIGTERM)
-        try:
-            code = r.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            r.proc.kill()
-            pytest.fail("SIGTERM not acted on within 5 s while clients kept connecting; last log lines:\n"
-                        + "\n".join(r.lines[-3:]), pytrace=False)
-        assert code == 0, r.log_text()
-    finally:
-        stop.set()
-        for client in clients:
-            client.join()
-
-
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_stop_signal_while_a_session_thread_waits_in_a_transaction_stops_the_relay(relay, tmp_path, sig):
-    # Every thread blocks the stop signals (a session's blocking recv() must not
-    # take them), the main one too; the signal, sent to the process, stays
-    # pending until the signals thread takes it, while a session thread waits
-    # inside a transaction.
-    r = relay("--backend", f"maildir:{tmp_path / 'mail'}")
-    client = r.smtp()
-    assert client.ehlo("client.example")[0] == 250
-    assert client.mail("a@example.org")[0] == 250
-    threads = [int(tid) for tid in os.listdir(f"/proc/{r.proc.pid}/task")]
-    assert len(threads) >= 4, "the relay runs no session thread"
-    assert sum(sig not in blocked_signals(r.proc.pid, tid) for tid in threads) == 1     # the signals thread
-    assert sig in blocked_signals(r.proc.pid, r.proc.pid)
-    r.proc.send_signal(sig)
-    assert client.rcpt("b@example.net")[0] == 250       # the transaction is finished first
-    assert client.data(b"Subject: drained\r\n\r\nhello\r\n")[0] == 250
-    try:
-        code = r.proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        r.proc.kill()
-        pytest.fail(f"{sig.name} was not acted on within 5 s", pytrace=False)
-    assert code == 0, r.log_text()
-    assert len(maildir_messages(tmp_path / "mail")) == 1
-
-
-def test_a_stop_signal_with_an_idle_client_closes_it_with_421_and_exits_0(relay, tmp_path):
-    # --timeout 600: the client is let go by the stop, not by its idle timeout.
-    r = relay("--backend", f"maildir:{tmp_path / 'mail'}", "--timeout", "600")
-    client = r.smtp()
-    assert client.noop()[0] == 250
-    r.proc.send_signal(signal.SIGTERM)
-    assert client.getreply()[0] == 421
-    assert r.stop(signal.SIGTERM, timeout=10) == 0, r.log_text()
-
-
-def test_sighup_does_not_stop_the_relay_which_keeps_serving(relay, tmp_path):
-    r = relay("--backend", f"maildir:{tmp_path / 'mail'}")
-    assert signal.SIGHUP in blocked_signals(r.proc.pid, r.proc.pid)    # kept pending for the signals thread
-    r.proc.send_signal(signal.SIGHUP)
-    send_message(r.host, r.port)
-    assert len(maildir_messages(tmp_path / "mail")) == 1
-    assert r.proc.poll() is None
-    # SIGHUP's default action would have ended it with -SIGHUP; SIGTERM after it gives 0
-    assert r.stop() == 0, r.log_text()
-    assert "Traceback" not in r.log_text()
-
-
 # --- logging -------------------------------------------------------------------
 
 def test_json_log_format_writes_every_stderr_line_as_a_json_object_with_time_level_message(relay, tmp_path):
@@ -606,3 +454,16 @@ def test_debug_log_escapes_c1_control_characters_sent_by_the_client(relay, tmp_p
     assert r.stop() == 0
     assert "\u009b" not in r.log_text() and "\u0085" not in r.log_text(), \
         [line for line in r.lines if " C: NOOP" in line]
+
+
+def test_debug_log_escapes_c1_control_characters_in_lines_to_the_backend(relay, scripted_backend):
+    # C0 and DEL never reach a back-end command (the relay refuses them in any
+    # command); C1 may, in a quoted local part with SMTPUTF8.
+    backend = scripted_backend()
+    r = relay(*backend_args(backend), "--log-level", "debug", kill=True)
+    client = greeted(r, ehlo="client.example")
+    assert client.say('MAIL FROM:<"a\u0085b\u009bc"@example.org> SMTPUTF8').code == 250
+    assert backend.sessions[0].commands[-1] == 'MAIL FROM:<"a\u0085b\u009bc"@example.org> SMTPUTF8'.encode()
+    r.wait_for_log(r' S>B: MAIL FROM:<"a\\x85b\\x9bc"@example\.org> SMTPUTF8$')
+    s_to_b = matching_lines(r, " S>B: ")
+    assert s_to_b and not any(re.search("[\x00-\x1f\x7f-\x9f]", line) for line in s_to_b), s_to_b

@@ -24,8 +24,8 @@ import pytest
 
 from auth_fixtures import always, auth_service, ok  # noqa: F401  (fixture)
 from tls_fixtures import tls  # noqa: F401  (fixture)
-from helpers import SMTPClient, codes, relay_env, stop_process, xclient_attributes
-from test_service import RELAY_COMMAND, assert_delivered, deliver, maildir_messages, write_config
+from helpers import SMTPClient, codes, relay_argv, relay_env, stop_process, xclient_attributes
+from service_fixtures import assert_delivered, deliver, maildir_messages, write_config
 
 UNAVAILABLE = "[UNAVAILABLE]"
 WAIT = 20               # seconds: the longest any read or exit is waited for (a loaded machine is slow)
@@ -87,7 +87,7 @@ class InetdRelay:
             raise AssertionError(f"the --inetd relay still runs {WAIT}s after its session; log:\n{self.log()}")
 
     def deliver(self):
-        """test_service.deliver() on this relay: a whole session, one message; its stderr shown if it fails."""
+        """service_fixtures.deliver() on this relay: a whole session, one message; its stderr shown if it fails."""
         try:
             deliver(self.client)
         except (AssertionError, OSError) as e:
@@ -113,8 +113,8 @@ def inetd_relay(tmp_path):
     started = []
 
     def start(transport, *args):
-        argv = [*RELAY_COMMAND, "-c", write_config(tmp_path, ""), "--inetd", *map(str, args)]
-        started.append(InetdRelay(list(map(str, argv)), transport, tmp_path / f"relay-{len(started)}.stderr"))
+        argv = relay_argv(write_config(tmp_path, ""), None, ["--inetd", *args])
+        started.append(InetdRelay(argv, transport, tmp_path / f"relay-{len(started)}.stderr"))
         return started[-1]
 
     yield start

@@ -8,13 +8,12 @@ without prometheus_client and the JSON log tests need no prometheus_client.
 import importlib.util
 import json
 import re
-import time
 
 import pytest
 import requests
 
 from auth_fixtures import auth_service, ok  # noqa: F401  (fixture)
-from helpers import SMTPClient, free_port, greeted, run_relay, send_message
+from helpers import SMTPClient, free_port, greeted, run_relay, send_message, wait_until
 
 HAVE_PROMETHEUS = importlib.util.find_spec("prometheus_client") is not None
 needs_prometheus = pytest.mark.skipif(not HAVE_PROMETHEUS,
@@ -46,12 +45,15 @@ class Metrics:
 
     def wait_for(self, name, expected, timeout=5, **labels):
         """Poll until the sample has the value `expected`; AssertionError with the last value after `timeout` s."""
-        deadline = time.monotonic() + timeout
-        while (value := self.value(name, **labels)) != expected:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{name}{labels} is {value}, wanted {expected} within {timeout}s")
-            time.sleep(0.02)    # the poll interval: a gauge tells no one when it changes
-        return value
+        last = []
+
+        def reached():
+            last[:] = [self.value(name, **labels)]
+            return last[0] == expected
+
+        # A gauge tells no one when it changes: poll it.
+        wait_until(reached, timeout, lambda: f"{name}{labels} is {last[0]}, wanted {expected}")
+        return last[0]
 
     def close(self):
         self.http.close()

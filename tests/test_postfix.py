@@ -167,11 +167,11 @@ def test_probe_of_a_real_postfix_says_whether_it_authorises_the_relay_for_xclien
     result = run_relay("--probe", "--backend", authorised.address, "--max-message-size", "100000000")
     print(result.stdout)        # what the probe says of a real Postfix, shown with -s
     assert result.returncode == 0, result.stdout
-    xclient = re.search(r"XCLIENT: offered \(([^)]*)\): --xclient will work\n", result.stdout)
+    xclient = re.search(r"XCLIENT: offered \(([^)]*)\): taken\n", result.stdout)
     assert xclient and {"ADDR", "NAME", "REVERSE_NAME", "HELO"} <= set(xclient[1].split())
     assert re.search(r"SIZE: \d+, below --max-message-size 100000000", result.stdout)
     assert "PIPELINING: offered" in result.stdout
     result = run_relay("--probe", "--backend", not_authorised.address)
     print(result.stdout)
     assert result.returncode == 1
-    assert "XCLIENT: not offered to this relay" in result.stdout
+    assert "would NOT be used: does not offer XCLIENT to this relay" in result.stdout

@@ -12,7 +12,6 @@ import signal
 import socket
 import subprocess
 import threading
-from pathlib import Path
 
 import pytest
 
@@ -27,14 +26,9 @@ TOO_MANY_RECIPIENTS = 452
 
 # --- Helpers -------------------------------------------------------------------------
 
-def config_path(relay):
-    """The config file the relay fixture wrote and passed with -c."""
-    return Path(relay.argv[relay.argv.index("-c") + 1])
-
-
 def rewrite(relay, text):
     """Replace the relay's config file with `text` in one rename: the relay never reads half a file."""
-    path = config_path(relay)
+    path = relay.config_path
     new = path.with_name(path.name + ".new")
     new.write_text(text)
     os.replace(new, path)
@@ -45,20 +39,11 @@ def count(relay, pattern):
     return sum(1 for line in relay.log_text().splitlines() if rx.search(line))
 
 
-def wait_for_count(relay, pattern, n, timeout=10):
-    """Wait until `n` log lines match `pattern`; AssertionError with the log tail if they do not."""
-    rx = re.compile(pattern)
-    if not relay._wait_lines(lambda lines: sum(1 for line in lines if rx.search(line)) >= n, timeout):
-        tail = "\n".join(relay.lines[-30:])
-        raise AssertionError(f"fewer than {n} log lines matching {pattern!r} within {timeout}s "
-                             f"(relay exit code: {relay.proc.poll()}); last lines:\n{tail}")
-
-
 def sighup(relay, expect=RELOADED):
     """SIGHUP the relay and wait for one more log line matching `expect` than there was before."""
     before = count(relay, expect)
     relay.proc.send_signal(signal.SIGHUP)
-    wait_for_count(relay, expect, before + 1)
+    relay.wait_for_count(expect, before + 1)
 
 
 def reload_with(relay, text, expect=RELOADED):
@@ -153,7 +138,7 @@ def test_a_file_that_no_longer_parses_is_refused_and_the_old_settings_stay_until
     r = relay(config=f"backend = [{old.address}]\nserver-name = old.test\n")
     good = f"backend = [{new.address}]\nserver-name = new.test\n"
     if BAD_FILES[case] is None:
-        config_path(r).unlink()
+        r.config_path.unlink()
     else:
         rewrite(r, good + BAD_FILES[case].format(tmp=tmp_path))
     error = check_config_error(r)
@@ -236,7 +221,7 @@ def test_a_changed_setting_that_needs_a_restart_is_warned_about_and_kept(setting
     sighup(r, expect=NEED_RESTART)
     assert count(r, NEED_RESTART) == 1
     assert count(r, NEED_RESTART + re.escape(setting) + "$") == 1, r.log_text()
-    wait_for_count(r, RELOADED, 1)      # the rest of the file is taken
+    r.wait_for_count(RELOADED, 1)      # the rest of the file is taken
 
     assert r.port == port and len(r.listeners) == 1       # no new listener logged
     assert deliver(r, "same listener").code == 250        # plain SMTP, no PROXY header asked for
@@ -307,7 +292,7 @@ def test_many_sighups_in_a_row_while_clients_send_lose_no_message(relay, scripte
             before = count(r, RELOADED)
             for _ in range(5):
                 r.proc.send_signal(signal.SIGHUP)
-            wait_for_count(r, RELOADED, before + 1)     # signals may merge: at least one reload per burst
+            r.wait_for_count(RELOADED, before + 1)     # signals may merge: at least one reload per burst
             bursts += 1
     finally:
         for t in threads:

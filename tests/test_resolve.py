@@ -8,13 +8,12 @@ import os
 import shutil
 import smtplib
 import socket
-import sys
 import threading
 import time
 
 import pytest
 
-from helpers import RELAY, RelayProcess, relay_env, xclient_attributes
+from helpers import xclient_attributes
 
 # liar.test: 127.0.0.3's PTR name, whose forward lookup gives 127.0.0.9 only
 # (the first line naming it; host.conf is "multi off" under the tests).
@@ -32,33 +31,24 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare")
 
 
 @pytest.fixture
-def relay_with_hosts(tmp_path):
-    """start(*args) -> a RelayProcess whose /etc/hosts is HOSTS; stopped at teardown."""
-    hosts, config = tmp_path / "hosts", tmp_path / "smtprelay.conf"
+def relay_with_hosts(relay, tmp_path):
+    """start(*args, dns=None) -> the `relay` fixture's relay, run where /etc/hosts is HOSTS.
+
+    dns: resolv.conf options for a resolver at 127.0.0.1 (the dns_stub) after the hosts file."""
+    hosts = tmp_path / "hosts"
     hosts.write_text(HOSTS)
     (tmp_path / "host.conf").write_text("multi off\n")
-    config.write_text("")
-    started = []
 
     def start(*args, dns=None):
-        """dns: resolv.conf options for a resolver at 127.0.0.1 (the dns_stub) after the hosts file."""
         mounts = f'mount --bind "{hosts}" /etc/hosts && mount --bind "{tmp_path}/host.conf" /etc/host.conf'
         if dns:
             (tmp_path / "nsswitch.conf").write_text("hosts: files dns\n")
             (tmp_path / "resolv.conf").write_text(f"nameserver 127.0.0.1\noptions {dns}\n")
             mounts += (f' && mount --bind "{tmp_path}/nsswitch.conf" /etc/nsswitch.conf'
                        f' && mount --bind "{tmp_path}/resolv.conf" /etc/resolv.conf')
-        argv = ["unshare", "-m", "sh", "-c", mounts + ' && exec "$@"', "sh",
-                sys.executable, str(RELAY), "-c", str(config), "--listen", "127.0.0.1:0", *map(str, args)]
-        relay = RelayProcess(argv, relay_env())
-        started.append(relay)
-        relay.wait_listening(1)
-        return relay
+        return relay(*args, wrapper=["unshare", "-m", "sh", "-c", mounts + ' && exec "$@"', "sh"])
 
-    yield start
-    for relay in started:
-        relay.close_clients()
-        relay.stop()
+    return start
 
 
 def send_from(relay, source_ip):

@@ -25,14 +25,14 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from helpers import RELAY, RelayProcess, SMTPClient, free_port, relay_argv, relay_env, send_message, stop_process
+from helpers import RELAY, RelayProcess, SMTPClient, free_port, relay_command, relay_env, run_relay, send_message
+from service_fixtures import BODY, assert_delivered, deliver, inetd, maildir_messages, tcp_connection, write_config  # noqa: F401
 from tls_fixtures import tls  # noqa: F401  (fixture)
 
 CONTRIB = RELAY.parent / "contrib"
@@ -40,11 +40,9 @@ SYSTEMD = CONTRIB / "systemd"
 UNITS = ["smtprelay.service", "smtprelay.socket", "smtprelay-smtps.socket",
          "smtprelay-inetd.socket", "smtprelay-inetd@.service"]
 INSTALLED = "/opt/smtprelay/bin/smtprelay"      # where the README installs the console script (a venv)
-RELAY_COMMAND = [sys.executable, str(RELAY)]    # what runs in its place here
+RELAY_COMMAND = relay_command()                 # what runs in its place here
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
 SOCKET_ACTIVATE = shutil.which("systemd-socket-activate")
-BODY = b"Subject: service test\r\n\r\nHello from the service tests.\r\n"
-STORED_BODY = b"Subject: service test\n\nHello from the service tests.\n"   # the maildir keeps LF line ends
 DATA_TIMEOUT, TIMEOUT = 600, 60                 # the relay's defaults (README, Configuration)
 NO_DEV_LOG = "smtprelay: --log-target: /dev/log is missing: no syslog daemon to write to"
 LOG_MAIL, LOG_INFO = 2, 6                       # syslog facility and severity (RFC 5424 §6.2.1)
@@ -148,63 +146,6 @@ def xinetd_command():
 
 
 # --- Talking to the relay ----------------------------------------------------------------
-
-def deliver(sock, ehlo="client.example"):
-    """A whole session on `sock`: greeting, EHLO, one message, QUIT; asserts that only SMTP replies came."""
-    client = SMTPClient(sock)
-    assert client.reply().code == 220
-    assert client.say(f"EHLO {ehlo}").code == 250
-    assert send_message(client, BODY).code == 250
-    assert client.say("QUIT").code == 221
-    assert client.rest() == b"", "bytes after the 221 reply"
-
-
-def maildir_messages(maildir):
-    """The messages in MAILDIR/new, as bytes."""
-    new = Path(maildir, "new")
-    return [path.read_bytes() for path in sorted(new.iterdir())] if new.exists() else []
-
-
-def assert_delivered(maildir, count):
-    messages = maildir_messages(maildir)
-    assert len(messages) == count, f"{len(messages)} messages in {maildir}, wanted {count}"
-    assert all(STORED_BODY in message for message in messages), messages
-
-
-def tcp_connection():
-    """(client, server) ends of one TCP connection on 127.0.0.1: the server end is what inetd hands over."""
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        client = socket.create_connection(listener.getsockname(), timeout=10)
-        server, _ = listener.accept()
-    return client, server
-
-
-def write_config(directory, text):
-    config = Path(directory, f"smtprelay-{secrets.token_hex(4)}.conf")
-    config.write_text(text)
-    return config
-
-
-@pytest.fixture
-def inetd():
-    """start(argv, conn, stderr=None, env=None) -> Popen with `conn` as fds 0, 1 and 2 (stderr: fd 2 instead).
-
-    The parent's copy of `conn` is closed, so the relay's end is the only
-    one. Every process is stopped at teardown.
-    """
-    processes = []
-
-    def start(argv, conn, stderr=None, env=None):
-        proc = subprocess.Popen([str(a) for a in argv], stdin=conn, stdout=conn,
-                                stderr=conn if stderr is None else stderr, env=relay_env(env))
-        conn.close()
-        processes.append(proc)
-        return proc
-
-    yield start
-    for proc in processes:
-        stop_process(proc, signal.SIGKILL)
-
 
 def children(pid):
     """Pids of the running processes whose parent is `pid`."""
@@ -588,8 +529,7 @@ def test_the_service_unit_allows_a_thread_for_every_session_and_the_relays_own()
 def test_inetd_serves_a_stdin_that_is_no_socket_as_a_pipe_pair(tmp_path):
     # README, --inetd: standard input and output that are no socket are the
     # client as they are (SMTP typed by hand); /dev/null ends the session at once.
-    argv = relay_argv(write_config(tmp_path, ""), None, ["--inetd", "--backend", f"maildir:{tmp_path / 'Maildir'}"])
-    result = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, env=relay_env(), timeout=20)
+    result = run_relay("--inetd", "--backend", f"maildir:{tmp_path / 'Maildir'}", text=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(b"220 ") and result.stdout.count(b"\r\n") == 1
 
@@ -640,37 +580,23 @@ def test_user_binds_first_then_runs_as_that_user_and_still_serves(relay, nobody_
 
 
 def test_unknown_user_is_a_configuration_error_naming_user(tmp_path):
-    argv = relay_argv(write_config(tmp_path, ""), "127.0.0.1:0",
-                      ["--user", f"no-such-user-{secrets.token_hex(3)}", "--backend", f"maildir:{tmp_path / 'M'}"])
-    result = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, env=relay_env(),
-                            timeout=20)
+    result = run_relay("--user", f"no-such-user-{secrets.token_hex(3)}", "--backend", f"maildir:{tmp_path / 'M'}",
+                       listen="127.0.0.1:0")
     assert result.returncode == 1
     assert re.fullmatch(r"smtprelay: --user: .*\n", result.stderr), result.stderr
 
 
-def relay_env_without(name, extra=None):
-    env = relay_env(extra)
-    env.pop(name, None)
-    return env
-
-
 @needs_root
-def test_root_without_user_outside_systemd_is_warned_about(tmp_path):
-    argv = relay_argv(write_config(tmp_path, ""), "127.0.0.1:0", ["--backend", f"maildir:{tmp_path / 'Maildir'}"])
-    process = RelayProcess(argv, relay_env_without("INVOCATION_ID"))
-    try:
-        process.wait_listening(1)
-        process.wait_for_log(r"smtprelay WARNING .*running as root")
-    finally:
-        assert process.stop() == 0
+def test_root_without_user_outside_systemd_is_warned_about(relay, tmp_path):
+    process = relay("--backend", f"maildir:{tmp_path / 'Maildir'}", env={"INVOCATION_ID": None})
+    process.wait_for_log(r"smtprelay WARNING .*running as root")
+    assert process.stop() == 0
     assert process.log_text().count("running as root") == 1
 
 
 @needs_root
-def test_root_under_systemd_is_not_warned_about(tmp_path):
-    argv = relay_argv(write_config(tmp_path, ""), "127.0.0.1:0", ["--backend", f"maildir:{tmp_path / 'Maildir'}"])
-    process = RelayProcess(argv, relay_env({"INVOCATION_ID": secrets.token_hex(16)}))
-    process.wait_listening(1)
+def test_root_under_systemd_is_not_warned_about(relay, tmp_path):
+    process = relay("--backend", f"maildir:{tmp_path / 'Maildir'}", env={"INVOCATION_ID": secrets.token_hex(16)})
     assert process.stop() == 0
     log = process.log_text()
     assert "stopped" in log and "running as root" not in log, log
@@ -747,27 +673,26 @@ def syslog():
     daemon.close()
 
 
-def in_private_dev(tmp_path, command, syslog_path=""):
-    """`command` run with a /dev of its own: /dev/log is `syslog_path` (a socket), or missing if empty."""
+def in_private_dev(tmp_path, command=(), syslog_path=""):
+    """`command` run with a /dev of its own: /dev/log is `syslog_path` (a socket), or missing if empty.
+
+    Without `command`: the wrapper that runs what follows it so."""
     hostdev = tmp_path / "hostdev"
     hostdev.mkdir(exist_ok=True)
     return ["unshare", "-m", "sh", "-c", PRIVATE_DEV, "sh", str(hostdev), str(syslog_path), *map(str, command)]
 
 
 @needs_namespace
-def test_log_target_syslog_sends_mail_facility_lines_to_dev_log_and_none_to_stderr(syslog, tmp_path):
+def test_log_target_syslog_sends_mail_facility_lines_to_dev_log_and_none_to_stderr(relay, syslog, tmp_path):
     maildir = tmp_path / "Maildir"
-    command = [*RELAY_COMMAND, "-c", write_config(tmp_path, ""), "--listen", "127.0.0.1:0",
-               "--backend", f"maildir:{maildir}", "--log-target", "syslog"]
-    process = RelayProcess(in_private_dev(tmp_path, command, syslog.path), relay_env())
-    try:
-        facility, severity, ident, listening = syslog.wait_for(rb"listening on 127\.0\.0\.1:(\d+)")
-        assert (facility, severity, ident) == (LOG_MAIL, LOG_INFO, "smtprelay")
-        with socket.create_connection(("127.0.0.1", int(listening[1])), timeout=10) as sock:
-            deliver(sock)
-            syslog.wait_for(rb"connect from 127\.0\.0\.1:%d\b" % sock.getsockname()[1])
-    finally:
-        assert process.stop() == 0
+    process = relay("--backend", f"maildir:{maildir}", "--log-target", "syslog",
+                    wrapper=in_private_dev(tmp_path, syslog_path=syslog.path), listening=0)    # it logs to syslog
+    facility, severity, ident, listening = syslog.wait_for(rb"listening on 127\.0\.0\.1:(\d+)")
+    assert (facility, severity, ident) == (LOG_MAIL, LOG_INFO, "smtprelay")
+    with socket.create_connection(("127.0.0.1", int(listening[1])), timeout=10) as sock:
+        deliver(sock)
+        syslog.wait_for(rb"connect from 127\.0\.0\.1:%d\b" % sock.getsockname()[1])
+    assert process.stop() == 0
     assert_delivered(maildir, 1)
     assert "listening on" not in process.log_text()
 
@@ -807,13 +732,12 @@ def test_inetd_session_stays_pure_smtp_when_the_syslog_daemon_goes_away(inetd, s
 
 
 def test_log_target_syslog_without_dev_log_is_a_configuration_error(tmp_path):
-    command = [*RELAY_COMMAND, "-c", write_config(tmp_path, ""), "--listen", "127.0.0.1:0",
-               "--backend", f"maildir:{tmp_path / 'Maildir'}", "--log-target", "syslog"]
+    wrapper = ()
     if os.path.exists("/dev/log"):
         if os.geteuid() != 0 or not shutil.which("unshare"):
             pytest.skip("/dev/log exists; hiding it needs root and unshare(1)")
-        command = in_private_dev(tmp_path, command)
-    result = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True, env=relay_env(),
-                            timeout=20)
+        wrapper = in_private_dev(tmp_path)
+    result = run_relay("--backend", f"maildir:{tmp_path / 'Maildir'}", "--log-target", "syslog",
+                       listen="127.0.0.1:0", wrapper=wrapper)
     assert result.returncode == 1
     assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith(NO_DEV_LOG), result.stderr

@@ -11,10 +11,12 @@ import time
 
 import pytest
 
-from helpers import SMTPClient, codes, greeted, send_message
+from helpers import HOST_255, SMTPClient, backend_args, codes, greeted, send_data, send_message, xclient_attributes
 
 SERVER_NAME = "mx.test"
+CLIENT_HELO = "client.example"
 BODY = b"Subject: wire test\r\n\r\nHello.\r\n"
+TOO_LONG = "501 5.5.2 Bad host name: too long"
 
 
 # --- Checking replies, starting the relay ----------------------------------------
@@ -78,6 +80,28 @@ def test_helo_and_ehlo_without_argument_are_refused_with_501(start_relay):
         assert_enhanced(reply)
 
 
+@pytest.mark.parametrize("verb", ["EHLO", "HELO"])
+@pytest.mark.parametrize("name", [HOST_255 + "c", "=" * 90, "=" * 86], ids=["256-octets", "90-equals", "86-equals"])
+def test_helo_name_too_long_itself_or_in_xtext_gets_501_and_the_session_goes_on(relay, tmp_path, verb, name):
+    r = relay("--backend", f"maildir:{tmp_path / 'md'}", kill=True)
+    client = greeted(r)
+    assert client.say(f"{verb} {name}").text == TOO_LONG
+    assert client.say(f"{verb} {CLIENT_HELO}").code == 250
+    assert send_message(client, BODY).code == 250
+
+
+@pytest.mark.parametrize("name, sent", [(HOST_255, HOST_255), ("=" * 85, "+3D" * 85)], ids=["255-plain", "85-equals"])
+def test_helo_name_of_255_octets_after_xtext_is_taken_and_reaches_xclient_whole(
+        relay, scripted_backend, name, sent):
+    backend = scripted_backend()
+    r = relay(*backend_args(backend), kill=True)
+    client = greeted(r)
+    assert client.say(f"EHLO {name}").code == 250
+    assert send_message(client, BODY).code == 250
+    assert xclient_attributes(backend.sessions[0])["HELO"] == sent
+    assert len(sent) == 255
+
+
 # --- The verbs -------------------------------------------------------------------
 
 def test_mail_rcpt_data_deliver_the_message_to_the_backend(start_relay, backend):
@@ -94,6 +118,19 @@ def test_rset_noop_vrfy_and_help_get_250_250_252_and_214(start_relay):
     client = greeted(start_relay())
     replies = client.talk("RSET", "NOOP", "VRFY someone", "HELP")
     assert codes(replies) == [250, 250, 252, 214]
+
+
+def test_help_lists_every_verb_and_help_verb_and_a_misspelt_command_give_its_declared_syntax(start_relay):
+    client = greeted(start_relay("--max-errors", "0"))
+    [listing, mail, help_rcpt, rcpt] = client.talk("HELP", "MAIL TO:<b@example.org>", "HELP rcpt", "RCPT FROM:<a@b>")
+    assert listing.code == 214 and listing.lines[0].split(": ")[1].split() == [
+        "AUTH", "DATA", "EHLO", "EXPN", "HELO", "HELP", "MAIL", "NOOP", "QUIT", "RCPT", "RSET", "STARTTLS", "VRFY"]
+    assert mail.text == "501 5.5.4 Syntax: MAIL FROM:<address>"
+    assert help_rcpt.text == "214 2.0.0 RCPT TO:<address>"
+    assert rcpt.code == 503         # no MAIL yet: the sequence is checked first
+    assert codes(client.talk("MAIL FROM:<a@example.org>")) == [250]
+    [rcpt] = client.talk("RCPT FROM:<b@example.org>")
+    assert rcpt.text == "501 5.5.4 Syntax: RCPT TO:<address>"
 
 
 def test_quit_gets_221_and_the_connection_is_closed(start_relay):
@@ -222,6 +259,31 @@ def test_every_reply_the_relay_makes_itself_carries_an_enhanced_status_code(star
         assert reply.code == code, f"{command[:40]!r} got {reply}"
         if own:
             assert_enhanced(reply)
+
+
+def test_quoted_local_part_holding_a_closing_bracket_is_accepted_and_passed_on(relay, scripted_backend):
+    backend = scripted_backend()
+    r = relay(*backend_args(backend), kill=True)
+    client = greeted(r, ehlo=CLIENT_HELO)
+    assert client.say("MAIL FROM:<a@example.org>").code == 250
+    assert client.say('RCPT TO:<"a>b"@d.example>').code == 250
+    assert send_data(client, BODY).code == 250
+    assert backend.delivered[0].rcpt_to == [b'RCPT TO:<"a>b"@d.example>']
+
+
+@pytest.mark.parametrize("verb", ["RCPT", "."])
+def test_backend_reply_line_without_text_reaches_the_client_without_a_trailing_space(
+        relay, scripted_backend, verb):
+    backend = scripted_backend(replies={verb: "250"})
+    r = relay(*backend_args(backend), kill=True)
+    client = greeted(r, ehlo=CLIENT_HELO)
+    assert client.say("MAIL FROM:<a@example.org>").code == 250
+    client.send(b"RCPT TO:<b@example.net>\r\n")
+    if verb == ".":
+        assert client.reply().code == 250
+        assert client.say("DATA").code == 354
+        client.send(BODY + b".\r\n")
+    assert client.line() == "250"
 
 
 # --- Errors ------------------------------------------------------------------------

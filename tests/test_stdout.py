@@ -1,46 +1,32 @@
 """--backend stdout: each accepted message printed whole to standard output, after its envelope."""
 import hashlib
+import itertools
 import re
 import threading
 
 import pytest
 
-from helpers import RelayProcess, begin_data, greeted, relay_argv, relay_env, run_relay, send_message
+from helpers import begin_data, greeted, run_relay, send_message
 from test_hostile import BIG_CHUNKS, big_chunk
 
 START = b"---------- MESSAGE FOLLOWS ----------\n"
 END = b"------------ END MESSAGE ------------\n"
 
 
-class StdoutRelay(RelayProcess):
-    """The relay with standard output to a file of its own; the log (stderr) in `.lines`."""
-
-    def __init__(self, argv, env, out_path):
-        self.out_path = out_path
-        with open(out_path, "wb") as out:
-            super().__init__(argv, env, stdout=out)
-
-    def printed(self):
-        return self.out_path.read_bytes()
-
-
 @pytest.fixture
-def stdout_relay(tmp_path):
-    started = []
+def stdout_relay(relay, tmp_path):
+    """start(*args) -> the `relay` fixture's relay with --backend stdout: and its standard output
+    to the file .out_path; .printed() is what it printed so far (the log, stderr, is in .lines)."""
+    numbers = itertools.count()
 
     def start(*args):
-        config = tmp_path / "smtprelay.conf"
-        config.write_text("")
-        relay = StdoutRelay(relay_argv(config, "127.0.0.1:0", ["--backend", "stdout:", *args]), relay_env(None),
-                            tmp_path / f"stdout-{len(started)}")
-        started.append(relay)
-        relay.wait_listening(1)
-        return relay
+        out_path = tmp_path / f"stdout-{next(numbers)}"
+        with open(out_path, "wb") as out:
+            r = relay("--backend", "stdout:", *args, stdout=out)
+        r.out_path, r.printed = out_path, out_path.read_bytes
+        return r
 
-    yield start
-    for relay in started:
-        relay.close_clients()
-        relay.stop()
+    return start
 
 
 def blocks(printed):

@@ -7,6 +7,7 @@ client is the point. Back-ends are ScriptedBackends, which speak TLS and
 AUTH when asked to; the auth service is contrib/auth_http_example.py.
 """
 import contextlib
+import functools
 import re
 import signal
 import smtplib
@@ -21,8 +22,8 @@ import trustme
 
 from auth_fixtures import always, auth_service, ok  # noqa: F401  (fixture)
 from auth_http_example import Policy, unescape      # contrib/, put on sys.path by auth_fixtures
-from helpers import (SMTPClient, b64, can_bind, greeted, killed_on_exit, run_relay, send_message, session_id,
-                     session_lines, verbs)
+from helpers import (SMTPClient, b64, can_bind, greeted, run_relay, send_message, session_id,
+                     session_lines, verbs, wait_until)
 from scripted_backend import DEFAULT_EXTENSIONS, Auth
 from tls_fixtures import TLSMaterial, handshake_in_memory, serial_of, tls  # noqa: F401  (fixture)
 
@@ -37,16 +38,15 @@ ALL_DOWN = "451 4.4.1 Error: no mail server available; try again later"
 # --- Starting things and talking to them -------------------------------------------
 
 @pytest.fixture
-def smtprelay(relay, tls):
-    """start(*options, listen=...) -> the relay, named mx.test, with tls.server's certificate and key.
+def tls_relay(relay, tls):
+    """start(*options, listen=...) -> the `relay` fixture's relay, named mx.test, with tls.server's certificate and key.
 
     Killed at teardown: a graceful stop waits for sessions in flight, TLS
     sockets a test left open would hold it up, and stopping is not this
     file's subject.
     """
-    with killed_on_exit(relay, "--server-name", SERVER_NAME, "--tls-cert", tls.server.cert_path,
-                        "--tls-key", tls.server.key_path) as start:
-        yield start
+    return functools.partial(relay, "--server-name", SERVER_NAME, "--tls-cert", tls.server.cert_path,
+                             "--tls-key", tls.server.key_path, kill=True)
 
 
 @pytest.fixture
@@ -122,8 +122,8 @@ def raw_tls_connect(port, context, opened, **kwargs):
 
 # --- STARTTLS for clients -----------------------------------------------------------
 
-def test_starttls_is_offered_in_clear_and_not_once_tls_is_up(smtprelay, backend, tls, opened):
-    relay = smtprelay("--backend", backend.address, "--starttls", "on")
+def test_starttls_is_offered_in_clear_and_not_once_tls_is_up(tls_relay, backend, tls, opened):
+    relay = tls_relay("--backend", backend.address, "--starttls", "on")
     client = greeted(relay)
     assert "STARTTLS" in keywords(client.say("EHLO client.example"))
     upgrade(client, tls.client_context(), opened)
@@ -136,23 +136,23 @@ def test_starttls_is_offered_in_clear_and_not_once_tls_is_up(smtprelay, backend,
     assert relay.wait_for_log(r"TLS (TLSv1\.[23]) ")
 
 
-def test_starttls_off_neither_offers_nor_accepts_it_though_a_certificate_is_set(smtprelay, backend):
-    relay = smtprelay("--backend", backend.address)
+def test_starttls_off_neither_offers_nor_accepts_it_though_a_certificate_is_set(tls_relay, backend):
+    relay = tls_relay("--backend", backend.address)
     client = greeted(relay)
     assert "STARTTLS" not in keywords(client.say("EHLO client.example"))
     assert client.say("STARTTLS").code == 502
 
 
-def test_starttls_with_an_argument_is_a_syntax_error_and_the_session_stays_in_clear(smtprelay, backend, tls, opened):
-    relay = smtprelay("--backend", backend.address, "--starttls", "on")
+def test_starttls_with_an_argument_is_a_syntax_error_and_the_session_stays_in_clear(tls_relay, backend, tls, opened):
+    relay = tls_relay("--backend", backend.address, "--starttls", "on")
     client = greeted(relay)
     assert client.say("STARTTLS now").code == 501
     upgrade(client, tls.client_context(), opened)
     assert client.say("EHLO client.example").code == 250
 
 
-def test_session_starts_over_after_starttls_forgetting_helo_and_mail(smtprelay, backend, tls, opened):
-    relay = smtprelay("--backend", backend.address, "--starttls", "on")
+def test_session_starts_over_after_starttls_forgetting_helo_and_mail(tls_relay, backend, tls, opened):
+    relay = tls_relay("--backend", backend.address, "--starttls", "on")
     client = greeted(relay)
     assert client.say("EHLO before.example").code == 250
     assert client.say("MAIL FROM:<a@example.org>").code == 250
@@ -167,10 +167,10 @@ def test_session_starts_over_after_starttls_forgetting_helo_and_mail(smtprelay, 
     assert len(second.messages) == 1 and second.messages[0].completed
 
 
-def test_mail_right_after_starttls_waits_for_a_new_ehlo_and_the_helo_sent_in_clear_is_gone(smtprelay, backend, tls,
+def test_mail_right_after_starttls_waits_for_a_new_ehlo_and_the_helo_sent_in_clear_is_gone(tls_relay, backend, tls,
                                                                                               opened):
-    # RFC 3207 §4.2: the session starts over; the issue asks for a new EHLO.
-    relay = smtprelay("--backend", backend.address, "--starttls", "on")
+    # RFC 3207 §4.2: the session starts over; MAIL before a new EHLO gets 503.
+    relay = tls_relay("--backend", backend.address, "--starttls", "on")
     client = greeted(relay)
     assert client.say("EHLO before.example").code == 250
     upgrade(client, tls.client_context(), opened)
@@ -182,9 +182,9 @@ def test_mail_right_after_starttls_waits_for_a_new_ehlo_and_the_helo_sent_in_cle
     assert b"PROTO=ESMTP" in session.xclient and b"HELO=after.example" in session.xclient
 
 
-def test_auth_from_before_starttls_is_forgotten_after_the_handshake(smtprelay, auth_service, backend, tls, opened):
+def test_auth_from_before_starttls_is_forgotten_after_the_handshake(tls_relay, auth_service, backend, tls, opened):
     service = auth_service(Policy([backend.address], USERS))
-    relay = smtprelay("--auth-http", service.url, "--auth", "plain", "--starttls", "on")
+    relay = tls_relay("--auth-http", service.url, "--auth", "plain", "--starttls", "on")
     client = greeted(relay)
     assert client.say("EHLO client.example").code == 250
     assert client.say(plain("alice", USERS["alice"])).code == 235     # a loopback client may, in clear
@@ -198,9 +198,9 @@ def test_auth_from_before_starttls_is_forgotten_after_the_handshake(smtprelay, a
     assert in_tls["Auth-SSL"] == "on"
 
 
-def test_starttls_only_hides_auth_and_refuses_mail_and_auth_until_tls(smtprelay, auth_service, backend, tls, opened):
+def test_starttls_only_hides_auth_and_refuses_mail_and_auth_until_tls(tls_relay, auth_service, backend, tls, opened):
     service = auth_service(Policy([backend.address], USERS))
-    relay = smtprelay("--auth-http", service.url, "--auth", "none,plain,login", "--starttls", "only")
+    relay = tls_relay("--auth-http", service.url, "--auth", "none,plain,login", "--starttls", "only")
     client = greeted(relay)
     reply = client.say("EHLO client.example")
     assert "STARTTLS" in keywords(reply) and "AUTH" not in keywords(reply)
@@ -218,8 +218,8 @@ def test_starttls_only_hides_auth_and_refuses_mail_and_auth_until_tls(smtprelay,
     assert len(backend.delivered) == 1
 
 
-def test_starttls_only_refuses_mail_in_clear_also_without_auth(smtprelay, backend, tls, opened):
-    relay = smtprelay("--backend", backend.address, "--starttls", "only")
+def test_starttls_only_refuses_mail_in_clear_also_without_auth(tls_relay, backend, tls, opened):
+    relay = tls_relay("--backend", backend.address, "--starttls", "only")
     client = greeted(relay)
     assert client.say("EHLO client.example").code == 250
     assert client.say("MAIL FROM:<a@example.org>").text == STARTTLS_FIRST
@@ -235,12 +235,12 @@ def test_starttls_only_refuses_mail_in_clear_also_without_auth(smtprelay, backen
     ("[::1]:0", "::1"),
     ("0", "127.0.0.1"),                 # a dual-stack listener sees ::ffff:127.0.0.1
 ])
-def test_loopback_client_is_offered_plain_and_login_in_clear_but_never_external(listen, client_ip, smtprelay,
+def test_loopback_client_is_offered_plain_and_login_in_clear_but_never_external(listen, client_ip, tls_relay,
                                                                                 auth_service, backend, tls, opened):
     if not can_bind(client_ip):
         pytest.skip(f"{client_ip} is not configured on this host")
     service = auth_service(Policy([backend.address], USERS))
-    relay = smtprelay("--auth-http", service.url, "--auth", "plain,login,cram-md5,external", "--starttls", "on",
+    relay = tls_relay("--auth-http", service.url, "--auth", "plain,login,cram-md5,external", "--starttls", "on",
                       "--tls-verify-client", "optional", "--tls-client-ca", tls.client_ca_path, listen=listen)
     sock = socket.create_connection((client_ip, relay.port), timeout=10, source_address=(client_ip, 0))
     opened.callback(sock.close)
@@ -265,12 +265,12 @@ def non_loopback_address():
     return None if address.startswith("127.") or address == "0.0.0.0" else address
 
 
-def test_remote_client_is_offered_plain_and_login_only_after_starttls(smtprelay, auth_service, backend, tls, opened):
+def test_remote_client_is_offered_plain_and_login_only_after_starttls(tls_relay, auth_service, backend, tls, opened):
     address = non_loopback_address()
     if address is None:
         pytest.skip("this host has no non-loopback IPv4 address to connect from")
     service = auth_service(Policy([backend.address], USERS))
-    relay = smtprelay("--auth-http", service.url, "--auth", "plain,login,cram-md5", "--starttls", "on",
+    relay = tls_relay("--auth-http", service.url, "--auth", "plain,login,cram-md5", "--starttls", "on",
                       listen=f"{address}:0")
     client = SMTPClient(relay.connect())
     assert client.reply().code == 220
@@ -289,8 +289,8 @@ def test_remote_client_is_offered_plain_and_login_only_after_starttls(smtprelay,
 
 # --- STARTTLS command injection (RFC 3207 §4.2, CVE-2011-0411) ------------------------
 
-def test_commands_pipelined_behind_starttls_are_discarded_not_run_inside_tls(smtprelay, backend, tls, opened):
-    relay = smtprelay("--backend", backend.address, "--starttls", "on", "--log-level", "debug")
+def test_commands_pipelined_behind_starttls_are_discarded_not_run_inside_tls(tls_relay, backend, tls, opened):
+    relay = tls_relay("--backend", backend.address, "--starttls", "on", "--log-level", "debug")
     client = greeted(relay)
     assert client.say("EHLO client.example").code == 250
     client.send(b"STARTTLS\r\nRSET\r\nMAIL FROM:<injected@example.org>\r\n")     # one write
@@ -305,8 +305,8 @@ def test_commands_pipelined_behind_starttls_are_discarded_not_run_inside_tls(smt
     assert not re.search(r" C: RSET", relay.log_text())
 
 
-def test_openssl_s_client_completes_the_starttls_handshake_and_verifies_the_certificate(smtprelay, backend, tls):
-    relay = smtprelay("--backend", backend.address, "--starttls", "on")
+def test_openssl_s_client_completes_the_starttls_handshake_and_verifies_the_certificate(tls_relay, backend, tls):
+    relay = tls_relay("--backend", backend.address, "--starttls", "on")
     result = subprocess.run(
         ["openssl", "s_client", "-starttls", "smtp", "-connect", relay.address, "-CAfile", str(tls.ca_path),
          "-verify_return_error", "-verify_ip", "127.0.0.1", "-name", "client.example", "-crlf", "-ign_eof"],
@@ -319,18 +319,18 @@ def test_openssl_s_client_completes_the_starttls_handshake_and_verifies_the_cert
     assert "221 2.0.0 Bye" in inside
 
 
-def test_relay_ends_a_tls_session_with_close_notify(smtprelay, backend, tls, opened):
+def test_relay_ends_a_tls_session_with_close_notify(tls_relay, backend, tls, opened):
     # RFC 8446 §6.1: each party MUST send close_notify before closing its
     # write side. Without it OpenSSL 3 clients report "unexpected eof while
     # reading" after QUIT (openssl s_client exits 1).
-    relay = smtprelay("--backend", backend.address, "--starttls", "on")
+    relay = tls_relay("--backend", backend.address, "--starttls", "on")
     client = upgrade(greeted(relay), tls.client_context(), opened, suppress_ragged_eofs=False)
     assert client.say("QUIT").code == 221
     assert client.sock.recv(100) == b""         # SSLEOFError here: the relay just closed the socket
 
 
-def test_swaks_delivers_with_starttls_where_the_relay_insists_on_it(smtprelay, backend):
-    relay = smtprelay("--backend", backend.address, "--starttls", "only")
+def test_swaks_delivers_with_starttls_where_the_relay_insists_on_it(tls_relay, backend):
+    relay = tls_relay("--backend", backend.address, "--starttls", "only")
     result = subprocess.run(
         ["swaks", "--server", relay.host, "--port", str(relay.port), "--tls", "--ehlo", "client.example",
          "--from", "a@example.org", "--to", "b@example.net", "--timeout", "10"],
@@ -343,10 +343,10 @@ def test_swaks_delivers_with_starttls_where_the_relay_insists_on_it(smtprelay, b
 
 # --- Implicit TLS (--tls-listen) ------------------------------------------------------
 
-def test_tls_listener_greets_inside_tls_and_delivers_with_no_starttls_needed(smtprelay, auth_service, backend, tls,
+def test_tls_listener_greets_inside_tls_and_delivers_with_no_starttls_needed(tls_relay, auth_service, backend, tls,
                                                                              opened):
     service = auth_service(always(*ok(backend)))
-    relay = smtprelay("--auth-http", service.url, "--starttls", "only", "--tls-listen", "127.0.0.1:0")
+    relay = tls_relay("--auth-http", service.url, "--starttls", "only", "--tls-listen", "127.0.0.1:0")
     client = smtplib.SMTP_SSL("127.0.0.1", tls_port(relay), context=tls.client_context(), timeout=10)   # 220 read
     opened.callback(client.close)
     assert client.ehlo("client.example") == (250, b"mx.test\nPIPELINING\nSIZE\n8BITMIME\nENHANCEDSTATUSCODES\nSMTPUTF8")
@@ -358,8 +358,8 @@ def test_tls_listener_greets_inside_tls_and_delivers_with_no_starttls_needed(smt
     assert dict(request)["Auth-SSL-Protocol"] == client.sock.version()
 
 
-def test_plain_listener_stays_plain_next_to_a_tls_listener(smtprelay, backend, tls):
-    relay = smtprelay("--backend", backend.address, "--tls-listen", "127.0.0.1:0")
+def test_plain_listener_stays_plain_next_to_a_tls_listener(tls_relay, backend, tls):
+    relay = tls_relay("--backend", backend.address, "--tls-listen", "127.0.0.1:0")
     tls_port(relay)
     client = greeted(relay)
     assert "STARTTLS" not in keywords(client.say("EHLO client.example"))
@@ -454,11 +454,11 @@ def tls_1_1_server(certificate):
     return context
 
 
-def test_client_limited_to_tls_1_1_fails_the_handshake_and_the_relay_goes_on(smtprelay, backend, tls, opened):
+def test_client_limited_to_tls_1_1_fails_the_handshake_and_the_relay_goes_on(tls_relay, backend, tls, opened):
     client_context = tls_1_1_client()
     if handshake_in_memory(client_context, tls_1_1_server(tls.server)) != "TLSv1.1":
         pytest.skip("the local OpenSSL cannot speak TLS 1.1 even at security level 0")
-    relay = smtprelay("--backend", backend.address, "--starttls", "on")
+    relay = tls_relay("--backend", backend.address, "--starttls", "on")
     client = greeted(relay)
     sid = session_id(relay, client.sock)
     assert client.say("STARTTLS").code == 220
@@ -470,10 +470,10 @@ def test_client_limited_to_tls_1_1_fails_the_handshake_and_the_relay_goes_on(smt
     assert again.say("EHLO client.example").code == 250
 
 
-def test_tls_1_2_client_is_served_without_compression(smtprelay, backend, tls, opened):
+def test_tls_1_2_client_is_served_without_compression(tls_relay, backend, tls, opened):
     context = tls.client_context()
     context.maximum_version = ssl.TLSVersion.TLSv1_2
-    relay = smtprelay("--backend", backend.address, "--starttls", "on")
+    relay = tls_relay("--backend", backend.address, "--starttls", "on")
     client = upgrade(greeted(relay), context, opened)
     assert client.sock.version() == "TLSv1.2"
     assert client.sock.compression() is None
@@ -481,8 +481,8 @@ def test_tls_1_2_client_is_served_without_compression(smtprelay, backend, tls, o
     assert send_message(client, BODY).code == 250
 
 
-def test_garbage_after_starttls_is_logged_in_one_line_and_the_relay_goes_on(smtprelay, backend, tls, opened):
-    relay = smtprelay("--backend", backend.address, "--starttls", "on")
+def test_garbage_after_starttls_is_logged_in_one_line_and_the_relay_goes_on(tls_relay, backend, tls, opened):
+    relay = tls_relay("--backend", backend.address, "--starttls", "on")
     client = greeted(relay)
     assert client.say("STARTTLS").code == 220
     client.send(b"this is no TLS ClientHello\r\n")
@@ -495,8 +495,8 @@ def test_garbage_after_starttls_is_logged_in_one_line_and_the_relay_goes_on(smtp
     assert send_message(again, BODY).code == 250
 
 
-def test_plaintext_on_the_tls_port_is_logged_in_one_line_and_the_relay_goes_on(smtprelay, backend, tls, opened):
-    relay = smtprelay("--backend", backend.address, "--tls-listen", "127.0.0.1:0")
+def test_plaintext_on_the_tls_port_is_logged_in_one_line_and_the_relay_goes_on(tls_relay, backend, tls, opened):
+    relay = tls_relay("--backend", backend.address, "--tls-listen", "127.0.0.1:0")
     port = tls_port(relay)
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     opened.callback(sock.close)
@@ -515,9 +515,9 @@ def thread_count(relay):
         return next(int(line.split()[1]) for line in status if line.startswith("Threads:"))
 
 
-def test_silent_client_on_the_tls_port_is_dropped_after_the_timeout_and_its_thread_ends(smtprelay, backend):
+def test_silent_client_on_the_tls_port_is_dropped_after_the_timeout_and_its_thread_ends(tls_relay, backend):
     # --resolve off: the name lookup's own short-lived thread would blur the count.
-    relay = smtprelay("--backend", backend.address, "--tls-listen", "127.0.0.1:0", "--timeout", "1",
+    relay = tls_relay("--backend", backend.address, "--tls-listen", "127.0.0.1:0", "--timeout", "1",
                       "--resolve", "off")
     port = tls_port(relay)
     idle = thread_count(relay)
@@ -529,29 +529,27 @@ def test_silent_client_on_the_tls_port_is_dropped_after_the_timeout_and_its_thre
         assert 0.9 <= time.monotonic() - began < 9
     [failed] = [line for line in session_lines(relay, sid) if "TLS handshake failed" in line]
     assert "timed out" in failed
-    deadline = time.monotonic() + 5
-    while thread_count(relay) > idle:       # it ends just after its last log line, which is all it signals
-        assert time.monotonic() < deadline, f"{thread_count(relay)} threads, {idle} when idle"
-        time.sleep(0.01)
+    # It ends just after its last log line, which is all it signals.
+    wait_until(lambda: thread_count(relay) <= idle, 5, lambda: f"{thread_count(relay)} threads, {idle} when idle")
 
 
 # --- Client certificates ------------------------------------------------------------------
 
-def client_cert_relay(smtprelay, tls, mode, *options):
-    return smtprelay("--starttls", "on", "--tls-verify-client", mode, "--tls-client-ca", tls.client_ca_path, *options)
+def client_cert_relay(tls_relay, tls, mode, *options):
+    return tls_relay("--starttls", "on", "--tls-verify-client", mode, "--tls-client-ca", tls.client_ca_path, *options)
 
 
-def test_required_client_certificate_means_mail_waits_for_tls(smtprelay, backend, tls):
-    relay = client_cert_relay(smtprelay, tls, "on", "--backend", backend.address)
+def test_required_client_certificate_means_mail_waits_for_tls(tls_relay, backend, tls):
+    relay = client_cert_relay(tls_relay, tls, "on", "--backend", backend.address)
     client = greeted(relay)
     assert client.say("EHLO client.example").code == 250
     assert client.say("MAIL FROM:<a@example.org>").text == STARTTLS_FIRST
 
 
-def test_client_without_a_certificate_where_one_is_required_hears_421_and_gets_no_session(smtprelay, backend,
+def test_client_without_a_certificate_where_one_is_required_hears_421_and_gets_no_session(tls_relay, backend,
                                                                                           tls, opened):
     # nginx (ssl_verify_client on): the handshake ends, then "421 4.7.1 No required SSL certificate".
-    relay = client_cert_relay(smtprelay, tls, "on", "--backend", backend.address)
+    relay = client_cert_relay(tls_relay, tls, "on", "--backend", backend.address)
     client = greeted(relay)
     assert client.say("STARTTLS").code == 220
     wrap(client, tls.client_context(None), opened)
@@ -566,12 +564,12 @@ def test_client_without_a_certificate_where_one_is_required_hears_421_and_gets_n
 @pytest.mark.parametrize("mode, certificate", [("on", "from another CA"), ("on", "expired"),
                                                ("optional", "from another CA"), ("optional", "expired")])
 def test_client_certificate_missing_where_required_or_untrusted_or_expired_gets_no_session(mode, certificate,
-                                                                                           smtprelay, backend,
+                                                                                           tls_relay, backend,
                                                                                            tls, opened):
     presented = {"none": None,
                  "from another CA": tls.issue("stranger", "client.example"),
                  "expired": tls.issue("old-client", "client.example", ca=tls.client_ca, expired=True)}[certificate]
-    relay = client_cert_relay(smtprelay, tls, mode, "--backend", backend.address)
+    relay = client_cert_relay(tls_relay, tls, mode, "--backend", backend.address)
     client = greeted(relay)
     sid = session_id(relay, client.sock)
     handshake_refused(client, tls.client_context(presented), opened)
@@ -583,10 +581,10 @@ def test_client_certificate_missing_where_required_or_untrusted_or_expired_gets_
     assert send_message(again, BODY).code == 250
 
 
-def test_optional_client_certificate_may_be_left_out_and_the_service_hears_verify_none(smtprelay, auth_service,
+def test_optional_client_certificate_may_be_left_out_and_the_service_hears_verify_none(tls_relay, auth_service,
                                                                                        backend, tls, opened):
     service = auth_service(always(*ok(backend)))
-    relay = client_cert_relay(smtprelay, tls, "optional", "--auth-http", service.url)
+    relay = client_cert_relay(tls_relay, tls, "optional", "--auth-http", service.url)
     client = upgrade(greeted(relay), tls.client_context(), opened)
     assert client.say("EHLO client.example").code == 250
     assert send_message(client, BODY).code == 250
@@ -597,10 +595,10 @@ def test_optional_client_certificate_may_be_left_out_and_the_service_hears_verif
 
 
 @pytest.mark.parametrize("mode", ["on", "optional"])
-def test_client_certificate_details_go_to_the_auth_service_as_nginx_sends_them(mode, smtprelay, auth_service,
+def test_client_certificate_details_go_to_the_auth_service_as_nginx_sends_them(mode, tls_relay, auth_service,
                                                                                backend, tls, opened):
     service = auth_service(always(*ok(backend)))
-    relay = client_cert_relay(smtprelay, tls, mode, "--auth-http", service.url)
+    relay = client_cert_relay(tls_relay, tls, mode, "--auth-http", service.url)
     client = upgrade(greeted(relay), tls.client_context(tls.client), opened)
     assert client.say("EHLO client.example").code == 250
     assert send_message(client, BODY).code == 250
@@ -626,12 +624,12 @@ def test_client_certificate_details_go_to_the_auth_service_as_nginx_sends_them(m
     assert relay.wait_for_log(rf"TLS TLSv1\.[23] \S+, client certificate {re.escape(tls.client.subject)}$")
 
 
-def test_client_certificate_with_a_unicode_name_reaches_the_auth_service_as_utf8(smtprelay, auth_service, backend,
+def test_client_certificate_with_a_unicode_name_reaches_the_auth_service_as_utf8(tls_relay, auth_service, backend,
                                                                                   tls, opened):
     # Found in review: a subject beyond Latin-1 made every lookup an internal error.
     unicode_client = tls.issue("unicode-client", "client.example", ca=tls.client_ca, common_name="\u03a9mega \u2603")
     service = auth_service(always(*ok(backend)))
-    relay = client_cert_relay(smtprelay, tls, "on", "--auth-http", service.url)
+    relay = client_cert_relay(tls_relay, tls, "on", "--auth-http", service.url)
     client = upgrade(greeted(relay), tls.client_context(unicode_client), opened)
     assert client.say("EHLO client.example").code == 250
     assert send_message(client, BODY).code == 250
@@ -640,9 +638,9 @@ def test_client_certificate_with_a_unicode_name_reaches_the_auth_service_as_utf8
     assert subject.startswith("CN=\u03a9mega \u2603")
 
 
-def test_auth_external_authenticates_as_the_certificate_subject(smtprelay, auth_service, backend, tls, opened):
+def test_auth_external_authenticates_as_the_certificate_subject(tls_relay, auth_service, backend, tls, opened):
     service = auth_service(Policy([backend.address], {tls.client.subject: "unused"}))
-    relay = client_cert_relay(smtprelay, tls, "optional", "--auth-http", service.url, "--auth", "external")
+    relay = client_cert_relay(tls_relay, tls, "optional", "--auth-http", service.url, "--auth", "external")
     client = upgrade(greeted(relay), tls.client_context(tls.client), opened)
     assert auth_line(client.say("EHLO client.example")) == "AUTH EXTERNAL"
     assert client.say("AUTH EXTERNAL =").code == 235
@@ -658,10 +656,10 @@ def test_auth_external_authenticates_as_the_certificate_subject(smtprelay, auth_
     assert len(backend.delivered) == 1
 
 
-def test_auth_external_with_a_chosen_identity_still_authenticates_as_the_subject(smtprelay, auth_service, backend,
+def test_auth_external_with_a_chosen_identity_still_authenticates_as_the_subject(tls_relay, auth_service, backend,
                                                                                  tls, opened):
     service = auth_service(Policy([backend.address], {tls.client.subject: "unused"}))
-    relay = client_cert_relay(smtprelay, tls, "on", "--auth-http", service.url, "--auth", "external")
+    relay = client_cert_relay(tls_relay, tls, "on", "--auth-http", service.url, "--auth", "external")
     client = upgrade(greeted(relay), tls.client_context(tls.client), opened)
     assert client.say("EHLO client.example").code == 250
     assert client.say(f"AUTH EXTERNAL {b64('postmaster@example.org')}").code == 235
@@ -669,9 +667,9 @@ def test_auth_external_with_a_chosen_identity_still_authenticates_as_the_subject
     assert unescape(dict(request)["Auth-User"]) == tls.client.subject
 
 
-def test_auth_external_without_a_client_certificate_gets_535(smtprelay, auth_service, backend, tls, opened):
+def test_auth_external_without_a_client_certificate_gets_535(tls_relay, auth_service, backend, tls, opened):
     service = auth_service(Policy([backend.address], {tls.client.subject: "unused"}))
-    relay = client_cert_relay(smtprelay, tls, "optional", "--auth-http", service.url, "--auth", "external")
+    relay = client_cert_relay(tls_relay, tls, "optional", "--auth-http", service.url, "--auth", "external")
     client = greeted(relay)
     assert client.say("AUTH EXTERNAL =").text == ENCRYPTION_REQUIRED      # in clear: not offered
     upgrade(client, tls.client_context(), opened)
@@ -687,9 +685,9 @@ def backend_tls_options(tls, mode="starttls"):
     return ["--backend-tls", mode, "--backend-tls-ca", tls.ca_path]
 
 
-def test_backend_starttls_carries_the_client_and_its_mail_only_inside_tls(smtprelay, scripted_backend, tls):
+def test_backend_starttls_carries_the_client_and_its_mail_only_inside_tls(tls_relay, scripted_backend, tls):
     backend = scripted_backend(starttls_context=tls.server_context(tls.backend))
-    relay = smtprelay("--backend", backend.address, *backend_tls_options(tls))
+    relay = tls_relay("--backend", backend.address, *backend_tls_options(tls))
     client = greeted(relay)
     assert client.say("EHLO client.example").code == 250
     assert send_message(client, BODY).code == 250
@@ -702,9 +700,9 @@ def test_backend_starttls_carries_the_client_and_its_mail_only_inside_tls(smtpre
     assert "--backend-tls-verify off" not in relay.log_text()
 
 
-def test_backend_implicit_tls_delivers(smtprelay, scripted_backend, tls):
+def test_backend_implicit_tls_delivers(tls_relay, scripted_backend, tls):
     backend = scripted_backend(tls_context=tls.server_context(tls.backend))
-    relay = smtprelay("--backend", backend.address, *backend_tls_options(tls, "on"))
+    relay = tls_relay("--backend", backend.address, *backend_tls_options(tls, "on"))
     client = greeted(relay)
     assert client.say("EHLO client.example").code == 250
     assert send_message(client, BODY).code == 250
@@ -713,10 +711,10 @@ def test_backend_implicit_tls_delivers(smtprelay, scripted_backend, tls):
     assert len(backend.delivered) == 1
 
 
-def test_backend_without_starttls_is_down_and_the_next_one_takes_over(smtprelay, scripted_backend, tls):
+def test_backend_without_starttls_is_down_and_the_next_one_takes_over(tls_relay, scripted_backend, tls):
     clear = scripted_backend()
     secure = scripted_backend(starttls_context=tls.server_context(tls.backend))
-    relay = smtprelay("--backend", clear.address, "--backend", secure.address, *backend_tls_options(tls))
+    relay = tls_relay("--backend", clear.address, "--backend", secure.address, *backend_tls_options(tls))
     client = greeted(relay)
     assert client.say("EHLO client.example").code == 250
     assert send_message(client, BODY).code == 250
@@ -726,10 +724,10 @@ def test_backend_without_starttls_is_down_and_the_next_one_takes_over(smtprelay,
     assert relay.wait_for_log(rf"backend {clear.address} is down: offers no STARTTLS")
 
 
-def test_backend_refusing_starttls_is_down_and_never_used_in_clear(smtprelay, scripted_backend, tls):
+def test_backend_refusing_starttls_is_down_and_never_used_in_clear(tls_relay, scripted_backend, tls):
     backend = scripted_backend(extensions=[*DEFAULT_EXTENSIONS, "STARTTLS"],
                                replies={"STARTTLS": "454 4.7.0 TLS not available due to temporary reason"})
-    relay = smtprelay("--backend", backend.address, *backend_tls_options(tls))
+    relay = tls_relay("--backend", backend.address, *backend_tls_options(tls))
     client = greeted(relay)
     assert client.say("EHLO client.example").code == 250
     assert client.say("MAIL FROM:<a@example.org>").text == ALL_DOWN
@@ -738,8 +736,8 @@ def test_backend_refusing_starttls_is_down_and_never_used_in_clear(smtprelay, sc
     assert relay.wait_for_log(rf"backend {backend.address} is down: .*454.*4\.7\.0 TLS not available")
 
 
-def test_only_backend_without_starttls_gives_451_never_a_plaintext_fallback(smtprelay, backend, tls):
-    relay = smtprelay("--backend", backend.address, *backend_tls_options(tls))
+def test_only_backend_without_starttls_gives_451_never_a_plaintext_fallback(tls_relay, backend, tls):
+    relay = tls_relay("--backend", backend.address, *backend_tls_options(tls))
     client = greeted(relay)
     assert client.say("EHLO client.example").code == 250
     assert client.say("MAIL FROM:<a@example.org>").text == ALL_DOWN
@@ -757,14 +755,14 @@ def tls_backend(scripted_backend, mode, certificate, **kwargs):
 
 @pytest.mark.parametrize("mode", ["starttls", "on"])
 @pytest.mark.parametrize("problem", ["signed by another CA", "made out to another name"])
-def test_backend_whose_certificate_does_not_verify_gives_451_and_a_log_line(problem, mode, smtprelay,
+def test_backend_whose_certificate_does_not_verify_gives_451_and_a_log_line(problem, mode, tls_relay,
                                                                             scripted_backend, tls):
     certificate, reason = {
         "signed by another CA": (tls.issue("rogue", "127.0.0.1", ca=trustme.CA()), "unable to get local issuer"),
         "made out to another name": (tls.issue("misnamed", "other.example"), "mismatch"),
     }[problem]
     backend = tls_backend(scripted_backend, mode, certificate)
-    relay = smtprelay("--backend", backend.address, *backend_tls_options(tls, mode))
+    relay = tls_relay("--backend", backend.address, *backend_tls_options(tls, mode))
     client = greeted(relay)
     assert client.say("EHLO client.example").code == 250
     assert client.say("MAIL FROM:<a@example.org>").text == ALL_DOWN
@@ -776,10 +774,10 @@ def test_backend_whose_certificate_does_not_verify_gives_451_and_a_log_line(prob
 
 
 @pytest.mark.parametrize("mode", ["starttls", "on"])
-def test_backend_tls_verify_off_accepts_any_certificate_and_warns_at_start(mode, smtprelay, scripted_backend, tls):
+def test_backend_tls_verify_off_accepts_any_certificate_and_warns_at_start(mode, tls_relay, scripted_backend, tls):
     rogue = tls.issue("rogue", "other.example", ca=trustme.CA())
     backend = tls_backend(scripted_backend, mode, rogue)
-    relay = smtprelay("--backend", backend.address, "--backend-tls", mode, "--backend-tls-verify", "off")
+    relay = tls_relay("--backend", backend.address, "--backend-tls", mode, "--backend-tls-verify", "off")
     lines = relay.log_text().splitlines()
     [warning] = [i for i, line in enumerate(lines) if "WARNING --backend-tls-verify off" in line]
     assert warning < min(i for i, line in enumerate(lines) if "listening on" in line)
@@ -791,11 +789,11 @@ def test_backend_tls_verify_off_accepts_any_certificate_and_warns_at_start(mode,
 @pytest.mark.parametrize("mode", ["starttls", "on"])
 @pytest.mark.parametrize("offered, used", [("PLAIN LOGIN", "PLAIN"), ("LOGIN", "LOGIN")])
 def test_backend_auth_runs_inside_tls_with_plain_or_with_login_where_only_login_is_offered(offered, used, mode,
-                                                                                          smtprelay,
+                                                                                          tls_relay,
                                                                                           scripted_backend, tls):
     backend = tls_backend(scripted_backend, mode, tls.backend, extensions=[*DEFAULT_EXTENSIONS, f"AUTH {offered}"],
                           auth={"relay": "Relay-Secret-9"})
-    relay = smtprelay("--backend", backend.address, *backend_tls_options(tls, mode),
+    relay = tls_relay("--backend", backend.address, *backend_tls_options(tls, mode),
                       "--backend-auth", "relay:Relay-Secret-9")
     client = greeted(relay)
     assert client.say("EHLO client.example").code == 250
@@ -815,9 +813,9 @@ def peer_serial(client):
     return serial_of(client.sock.getpeercert(binary_form=True))
 
 
-def test_sighup_loads_a_new_certificate_for_new_sessions_and_open_sessions_keep_working(smtprelay, backend, tls,
+def test_sighup_loads_a_new_certificate_for_new_sessions_and_open_sessions_keep_working(tls_relay, backend, tls,
                                                                                         opened):
-    relay = smtprelay("--backend", backend.address, "--starttls", "on")
+    relay = tls_relay("--backend", backend.address, "--starttls", "on")
     before = upgrade(greeted(relay), tls.client_context(), opened)
     assert before.say("EHLO client.example").code == 250
     assert peer_serial(before) == tls.server.serial
@@ -835,9 +833,9 @@ def test_sighup_loads_a_new_certificate_for_new_sessions_and_open_sessions_keep_
 
 
 @pytest.mark.parametrize("replacement", ["garbage", "expired certificate", "certificate without its key"])
-def test_sighup_with_a_bad_new_certificate_keeps_the_old_one_and_logs_why(replacement, smtprelay, backend, tls,
+def test_sighup_with_a_bad_new_certificate_keeps_the_old_one_and_logs_why(replacement, tls_relay, backend, tls,
                                                                          opened):
-    relay = smtprelay("--backend", backend.address, "--starttls", "on")
+    relay = tls_relay("--backend", backend.address, "--starttls", "on")
     if replacement == "garbage":
         tls.server.cert_path.write_bytes(b"-----BEGIN CERTIFICATE-----\nnot base64 at all\n")
         reason = rf"--tls-cert: {re.escape(str(tls.server.cert_path))}: not a PEM certificate"
@@ -859,10 +857,10 @@ def test_sighup_with_a_bad_new_certificate_keeps_the_old_one_and_logs_why(replac
 
 # --- What the auth service and the back-end hear about TLS ---------------------------------
 
-def test_tls_sessions_are_marked_auth_ssl_on_and_xclient_proto_stays_esmtp(smtprelay, auth_service, backend, tls,
+def test_tls_sessions_are_marked_auth_ssl_on_and_xclient_proto_stays_esmtp(tls_relay, auth_service, backend, tls,
                                                                            opened):
     service = auth_service(always(*ok(backend)))
-    relay = smtprelay("--auth-http", service.url, "--starttls", "on")
+    relay = tls_relay("--auth-http", service.url, "--starttls", "on")
     in_clear = greeted(relay)
     assert in_clear.say("EHLO clear.example").code == 250
     assert send_message(in_clear, BODY).code == 250
