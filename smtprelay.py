@@ -88,6 +88,7 @@ class ConfigError(RelayError):
     """A bad setting; str() is the one line for stderr, naming the option."""
 
     def __init__(self, option, message):
+        """option: the option at fault, as the user writes it ("--backend"); message: what is wrong."""
         super().__init__(f"{option}: {message}")
         self.option = option
 
@@ -97,6 +98,7 @@ class SettingsFileParser(configargparse.DefaultConfigFileParser):
     the old settings), not argparse's usage error (exit 2)."""
 
     def parse(self, stream):
+        """Overridden so that a config file that does not parse is a ConfigError naming the file."""
         try:
             return super().parse(stream)
         except configargparse.ConfigFileParserException as e:
@@ -111,6 +113,8 @@ class SettingsParser(configargparse.ArgParser):
     source = None       # the option being read from the file or environment
 
     def convert_item_to_command_line_arg(self, action, key, value):
+        """Overridden to note which option a file or environment value is for (error() names it), and to
+        refuse "no-X" keys."""
         self.source = action.option_strings[0] if action else None     # None: an unknown key
         if action and key.startswith("no-"):
             # configargparse would read "no-xclient = true" as --xclient.
@@ -121,6 +125,7 @@ class SettingsParser(configargparse.ArgParser):
             self.source = None
 
     def _open_config_files(self, command_line_args):
+        """Overridden so that a config file that cannot be opened is a ConfigError naming -c."""
         self.source = "-c"
         try:
             return super()._open_config_files(command_line_args)
@@ -128,6 +133,8 @@ class SettingsParser(configargparse.ArgParser):
             self.source = None
 
     def error(self, message):
+        """Overridden: a bad value from the config file or the environment is a ConfigError naming its option
+        (exit 1); anything else stays argparse's usage error (exit 2)."""
         if self.source:
             raise ConfigError(self.source, message)
         super().error(message)
@@ -228,9 +235,9 @@ def build_parser():
     return p
 
 
-# The options a config file or the environment may set, in parser order;
-# --check-config prints them, and the sample config must list them all.
 def setting_actions(parser):
+    """The options a config file or the environment may set, in parser order -> [argparse.Action];
+    --check-config prints them, and the sample config must list them all."""
     return [a for a in parser._actions
             if a.option_strings and a.dest not in ("help", "version", "config_file", "check_config", "probe")]
 
@@ -302,6 +309,8 @@ def is_number(text):
 
 
 def parse_number(option, text, minimum=0, kind=int, maximum=None):
+    """An option's text -> a number of kind (int or float); raises ConfigError naming the option
+    where it is no number, below minimum, above maximum, or not finite."""
     try:
         value = kind(text)
     except (TypeError, ValueError):
@@ -314,10 +323,12 @@ def parse_number(option, text, minimum=0, kind=int, maximum=None):
 
 
 def parse_seconds(option, text, minimum=0.001):
+    """An option's seconds -> float, at least minimum (by default a millisecond), at most MAX_SECONDS."""
     return parse_number(option, text, minimum, float, maximum=MAX_SECONDS)
 
 
 def parse_choice(option, text, choices):
+    """An option's text -> itself if it is one of choices; else ConfigError listing them."""
     if text not in choices:
         raise ConfigError(option, f"{text!r}: must be one of {', '.join(choices)}")
     return text
@@ -367,6 +378,7 @@ def is_host(text):
 
 
 def format_address(host, port):
+    """(host, port) -> HOST:PORT, an IPv6 address in brackets ([V6]:PORT)."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
@@ -378,6 +390,7 @@ class BackendSpec(typing.NamedTuple):
     path: str = ""
 
     def __str__(self):
+        """For the log: HOST:PORT, maildir:PATH or stdout:."""
         return format_address(self.host, self.port) if self.kind == "smtp" else f"{self.kind}:{self.path}"
 
 
@@ -423,6 +436,7 @@ def parse_auth_methods(text):
 
 
 def parse_auth_http(text):
+    """--auth-http -> the URL as given; ConfigError unless http:// or https:// with a host and a good port."""
     url = urllib.parse.urlsplit(text)
     if url.scheme not in ("http", "https") or not url.hostname:
         raise ConfigError("--auth-http", f"{text!r}: not an http:// or https:// URL")
@@ -434,6 +448,7 @@ def parse_auth_http(text):
 
 
 def parse_header(text):
+    """An --auth-http-header 'Name: value' -> (name, value); no control characters in the value."""
     name, sep, value = text.partition(":")
     if not sep or not re.fullmatch(r"[A-Za-z0-9-]+", name.strip()) or re.search(r"[\x00-\x1f\x7f]", value):
         raise ConfigError("--auth-http-header", f"{text!r}: write 'Name: value'")
@@ -441,6 +456,7 @@ def parse_header(text):
 
 
 def parse_regex(option, text):
+    """--allow-sender or --allow-recipient -> a compiled pattern, any case; None when not given."""
     try:
         return re.compile(text, re.IGNORECASE) if text is not None else None
     except re.error as e:
@@ -448,6 +464,7 @@ def parse_regex(option, text):
 
 
 def parse_network(text, option="--allow-from"):
+    """An --allow-from or --real-ip-from value -> ip_network; host bits may be set (10.1.2.3/8)."""
     try:
         return ipaddress.ip_network(text.strip(), strict=False)
     except ValueError:
@@ -455,6 +472,7 @@ def parse_network(text, option="--allow-from"):
 
 
 def check_readable(option, path):
+    """Raise ConfigError naming the option where path cannot be read: one line at start, not a failure later."""
     try:
         open(path, "rb").close()
     except OSError as e:
@@ -668,6 +686,7 @@ class Reply(typing.NamedTuple):
     text: str
 
     def fill(self, **values):
+        """The reply with its {names} filled in from values -> Reply."""
         return Reply(self.code, self.text.format(**values))
 
 
@@ -843,6 +862,7 @@ class SMTPError(RelayError):
     """
 
     def __init__(self, reply, counted=None):
+        """reply: a Reply, (code, text); counted: None to count it by its code (ERROR_CODES)."""
         super().__init__(*reply)
         self.code, self.text = reply
         self.counted = self.code in ERROR_CODES if counted is None else counted
@@ -915,6 +935,7 @@ def unstuffed_size(segment, at_line_start):
 
 
 def line_state_after(segment, at):
+    """The line state once segment is passed on -> LINE_START, BARE_BREAK or MID_LINE; `at` for an empty one."""
     if segment.endswith(b"\r\n"):
         return LINE_START
     if segment.endswith((b"\n", b"\r")):    # a segment ends in CR only when its LF is known absent
@@ -1104,6 +1125,7 @@ class Wire:
 
     @property
     def buffered(self):
+        """Bytes read from the peer and not yet handed out."""
         return len(self.inbuf) - self.inpos
 
     def pending(self):
@@ -1123,6 +1145,7 @@ class Wire:
         return True
 
     def readable_within(self, seconds):
+        """Whether input is buffered or arrives within seconds (one poll(), nothing read)."""
         return bool(self.buffered or self.poller.poll(seconds * 1000))
 
     # Writes ----------------------------------------------------------------
@@ -1211,6 +1234,8 @@ class Channel:
     """
 
     def __init__(self, wire, timeout, stop_fd=None):
+        """wire: the client's Wire; timeout: --timeout, for each command line and each write; stop_fd:
+        the relay's stop pipe, readable once the relay stops."""
         self.wire, self.timeout, self.stop_fd = wire, timeout, stop_fd
         self.stop = None            # (poller, fd): the wait for input that a stop cuts short
         if stop_fd is not None and wire.reader is not None:
@@ -1532,6 +1557,8 @@ class NameLookup:
     """One lookup of a client address's names, shared by its sessions meanwhile."""
 
     def __init__(self, ip, wanted_until):
+        """ip: the client's address as text; wanted_until: when the last session waiting for it gives up
+        (monotonic); a lookup not started by then is skipped."""
         self.ip, self.wanted_until = ip, wanted_until
         self.network = ipaddress.ip_network(f"{ip}/{24 if ':' not in ip else 64}", strict=False)
         self.names = None
@@ -1548,6 +1575,8 @@ class ClientNames:
     from the start of the session."""
 
     def __init__(self, lookup, deadline):
+        """lookup: the NameLookup, shared with the client's other sessions; deadline: when get() stops
+        waiting (monotonic)."""
         self.lookup, self.deadline = lookup, deadline
 
     def get(self):
@@ -1569,6 +1598,7 @@ class Resolver:
     """
 
     def __init__(self):
+        """No threads yet: they start as lookups come, up to RESOLVER_THREADS."""
         self.lock = threading.Condition()
         self.waiting = collections.deque()
         self.looking = {}                   # ip -> NameLookup, waiting or under way
@@ -1659,6 +1689,8 @@ class Session:
     """One client's SMTP session: run() serves it until QUIT, EOF or an error."""
 
     def __init__(self, relay, channel, client, via=None, implicit_tls=False):
+        """relay: the Relay; channel: the client's Channel; client: the Client; via: the PROXY protocol
+        peer's address, or None; implicit_tls: the TLS handshake comes first (--tls-listen)."""
         self.relay, self.setup, self.channel = relay, relay.setup, channel
         self.cfg = self.setup.cfg
         self.via = via              # the PROXY protocol peer that told us who the client is
@@ -2342,6 +2374,7 @@ def xclient_arguments(client, wanted, login):
             values[key] = UNAVAILABLE
 
     def line():
+        """The XCLIENT arguments as they stand: NAME=value, space-separated."""
         return " ".join(f"{k}={v}" for k, v in values.items())
     for key in ("REVERSE_NAME", "NAME", "LOGIN"):
         if len("XCLIENT " + line()) + 2 <= XCLIENT_LINE_LIMIT:
@@ -2374,6 +2407,7 @@ class UnaskedReply(RelayError, smtplib.SMTPServerDisconnected):
     """The back-end said something before it was asked; reply: its 421, where that was all."""
 
     def __init__(self, reply):
+        """reply: the (421, text) the back-end said unasked, or None where it said anything else."""
         super().__init__(f"said {'421' if reply else 'something'} before it was asked")
         self.reply = reply
 
@@ -2430,6 +2464,7 @@ class Balancer:
     Back-ends are known by name, so the counts outlive a reload that keeps them."""
 
     def __init__(self):
+        """Nothing known yet: no back-end held off, none in use, no SIZE seen."""
         self.lock = threading.Lock()
         self.turn = 0
         self.in_use = collections.Counter()     # back-end name -> connections sessions hold open
@@ -2504,6 +2539,7 @@ class SMTPBackend:
         self.setup, self.host, self.port = setup, host, port
 
     def __str__(self):
+        """For the log: HOST:PORT."""
         return format_address(self.host, self.port)
 
     def create(self, owner=None):
@@ -2529,6 +2565,7 @@ class BackendPool:
     the key). A session gives one back only between transactions."""
 
     def __init__(self):
+        """Empty, and open for connections given back."""
         self.idle = collections.defaultdict(collections.deque)     # key -> (connection, since), newest last
         self.lock = threading.Lock()
         self.closed = False
@@ -2750,8 +2787,8 @@ class SMTPConnection(smtplib.SMTP):
             self.close()
             raise smtplib.SMTPServerDisconnected("Server not connected") from None
 
-    # Logging of the dialogue at debug level.
     def putcmd(self, cmd, args=""):
+        """Overridden to log the dialogue at debug level: each command, AUTH and its answers masked."""
         if self.debug:
             shown = f"{cmd} {args}".strip()
             if cmd.upper() == "AUTH":          # never log secrets
@@ -2818,9 +2855,12 @@ class SMTPConnection(smtplib.SMTP):
         return code, text
 
     def command(self, verb, args=""):
+        """One command -> the back-end's (code, text); raises BackendGone as checked() does."""
         return self.checked(verb, lambda: self.docmd(verb, args))
 
     def mail(self, address, params):
+        """MAIL FROM, rebuilt from the parsed address and parameters -> the reply. SIZE and BODY go only where
+        the back-end offers them; SMTPUTF8 or BODY=8BITMIME (RFC 6152 §3) it lacks is our 555, nothing sent."""
         if "SMTPUTF8" in params and not self.has_extn("smtputf8"):
             return NOT_SUPPORTED_BEHIND.fill(status="5.6.7", extension="SMTPUTF8")
         if params.get("BODY") == "8BITMIME" and not self.has_extn("8bitmime"):
@@ -2837,12 +2877,15 @@ class SMTPConnection(smtplib.SMTP):
         return self.command("MAIL", " ".join(args))
 
     def rcpt(self, address):
+        """RCPT TO, rebuilt from the parsed address -> the back-end's reply."""
         return self.command("RCPT", f"TO:<{address}>")
 
     def data_start(self):
+        """DATA -> the back-end's reply (354 to go on)."""
         return self.command("DATA")
 
     def data_write(self, segment):
+        """Pass a segment of message data on as it is, within --proxy-timeout; BackendGone where that fails."""
         if not self.sock:
             raise BackendGone("connection closed")
         try:
@@ -2869,6 +2912,7 @@ class SMTPConnection(smtplib.SMTP):
             self.reply_timeout = self.proxy_timeout
 
     def rset(self):
+        """RSET -> the back-end's reply."""
         return self.command("RSET")
 
     def quiet(self):
@@ -2885,6 +2929,7 @@ class SMTPConnection(smtplib.SMTP):
             self.close(quit=True)
 
     def close(self, quit=False):
+        """Close the connection; with quit, QUIT first where it is still open (its failure ignored)."""
         if quit and self.sock:
             try:
                 self.quit()
@@ -2901,11 +2946,13 @@ class MaildirBackend:
     """
 
     def __init__(self, setup, path):
+        """setup: the Setup whose settings its deliveries follow; path: the Maildir, absolute."""
         self.setup, self.path = setup, path
         # The host part of Maildir file names, with / and : escaped as Maildir asks.
         self.hostname = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
 
     def __str__(self):
+        """For the log: maildir:PATH."""
         return f"maildir:{self.path}"
 
     def create(self, owner=None):
@@ -2960,31 +3007,39 @@ class LocalDelivery:
     file = None
 
     def __init__(self, backend, client):
+        """backend: the built-in back-end it delivers for; client: the session's Client."""
         self.name, self.backend, self.client = str(backend), backend, client
         self.cfg = backend.setup.cfg
 
     def mail(self, address, params):
+        """A new transaction: the sender kept, no recipients yet -> 250 2.1.0."""
         self.sender, self.recipients = address, []
         return SENDER_OK
 
     def rcpt(self, address):
+        """One recipient more; every one is accepted -> 250 2.1.5."""
         self.recipients.append(address)
         return RECIPIENT_OK
 
     def rset(self):
+        """Drop what is stored of the message -> 250."""
         self.abort()
         return OK
 
     def close(self, quit=False):
+        """The session is done: what is stored of an unfinished message goes; quit means nothing here."""
         self.abort()
 
     def release(self):
+        """As close(): local deliveries have no pool."""
         self.close()
 
     def tls_note(self):
+        """For the log: "no TLS"."""
         return "no TLS"
 
     def xclient_note(self):
+        """For the log: "no XCLIENT"."""
         return "no XCLIENT"
 
     def abort(self):
@@ -2998,6 +3053,8 @@ class MaildirDelivery(LocalDelivery):
     """One session's deliveries into a Maildir, streamed to disk."""
 
     def data_start(self):
+        """Open the message's file in tmp/ and write the header the relay adds (Return-Path,
+        X-Envelope-To, Received) -> 354, or 451 where the disk refuses."""
         now = time.time()
         self.filename = (f"{int(now)}.M{int(now % 1 * 1e6)}P{os.getpid()}Q{next(self.counter)}"
                          f"R{secrets.token_hex(4)}.{self.backend.hostname}")
@@ -3017,6 +3074,7 @@ class MaildirDelivery(LocalDelivery):
         return self.write("\n".join(header).encode("utf-8")) or START_DATA
 
     def data_write(self, segment):
+        """Store a segment; BackendGone where the disk refuses it."""
         # Unstuffed, with LF line ends, as local delivery stores mail.
         text = unstuff(segment, self.at_line_start)
         self.at_line_start = segment.endswith(b"\r\n")
@@ -3039,6 +3097,8 @@ class MaildirDelivery(LocalDelivery):
             return maildir_failure(e)
 
     def data_end(self, tail=b""):
+        """Store the tail, fsync the file and rename it into new/ (the directory fsynced too) -> 250
+        queued as its name, or 451 where the disk refuses."""
         if tail:
             self.data_write(tail)
         try:
@@ -3058,6 +3118,7 @@ class MaildirDelivery(LocalDelivery):
         return QUEUED.fill(id=self.filename)
 
     def abort(self):
+        """As LocalDelivery's, and the file in tmp/ is removed."""
         if self.file:
             super().abort()
             try:
@@ -3083,9 +3144,11 @@ class StdoutBackend:
     cut = False                 # a message was cut short: its frame never ended
 
     def __init__(self, setup):
+        """setup: the Setup whose settings its deliveries follow (--data-timeout)."""
         self.setup = setup
 
     def __str__(self):
+        """For the log: stdout:."""
         return "stdout:"
 
     def create(self, owner=None):
@@ -3116,6 +3179,7 @@ class StdoutDelivery(LocalDelivery):
     """One session's messages, each spooled, then printed at its end of data."""
 
     def data_start(self):
+        """Open the spool, an unlinked temporary file -> 354, or 451 where none can be made."""
         try:
             self.file = tempfile.TemporaryFile(prefix="smtprelay-")
         except OSError as e:
@@ -3124,6 +3188,7 @@ class StdoutDelivery(LocalDelivery):
         return START_DATA
 
     def data_write(self, segment):
+        """Spool a segment; BackendGone where the spool refuses it."""
         # As the client sent it, less the dot-stuffing: byte for byte, but
         # for a line that would pass for a frame line.
         text = quote_frame_lines(unstuff(segment, self.at_line_start), self.at_line_start)
@@ -3135,6 +3200,8 @@ class StdoutDelivery(LocalDelivery):
             raise BackendGone(f"cannot spool the message: {e.strerror}") from None
 
     def data_end(self, tail=b""):
+        """Print the message after its envelope between frame lines, under the lock and within
+        --data-timeout -> 250 printed as its id, or 451 where standard output does not take it (in time)."""
         if tail:
             self.data_write(tail)
         c, message_id, seconds = self.client, f"{self.client.sid}.{next(self.counter)}", self.cfg.data_timeout
@@ -3233,6 +3300,7 @@ RDN_NAMES = {"commonName": "CN", "organizationName": "O", "organizationalUnitNam
 def rfc2253(name):
     """A certificate name as ssl gives it -> RFC 2253 text, most specific part first (as nginx)."""
     def escape(value):
+        """An attribute value with RFC 2253 §2.4's special characters escaped by a backslash."""
         value = re.sub(r'([,+"\\<>;])', r"\\\1", value)
         return re.sub(r"^([ #])|( )$", r"\\\1\2", value)
     return ",".join("+".join(f"{RDN_NAMES.get(k, k)}={escape(v)}" for k, v in rdn) for rdn in reversed(name))
@@ -3266,6 +3334,7 @@ class Watchdog:
     whole-answer deadline of every auth lookup, without a timer thread each."""
 
     def __init__(self):
+        """No thread yet: the first watch() starts it."""
         self.changed = threading.Condition()
         self.heap = []              # (deadline, number, watched), the earliest first
         self.numbers = itertools.count()
@@ -3273,6 +3342,7 @@ class Watchdog:
         self.wake_at = None         # when the watchdog looks next; None: when told
 
     def watch(self, seconds, watched):
+        """Call watched.cut() in seconds unless watched.done by then; the first call starts the thread."""
         deadline = time.monotonic() + seconds
         with self.changed:
             while self.heap and self.heap[0][2].done:     # lookups share one timeout: the oldest end first
@@ -3287,6 +3357,7 @@ class Watchdog:
                 self.changed.notify()
 
     def run(self):
+        """The watchdog thread: cut what is due, then sleep until the earliest deadline or an earlier one comes."""
         with self.changed:
             while True:
                 # A deadline that was left (watched.done) is dropped when it comes up.
@@ -3308,25 +3379,30 @@ class AnswerDeadline:
     watchdog = Watchdog()
 
     def __init__(self, seconds):
+        """seconds: the time for the whole answer (--auth-http-timeout), from entering the with block."""
         self.seconds = seconds
         self.sock, self.expired, self.done = None, False, False
 
     def __enter__(self):
+        """Start the clock, and make this the deadline of this thread's request."""
         AnswerDeadline.current.deadline = self
         self.watchdog.watch(self.seconds, self)
         return self
 
     def __exit__(self, *exc):
+        """The answer is in, or given up: the deadline is done and never cuts the connection after this."""
         with self.watchdog.changed:     # never cut once left: the connection serves the next lookup
             self.done = True
         AnswerDeadline.current.deadline = None
 
     def watch(self, sock):
+        """The request's connection is sock: it is shut down at once where the deadline has passed already."""
         self.sock = sock
         if self.expired:
             self.cut()
 
     def cut(self):
+        """Past the deadline (the Watchdog calls this): shut the socket down, ending any read on it."""
         self.expired = True
         try:
             if self.sock:
@@ -3341,20 +3417,26 @@ def deadline_adapter():
     import urllib3
 
     class Watched:
+        """A connection that hands its socket to this thread's AnswerDeadline before waiting for the answer."""
         def getresponse(self, *args, **kwargs):
+            """Overridden so that the wait for the answer keeps to this thread's AnswerDeadline."""
             deadline = getattr(AnswerDeadline.current, "deadline", None)
             if deadline:
                 deadline.watch(self.sock)
             return super().getresponse(*args, **kwargs)
 
     class HTTPPool(urllib3.HTTPConnectionPool):
+        """urllib3's HTTP connection pool, with Watched connections."""
         ConnectionCls = type("HTTPConnection", (Watched, urllib3.connection.HTTPConnection), {})
 
     class HTTPSPool(urllib3.HTTPSConnectionPool):
+        """urllib3's HTTPS connection pool, with Watched connections."""
         ConnectionCls = type("HTTPSConnection", (Watched, urllib3.connection.HTTPSConnection), {})
 
     class Adapter(requests.adapters.HTTPAdapter):
+        """requests' transport adapter, over the Watched pools."""
         def init_poolmanager(self, *args, **kwargs):
+            """Overridden so that the pool manager makes the Watched pools."""
             super().init_poolmanager(*args, **kwargs)
             self.poolmanager.pool_classes_by_scheme = {"http": HTTPPool, "https": HTTPSPool}
 
@@ -3365,6 +3447,7 @@ class AuthService:
     """The client of --auth-http: lookup() asks it about one client."""
 
     def __init__(self, cfg):
+        """cfg: the Config (--auth-http and its options); requests is imported here, its one user."""
         global requests
         import requests
         self.url, self.timeout = cfg.auth_http, cfg.auth_http_timeout
@@ -3477,6 +3560,7 @@ class Setup:
     connections; raises ConfigError naming the option (a bad certificate, say)."""
 
     def __init__(self, cfg):
+        """cfg: the validated Config; everything is built here but the Maildirs (create_backends())."""
         self.cfg = cfg
         self.tls_context = (make_server_tls(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca, cfg.tls_verify_client)
                             if cfg.tls_cert else None)
@@ -3513,6 +3597,7 @@ class Relay:
     --max-clients and --max-clients-per-ip, the stop, the event hook."""
 
     def __init__(self, setup, argv=None):
+        """setup: the Setup at start; argv: the command line, read again on SIGHUP (None: sys.argv)."""
         self.setup = setup
         self.argv = argv            # the command line, read again with the config file on SIGHUP
         self.metrics = None
@@ -3596,6 +3681,7 @@ class Relay:
             return True
 
     def connection_closed(self):
+        """A connection counted in by connection_opened() is done; the drain may be waiting for it."""
         with self.lock:
             self.connections -= 1
             self.lock.notify_all()
@@ -3757,6 +3843,7 @@ class SessionHandler(socketserver.BaseRequestHandler):
     """A listener's connection, served as every connection is."""
 
     def handle(self):
+        """Overridden: socketserver's hook for one connection, which serve_connection() serves."""
         serve_connection(self.server.relay, self.request, self.client_address, self.server.tls)
 
 
@@ -3779,6 +3866,8 @@ class Listener(socketserver.ThreadingTCPServer):
     request_queue_size = max(socket.SOMAXCONN, system_backlog())    # a flood waits in the kernel, never dropped
 
     def __init__(self, address, handler, sock=None):
+        """address: (host, port), host "" for every address; handler: the request handler class;
+        sock: a listening socket inherited from systemd, used instead of binding."""
         host, port = address
         self.address_family = sock.family if sock else socket.AF_INET6 if ":" in host or not host else socket.AF_INET
         super().__init__((host or "::", port), handler, bind_and_activate=sock is None)
@@ -3788,6 +3877,7 @@ class Listener(socketserver.ThreadingTCPServer):
             self.server_address = sock.getsockname()
 
     def server_bind(self):
+        """Overridden so that PORT alone (host "::") takes IPv4 clients too (IPV6_V6ONLY off)."""
         if self.address_family == socket.AF_INET6 and self.server_address[0] == "::":
             self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)   # PORT alone: v4 too
         super().server_bind()
@@ -3797,10 +3887,13 @@ class RelayServer(Listener):
     """A client listener: each accepted client is served in its own thread."""
 
     def __init__(self, address, relay, sock=None, tls=False):
+        """relay: the Relay its sessions belong to; tls: implicit TLS (--tls-listen, or systemd's smtps
+        socket); address and sock as for Listener."""
         self.relay, self.tls, self.inherited = relay, tls, sock is not None
         super().__init__(address, SessionHandler, sock)
 
     def get_request(self):
+        """Overridden to pause where accept() finds the relay short of descriptors or memory, not spin."""
         try:
             return super().get_request()
         except OSError as e:
@@ -3938,6 +4031,8 @@ class Metrics:
     """--metrics: Prometheus counters fed by the events they subscribe to, served over HTTP."""
 
     def __init__(self, relay, address):
+        """relay: whose session count the gauge reads; address: (host, port) to serve on. Raises
+        ConfigError without prometheus_client or where the address cannot be bound."""
         try:
             import prometheus_client as prom
         except ImportError:
@@ -3998,6 +4093,7 @@ class MetricsServer(Listener):
     """--metrics over HTTP/1.0: GET /metrics alone, from a bounded number of threads."""
 
     def __init__(self, address, metrics):
+        """address: (host, port) to serve on; metrics: the Metrics whose page it serves."""
         self.metrics = metrics
         self.slots = threading.BoundedSemaphore(METRICS_REQUESTS)
         super().__init__(address, None)
@@ -4055,6 +4151,7 @@ class JSONFormatter(logging.Formatter):
     """One JSON object a line: time, level, message, and an event's name and fields."""
 
     def format(self, record):
+        """Overridden to write the record as one JSON object; fields named *_note are for text lines only."""
         entry = {"time": self.formatTime(record), "level": record.levelname.lower(), "message": record.getMessage()}
         if getattr(record, "event", None):
             entry["event"] = record.event
