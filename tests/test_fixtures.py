@@ -1,7 +1,6 @@
 """Tests of the test fixtures themselves (ScriptedBackend, smtp-sink), without the relay."""
 import smtplib
 import socket
-import time
 
 import pytest
 

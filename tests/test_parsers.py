@@ -10,7 +10,6 @@ import ipaddress
 import socket
 import struct
 import time
-import types
 
 import pytest
 
