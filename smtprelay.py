@@ -140,169 +140,6 @@ class SettingsParser(configargparse.ArgParser):
         super().error(message)
 
 
-def build_parser():
-    """The option parser; every option's default is part of the contract."""
-    p = SettingsParser(
-        prog="smtprelay",
-        description="A reverse SMTP proxy: accepts mail and hands it to a back-end.",
-        default_config_files=[DEFAULT_CONFIG_FILE],
-        args_for_setting_config_path=["-c", "--config"],
-        config_arg_help_message=f"config file (default {DEFAULT_CONFIG_FILE} if it exists)",
-        auto_env_var_prefix=ENV_PREFIX,
-        config_file_parser_class=SettingsFileParser,
-        allow_abbrev=False,         # --check-conf is no --check-config (command line only, checked by name)
-    )
-    add = p.add_argument
-    add("--listen", action="append", metavar="ADDR",
-        help=f"plain SMTP listener, HOST:PORT, [V6]:PORT or PORT (default {DEFAULT_LISTEN})")
-    add("--tls-listen", action="append", metavar="ADDR", help="implicit-TLS listener (SMTPS, port 465 style)")
-    add("--server-name", metavar="NAME", help="name in the greeting and EHLO reply (default: the FQDN)")
-    add("--backend", action="append", metavar="BACKEND",
-        help="back-end HOST:PORT (port 25 if omitted), maildir:PATH or stdout:; repeat for failover (--balance)")
-    add("--balance", default="first", metavar="{first,roundrobin,leastconn}",
-        help="which --backend a new back-end session tries first: the first listed, the next in turn, or the one "
-             "with the fewest open connections; the others follow as failover (default first)")
-    add("--auth-http", metavar="URL",
-        help="nginx-compatible auth service that decides who may send and names the back-end")
-    add("--auth-http-header", action="append", metavar="'NAME: VALUE'", help="extra header on every auth request")
-    add("--auth-http-timeout", default="60", metavar="SECONDS", help="deadline for the auth service's whole answer (default 60)")
-    add("--auth-http-scope", default="session", metavar="{session,transaction}",
-        help="with --auth none: ask the auth service once per session (as nginx) or for every transaction "
-             "(default session)")
-    add("--auth", default="none", metavar="METHODS",
-        help="comma list of none, plain, login, cram-md5, external; without none, AUTH is required (default none)")
-    add("--xclient", action=argparse.BooleanOptionalAction, default=True,
-        help="pass the client on with XCLIENT; a back-end that refuses it counts as down (default on)")
-    add("--resolve", default="on", metavar="{on,off}",
-        help="look up the client's name (PTR, confirmed by a forward lookup) for XCLIENT and the auth service (default on)")
-    add("--resolve-timeout", default="5", metavar="SECONDS",
-        help="the longest a name lookup may delay a session; then [TEMPUNAVAIL] (default 5)")
-    add("--starttls", default="off", metavar="{off,on,only}",
-        help="offer STARTTLS; only: MAIL and AUTH need TLS first (default off)")
-    add("--tls-cert", metavar="FILE", help="server certificate (chain), PEM")
-    add("--tls-key", metavar="FILE", help="its private key, PEM")
-    add("--tls-client-ca", metavar="FILE", help="CAs that client certificates are verified against")
-    add("--tls-verify-client", default="off", metavar="{off,on,optional}",
-        help="ask clients for a certificate; on: no session without a valid one (default off)")
-    add("--backend-tls", default="off", metavar="{off,starttls,on}",
-        help="TLS towards the back-end: none, STARTTLS, or implicit (default off)")
-    add("--backend-tls-ca", metavar="FILE", help="CAs that back-end certificates are verified against (default: system CAs)")
-    add("--backend-tls-verify", default="on", metavar="{on,off}",
-        help="verify the back-end's certificate and name; off only for lab set-ups (default on)")
-    add("--backend-auth", metavar="USER:PASSWORD", help="AUTH towards the back-end, PLAIN or LOGIN")
-    add("--timeout", default="60", metavar="SECONDS",
-        help="deadline for each whole command line and for idle time between commands (default 60)")
-    add("--proxy-timeout", default="60", metavar="SECONDS", help="deadline for each whole back-end reply (default 60)")
-    add("--data-timeout", default="600", metavar="SECONDS",
-        help="deadline for the back-end's reply to the end of data (default 600, RFC 5321's 10 minutes)")
-    add("--greeting-delay", default="0", metavar="SECONDS",
-        help="hold the greeting back; a client that talks first is refused (default 0)")
-    add("--max-errors", default="5", metavar="N", help="protocol errors before the session is closed (default 5)")
-    add("--max-refusals", default="20", metavar="N",
-        help="refused MAIL and RCPT (and junk commands past 100) a session may have without delivering a "
-             "message, as Postfix's smtpd_hard_error_limit; 0 for no limit (default 20)")
-    add("--max-clients", default="1000", metavar="N", help="concurrent sessions (default 1000)")
-    add("--max-clients-per-ip", default="0", metavar="N",
-        help="concurrent sessions from one address, 0 for no limit (default 0)")
-    add("--max-message-size", default="0", metavar="BYTES", help="largest message, 0 for no limit (default 0)")
-    add("--max-recipients", default="100", metavar="N", help="recipients per message (default 100)")
-    add("--bare-newline", default="normalize", metavar="{normalize,reject}",
-        help="a bare CR or LF in message data is made CRLF, or the message refused (default normalize)")
-    add("--allow-from", action="append", metavar="CIDR",
-        help="client networks allowed to connect; others get 554 (default any)")
-    add("--allow-sender", metavar="REGEX", help="envelope senders allowed, full match, any case; others get 550 at MAIL")
-    add("--allow-recipient", metavar="REGEX", help="envelope recipients allowed; others get 550 at RCPT")
-    add("--log-level", default="info", metavar="{debug,info,warning,error}",
-        help="debug logs the whole SMTP dialogue (default info)")
-    add("--log-format", default="text", metavar="{text,json}",
-        help="one line per event; json lines carry named fields (default text)")
-    add("--log-target", default="stderr", metavar="{stderr,syslog}",
-        help="where log lines go; syslog is /dev/log (default stderr; syslog when stderr is the client's socket)")
-    add("--proxy-protocol", action="store_true",
-        help="listeners expect a PROXY protocol v1 or v2 header from a --real-ip-from peer")
-    add("--real-ip-from", action="append", metavar="CIDR", help="peers whose PROXY header is trusted")
-    add("--inetd", action="store_true",
-        help="serve one session on stdin/stdout (inetd nowait, systemd Accept=yes) and exit")
-    add("--user", metavar="USER", help="after binding the listeners, drop root privileges to USER and its groups")
-    add("--metrics", metavar="ADDR",
-        help="serve Prometheus metrics on http://ADDR/metrics (pip install 'smtprelay[metrics]')")
-    add("--check-config", action="store_true", help="validate the configuration, print it and exit")
-    add("--probe", action="store_true",
-        help="validate as --check-config, then connect to each --backend (with --auth-http: the one the "
-             "auth service names for a client at 127.0.0.1) and say what it offers; exit 0 only if every "
-             "back-end would be used")
-    add("--version", action="version", version=f"smtprelay {__version__}")
-    return p
-
-
-def setting_actions(parser):
-    """The options a config file or the environment may set, in parser order -> [argparse.Action];
-    --check-config prints them, and the sample config must list them all."""
-    return [a for a in parser._actions
-            if a.option_strings and a.dest not in ("help", "version", "config_file", "check_config", "probe")]
-
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-    """The validated settings, one field per option in build_parser's order
-    (cfg.max_errors is --max-errors); SIGHUP builds a new one."""
-
-    listen: list                # [(host, port)]
-    tls_listen: list
-    server_name: str
-    backend: list               # [BackendSpec]
-    balance: str
-    auth_http: str
-    auth_http_header: list      # [(name, value)]
-    auth_http_timeout: float
-    auth_http_scope: str
-    auth: list                  # the --auth methods, in EHLO's order
-    xclient: bool
-    resolve: str
-    resolve_timeout: float
-    starttls: str
-    tls_cert: str
-    tls_key: str
-    tls_client_ca: str
-    tls_verify_client: str
-    backend_tls: str
-    backend_tls_ca: str
-    backend_tls_verify: str
-    backend_auth: tuple         # (user, password) or None
-    timeout: float
-    proxy_timeout: float
-    data_timeout: float
-    greeting_delay: float
-    max_errors: int
-    max_refusals: int
-    max_clients: int
-    max_clients_per_ip: int
-    max_message_size: int
-    max_recipients: int
-    bare_newline: str
-    allow_from: list            # [ip_network]
-    allow_sender: re.Pattern
-    allow_recipient: re.Pattern
-    log_level: str
-    log_format: str
-    log_target: str
-    proxy_protocol: bool
-    real_ip_from: list          # [ip_network]
-    inetd: bool
-    user: object                # --user's pwd entry, or None
-    metrics: tuple              # (host, port) or None
-
-    @property
-    def auth_mechanisms(self):
-        """What AUTH may offer: the --auth methods but none."""
-        return [m for m in self.auth if m != "none"]
-
-    @property
-    def auth_required(self):
-        """MAIL waits for AUTH."""
-        return "none" not in self.auth
-
-
 def is_number(text):
     """ASCII digits only: str.isdigit() also takes "²", which int() refuses."""
     return re.fullmatch(r"[0-9]+", text) is not None
@@ -320,11 +157,6 @@ def parse_number(option, text, minimum=0, kind=int, maximum=None):
     if maximum is not None and value > maximum:
         raise ConfigError(option, f"{text!r}: must be at most {maximum:g}")
     return value
-
-
-def parse_seconds(option, text, minimum=0.001):
-    """An option's seconds -> float, at least minimum (by default a millisecond), at most MAX_SECONDS."""
-    return parse_number(option, text, minimum, float, maximum=MAX_SECONDS)
 
 
 def parse_choice(option, text, choices):
@@ -542,89 +374,211 @@ def parse_user(name):
         raise ConfigError("--user", f"{name!r}: no such user") from None
 
 
+def parse_backend_auth(option, text):
+    """--backend-auth USER:PASSWORD -> (user, password)."""
+    user, sep, password = text.partition(":")
+    if not sep or not user:
+        raise ConfigError(option, "write USER:PASSWORD")
+    return user, password
+
+
+def parse_server_name(option, text):
+    """--server-name: one word of printable ASCII, as a greeting can carry it."""
+    if not PRINTABLE_ASCII.fullmatch(text):
+        raise ConfigError(option, f"{text!r}: must be one word of printable ASCII")
+    return text
+
+
+class Setting(typing.NamedTuple):
+    """One option and the Config field it fills: its flag, help, default (as text)
+    and metavar, and read(option, text) -> value. Without read, the text itself,
+    or one of the choices a metavar "{a,b}" lists. Given more than once
+    (append), each value is read: the field is their list."""
+    flag: str
+    help: str
+    default: str = None
+    metavar: str = None
+    read: typing.Callable = None
+    action: object = None           # argparse's: "append", "store_true" or BooleanOptionalAction
+
+    @property
+    def dest(self):
+        """The Config field: --max-errors is max_errors."""
+        return self.flag[2:].replace("-", "_")
+
+    def value(self, text):
+        """The option's text (a list of them, for append) -> its Config value; raises ConfigError."""
+        if self.action == "append":
+            return [self.value_of(t) for t in text or []]
+        return text if text is None or isinstance(text, bool) else self.value_of(text)
+
+    def value_of(self, text):
+        """One text -> its value."""
+        if self.read:
+            return self.read(self.flag, text)
+        if self.metavar and self.metavar.startswith("{"):
+            return parse_choice(self.flag, text, self.metavar.strip("{}").split(","))
+        return text
+
+
+def read_seconds(minimum=0.001):
+    """read= for a number of seconds, at least minimum."""
+    return lambda option, text: parse_number(option, text, minimum, float, maximum=MAX_SECONDS)
+
+
+def read_count(minimum=0):
+    """read= for a whole number, at least minimum."""
+    return lambda option, text: parse_number(option, text, minimum)
+
+
+# Every option a config file, the environment or the command line may set, in
+# the order --help and --check-config list them; Config has a field for each.
+SETTINGS = [
+    Setting("--listen", f"plain SMTP listener, HOST:PORT, [V6]:PORT or PORT (default {DEFAULT_LISTEN})",
+            metavar="ADDR", action="append", read=parse_address),
+    Setting("--tls-listen", "implicit-TLS listener (SMTPS, port 465 style)", metavar="ADDR", action="append",
+            read=parse_address),
+    Setting("--server-name", "name in the greeting and EHLO reply (default: the FQDN)", metavar="NAME",
+            read=parse_server_name),
+    Setting("--backend", "back-end HOST:PORT (port 25 if omitted), maildir:PATH or stdout:; repeat for failover "
+            "(--balance)", metavar="BACKEND", action="append", read=lambda option, text: parse_backend(text.strip())),
+    Setting("--balance", "which --backend a new back-end session tries first: the first listed, the next in turn, "
+            "or the one with the fewest open connections; the others follow as failover (default first)",
+            "first", "{first,roundrobin,leastconn}"),
+    Setting("--auth-http", "nginx-compatible auth service that decides who may send and names the back-end",
+            metavar="URL", read=lambda option, text: parse_auth_http(text)),
+    Setting("--auth-http-header", "extra header on every auth request", metavar="'NAME: VALUE'", action="append",
+            read=lambda option, text: parse_header(text)),
+    Setting("--auth-http-timeout", "deadline for the auth service's whole answer (default 60)", "60", "SECONDS",
+            read_seconds()),
+    Setting("--auth-http-scope", "with --auth none: ask the auth service once per session (as nginx) or for every "
+            "transaction (default session)", "session", "{session,transaction}"),
+    Setting("--auth", "comma list of none, plain, login, cram-md5, external; without none, AUTH is required "
+            "(default none)", "none", "METHODS", lambda option, text: parse_auth_methods(text)),
+    Setting("--xclient", "pass the client on with XCLIENT; a back-end that refuses it counts as down (default on)",
+            True, action=argparse.BooleanOptionalAction),
+    Setting("--resolve", "look up the client's name (PTR, confirmed by a forward lookup) for XCLIENT and the auth "
+            "service (default on)", "on", "{on,off}"),
+    Setting("--resolve-timeout", "the longest a name lookup may delay a session; then [TEMPUNAVAIL] (default 5)", "5",
+            "SECONDS", read_seconds()),
+    Setting("--starttls", "offer STARTTLS; only: MAIL and AUTH need TLS first (default off)", "off", "{off,on,only}"),
+    Setting("--tls-cert", "server certificate (chain), PEM", metavar="FILE"),
+    Setting("--tls-key", "its private key, PEM", metavar="FILE"),
+    Setting("--tls-client-ca", "CAs that client certificates are verified against", metavar="FILE"),
+    Setting("--tls-verify-client", "ask clients for a certificate; on: no session without a valid one (default off)",
+            "off", "{off,on,optional}"),
+    Setting("--backend-tls", "TLS towards the back-end: none, STARTTLS, or implicit (default off)", "off",
+            "{off,starttls,on}"),
+    Setting("--backend-tls-ca", "CAs that back-end certificates are verified against (default: system CAs)",
+            metavar="FILE"),
+    Setting("--backend-tls-verify", "verify the back-end's certificate and name; off only for lab set-ups "
+            "(default on)", "on", "{on,off}"),
+    Setting("--backend-auth", "AUTH towards the back-end, PLAIN or LOGIN", metavar="USER:PASSWORD",
+            read=parse_backend_auth),
+    Setting("--timeout", "deadline for each whole command line and for idle time between commands (default 60)",
+            "60", "SECONDS", read_seconds()),
+    Setting("--proxy-timeout", "deadline for each whole back-end reply (default 60)", "60", "SECONDS", read_seconds()),
+    Setting("--data-timeout", "deadline for the back-end's reply to the end of data (default 600, RFC 5321's "
+            "10 minutes)", "600", "SECONDS", read_seconds()),
+    Setting("--greeting-delay", "hold the greeting back; a client that talks first is refused (default 0)", "0",
+            "SECONDS", read_seconds(0)),
+    Setting("--max-errors", "protocol errors before the session is closed (default 5)", "5", "N", read_count()),
+    Setting("--max-refusals", "refused MAIL and RCPT (and junk commands past 100) a session may have without "
+            "delivering a message, as Postfix's smtpd_hard_error_limit; 0 for no limit (default 20)", "20", "N",
+            read_count()),
+    Setting("--max-clients", "concurrent sessions (default 1000)", "1000", "N", read_count(1)),
+    Setting("--max-clients-per-ip", "concurrent sessions from one address, 0 for no limit (default 0)", "0", "N",
+            read_count()),
+    Setting("--max-message-size", "largest message, 0 for no limit (default 0)", "0", "BYTES", read_count()),
+    Setting("--max-recipients", "recipients per message (default 100)", "100", "N", read_count(1)),
+    Setting("--bare-newline", "a bare CR or LF in message data is made CRLF, or the message refused (default "
+            "normalize)", "normalize", "{normalize,reject}"),
+    Setting("--allow-from", "client networks allowed to connect; others get 554 (default any)", metavar="CIDR",
+            action="append", read=lambda option, text: parse_network(text, option)),
+    Setting("--allow-sender", "envelope senders allowed, full match, any case; others get 550 at MAIL",
+            metavar="REGEX", read=parse_regex),
+    Setting("--allow-recipient", "envelope recipients allowed; others get 550 at RCPT", metavar="REGEX",
+            read=parse_regex),
+    Setting("--log-level", "debug logs the whole SMTP dialogue (default info)", "info", "{debug,info,warning,error}"),
+    Setting("--log-format", "one line per event; json lines carry named fields (default text)", "text",
+            "{text,json}"),
+    Setting("--log-target", "where log lines go; syslog is /dev/log (default stderr; syslog when stderr is the "
+            "client's socket)", "stderr", "{stderr,syslog}"),
+    Setting("--proxy-protocol", "listeners expect a PROXY protocol v1 or v2 header from a --real-ip-from peer",
+            action="store_true"),
+    Setting("--real-ip-from", "peers whose PROXY header is trusted", metavar="CIDR", action="append",
+            read=lambda option, text: parse_network(text, option)),
+    Setting("--inetd", "serve one session on stdin/stdout (inetd nowait, systemd Accept=yes) and exit",
+            action="store_true"),
+    Setting("--user", "after binding the listeners, drop root privileges to USER and its groups", metavar="USER",
+            read=lambda option, text: parse_user(text)),
+    Setting("--metrics", "serve Prometheus metrics on http://ADDR/metrics (pip install 'smtprelay[metrics]')",
+            metavar="ADDR", read=parse_address),
+]
+
+Config = dataclasses.make_dataclass("Config", [s.dest for s in SETTINGS], frozen=True, namespace={
+    "__doc__": "The validated settings, a field for each of SETTINGS (cfg.max_errors is --max-errors); "
+               "SIGHUP builds a new one.",
+    "auth_mechanisms": property(lambda cfg: [m for m in cfg.auth if m != "none"], doc="What AUTH may offer."),
+    "auth_required": property(lambda cfg: "none" not in cfg.auth, doc="MAIL waits for AUTH."),
+})
+
+
+def build_parser():
+    """The option parser: SETTINGS, and the modes (--check-config, --probe) and --version."""
+    p = SettingsParser(
+        prog="smtprelay",
+        description="A reverse SMTP proxy: accepts mail and hands it to a back-end.",
+        default_config_files=[DEFAULT_CONFIG_FILE],
+        args_for_setting_config_path=["-c", "--config"],
+        config_arg_help_message=f"config file (default {DEFAULT_CONFIG_FILE} if it exists)",
+        auto_env_var_prefix=ENV_PREFIX,
+        config_file_parser_class=SettingsFileParser,
+        allow_abbrev=False,         # --check-conf is no --check-config (command line only, checked by name)
+    )
+    for s in SETTINGS:
+        given = dict(help=s.help, default=s.default, metavar=s.metavar, action=s.action)
+        p.add_argument(s.flag, **{k: v for k, v in given.items() if v is not None})
+    p.add_argument("--check-config", action="store_true", help="validate the configuration, print it and exit")
+    p.add_argument("--probe", action="store_true",
+                   help="validate as --check-config, then run a session's handshake with each --backend (with "
+                        "--auth-http: the one the auth service names for a client at 127.0.0.1) and say what it "
+                        "offers; exit 0 only if every back-end would be used")
+    p.add_argument("--version", action="version", version=f"smtprelay {__version__}")
+    return p
+
+
+def setting_actions(parser):
+    """The options a config file or the environment may set, in parser order -> [argparse.Action];
+    --check-config prints them, and the sample config must list them all."""
+    return [a for a in parser._actions if a.dest in Config.__dataclass_fields__]
+
+
 def validate(args):
     """The parsed strings -> Config; raises ConfigError naming the first bad option.
 
     Parsing only: what the settings build (TLS contexts, the auth service's
     client, Maildirs) is made by Setup, so that SIGHUP can build it again.
     """
-    backends = [parse_backend(b.strip()) for b in args.backend or []]
-    auth = parse_auth_methods(args.auth)
-    if args.auth_http and backends:
+    values = {s.dest: s.value(getattr(args, s.dest)) for s in SETTINGS}
+    cfg = Config(**dict(values, listen=values["listen"] or [parse_address("--listen", DEFAULT_LISTEN)],
+                        server_name=values["server_name"] or parse_server_name("--server-name", default_server_name())))
+    if cfg.auth_http and cfg.backend:
         raise ConfigError("--auth-http", "--backend and --auth-http exclude each other: the auth service names the back-end")
-    if not args.auth_http and not backends:
+    if not cfg.auth_http and not cfg.backend:
         raise ConfigError("--backend", "no back-end given (e.g. --backend 127.0.0.1:25 or --backend maildir:PATH)")
-    if args.inetd and any(b.kind == "stdout" for b in backends):
+    if cfg.inetd and any(b.kind == "stdout" for b in cfg.backend):
         raise ConfigError("--backend", "stdout: cannot be used with --inetd: standard output is the client's connection")
-    if auth != ["none"] and not args.auth_http:
+    if cfg.auth != ["none"] and not cfg.auth_http:
         raise ConfigError("--auth", f"{args.auth!r}: checking credentials needs an auth service (--auth-http)")
-    starttls = parse_choice("--starttls", args.starttls, ("off", "on", "only"))
-    verify_client = parse_choice("--tls-verify-client", args.tls_verify_client, ("off", "on", "optional"))
-    tls_listen = [parse_address("--tls-listen", a) for a in args.tls_listen or []]
-    missing_tls = "--tls-key" if args.tls_cert else "--tls-cert"
-    if (starttls != "off" or tls_listen) and not (args.tls_cert and args.tls_key):
+    missing_tls = "--tls-key" if cfg.tls_cert else "--tls-cert"
+    if (cfg.starttls != "off" or cfg.tls_listen) and not (cfg.tls_cert and cfg.tls_key):
         raise ConfigError(missing_tls, "TLS (--starttls, --tls-listen) needs --tls-cert and --tls-key")
-    if verify_client != "off" and not args.tls_client_ca:
-        raise ConfigError("--tls-client-ca", f"--tls-verify-client {verify_client} needs the CAs to verify against")
-    if (args.tls_cert or args.tls_key) and not (args.tls_cert and args.tls_key):
+    if cfg.tls_verify_client != "off" and not cfg.tls_client_ca:
+        raise ConfigError("--tls-client-ca", f"--tls-verify-client {cfg.tls_verify_client} needs the CAs to verify against")
+    if (cfg.tls_cert or cfg.tls_key) and not (cfg.tls_cert and cfg.tls_key):
         raise ConfigError(missing_tls, "--tls-cert and --tls-key go together")
-    backend_tls = parse_choice("--backend-tls", args.backend_tls, ("off", "starttls", "on"))
-    backend_tls_verify = parse_choice("--backend-tls-verify", args.backend_tls_verify, ("on", "off"))
-    backend_auth = None
-    if args.backend_auth is not None:
-        user, sep, password = args.backend_auth.partition(":")
-        if not sep or not user:
-            raise ConfigError("--backend-auth", "write USER:PASSWORD")
-        backend_auth = (user, password)
-    server_name = default_server_name() if args.server_name is None else args.server_name
-    if not re.fullmatch(r"[\x21-\x7e]+", server_name):
-        raise ConfigError("--server-name", f"{server_name!r}: must be one word of printable ASCII")
-    return Config(
-        listen=[parse_address("--listen", a) for a in args.listen or [DEFAULT_LISTEN]],
-        tls_listen=tls_listen,
-        server_name=server_name,
-        backend=backends,
-        auth_http=parse_auth_http(args.auth_http) if args.auth_http else None,
-        auth_http_header=[parse_header(h) for h in args.auth_http_header or []],
-        auth_http_timeout=parse_seconds("--auth-http-timeout", args.auth_http_timeout),
-        auth_http_scope=parse_choice("--auth-http-scope", args.auth_http_scope, ("session", "transaction")),
-        auth=auth,
-        xclient=args.xclient,
-        resolve=parse_choice("--resolve", args.resolve, ("on", "off")),
-        resolve_timeout=parse_seconds("--resolve-timeout", args.resolve_timeout),
-        starttls=starttls,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        tls_client_ca=args.tls_client_ca,
-        tls_verify_client=verify_client,
-        backend_tls=backend_tls,
-        backend_tls_ca=args.backend_tls_ca,
-        backend_tls_verify=backend_tls_verify,
-        backend_auth=backend_auth,
-        balance=parse_choice("--balance", args.balance, ("first", "roundrobin", "leastconn")),
-        timeout=parse_seconds("--timeout", args.timeout),
-        proxy_timeout=parse_seconds("--proxy-timeout", args.proxy_timeout),
-        data_timeout=parse_seconds("--data-timeout", args.data_timeout),
-        greeting_delay=parse_seconds("--greeting-delay", args.greeting_delay, 0),
-        max_errors=parse_number("--max-errors", args.max_errors),
-        max_refusals=parse_number("--max-refusals", args.max_refusals),
-        max_clients=parse_number("--max-clients", args.max_clients, 1),
-        max_clients_per_ip=parse_number("--max-clients-per-ip", args.max_clients_per_ip),
-        max_message_size=parse_number("--max-message-size", args.max_message_size),
-        max_recipients=parse_number("--max-recipients", args.max_recipients, 1),
-        bare_newline=parse_choice("--bare-newline", args.bare_newline, ("normalize", "reject")),
-        allow_from=[parse_network(n) for n in args.allow_from or []],
-        allow_sender=parse_regex("--allow-sender", args.allow_sender),
-        allow_recipient=parse_regex("--allow-recipient", args.allow_recipient),
-        log_level=parse_choice("--log-level", args.log_level, LOG_LEVELS),
-        log_format=parse_choice("--log-format", args.log_format, ("text", "json")),
-        log_target=parse_choice("--log-target", args.log_target, ("stderr", "syslog")),
-        proxy_protocol=args.proxy_protocol,
-        real_ip_from=[parse_network(n, "--real-ip-from") for n in args.real_ip_from or []],
-        inetd=args.inetd,
-        user=parse_user(args.user) if args.user is not None else None,
-        metrics=parse_address("--metrics", args.metrics) if args.metrics else None,
-    )
+    return cfg
 
 
 def load_config(argv=None):
