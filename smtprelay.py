@@ -1077,6 +1077,10 @@ class Wire:
         """Put bytes read too far (past the end of message data) back in front of the buffer."""
         self.inbuf, self.inpos = data + self.inbuf[self.inpos:], 0
 
+    def has_line(self):
+        """Whether a whole line is buffered."""
+        return self.inbuf.find(b"\n", self.inpos) >= 0
+
     @property
     def buffered(self):
         """Bytes read from the peer and not yet handed out."""
@@ -1261,7 +1265,7 @@ class Channel:
             # The first read may take the whole --timeout in one recv(), unless
             # writing the replies had to wait for the client's reading.
             deadline = time.monotonic() + self.timeout
-            waited = self.flush() if self.wire.inbuf.find(b"\n", self.wire.inpos) < 0 else False
+            waited = self.flush() if not self.wire.has_line() else False
             line = self.wire.read_line(limit, deadline, not waited, stop)
         except LineTooLong as e:
             self.skipping = not e.whole
@@ -1277,6 +1281,11 @@ class Channel:
     def spoke_within(self, seconds):
         """Whether the client sends anything within `seconds` (before the greeting it should not)."""
         return self.wire.readable_within(seconds)
+
+    @property
+    def on_socket(self):
+        """Whether the client is on a socket, where TLS can start (not on pipes)."""
+        return self.wire.sock is not None
 
     def tls_parameters(self):
         """(protocol, cipher) of the TLS in use."""
@@ -1869,7 +1878,7 @@ class Session:
         mechanisms = [m.upper() for m in self.offered_mechanisms()]
         if mechanisms:
             extensions.append("AUTH " + " ".join(mechanisms))
-        if self.cfg.starttls != "off" and not self.client.tls and self.channel.wire.sock is not None:
+        if self.cfg.starttls != "off" and not self.client.tls and self.channel.on_socket:
             extensions.append("STARTTLS")
         self.channel.reply(250, "\n".join(extensions))
 
@@ -2142,7 +2151,7 @@ class Session:
     @syntax("STARTTLS")
     def smtp_STARTTLS(self, arg):
         """RFC 3207: TLS, after which the session starts over."""
-        if self.cfg.starttls == "off" or self.channel.wire.sock is None:     # off, or a client on pipes
+        if self.cfg.starttls == "off" or not self.channel.on_socket:     # off, or a client on pipes
             raise SMTPError(STARTTLS_NOT_AVAILABLE)
         if self.client.tls:
             raise SMTPError(TLS_ACTIVE)

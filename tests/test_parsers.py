@@ -339,6 +339,59 @@ def test_is_host_takes_addresses_and_names_of_labels_of_1_to_63_characters(text,
     assert is_host(text) is host
 
 
+def test_a_backend_is_a_smtp_host_and_port_a_maildir_or_standard_output(tmp_path):
+    assert smtprelay.parse_backend("mx.example") == smtprelay.BackendSpec("smtp", "mx.example", 25)
+    assert str(smtprelay.parse_backend("[2001:db8::1]:2525")) == "[2001:db8::1]:2525"
+    maildir = smtprelay.parse_backend(f"maildir:{tmp_path}/new/mail")
+    assert (maildir.kind, maildir.path, str(maildir)) == ("maildir", f"{tmp_path}/new/mail", f"maildir:{tmp_path}/new/mail")
+    assert smtprelay.parse_backend("stdout:").kind == "stdout"
+    for text, why in [("stdout:x", "stdout: takes nothing"), ("maildir:", "no path"), (":25", "no host"),
+                      ("mx.example:0", "port 0")]:
+        with pytest.raises(ConfigError, match=f"^--backend: .*{why}"):
+            smtprelay.parse_backend(text)
+
+
+def test_auth_methods_come_in_ehlos_order_and_only_the_known_ones():
+    assert smtprelay.parse_auth_methods("LOGIN, plain,none") == ["none", "plain", "login"]
+    for text in ["", " , ", "plain,gssapi"]:
+        with pytest.raises(ConfigError, match="^--auth: "):
+            smtprelay.parse_auth_methods(text)
+
+
+def test_an_auth_service_url_is_http_or_https_with_a_host_and_a_good_port():
+    assert smtprelay.parse_auth_http("https://auth.example:8443/auth") == "https://auth.example:8443/auth"
+    for text in ["ftp://auth.example/", "http:///auth", "http://auth.example:99999/"]:
+        with pytest.raises(ConfigError, match="^--auth-http: "):
+            smtprelay.parse_auth_http(text)
+
+
+def test_backend_auth_is_user_colon_password_the_password_may_hold_colons():
+    assert smtprelay.parse_backend_auth("--backend-auth", "relay:s3:cret") == ("relay", "s3:cret")
+    for text in ["relay", ":pw"]:
+        with pytest.raises(ConfigError, match="^--backend-auth: write USER:PASSWORD$"):
+            smtprelay.parse_backend_auth("--backend-auth", text)
+
+
+def test_a_server_name_is_one_word_of_printable_ascii_and_a_regex_any_case():
+    assert smtprelay.parse_server_name("--server-name", "mx.example") == "mx.example"
+    for text in ["mx example", "mx\x01", "caf\u00e9"]:
+        with pytest.raises(ConfigError, match="^--server-name: .*one word of printable ASCII$"):
+            smtprelay.parse_server_name("--server-name", text)
+    assert smtprelay.parse_regex("--allow-sender", r".*@example\.org").fullmatch("A@EXAMPLE.ORG")
+    with pytest.raises(ConfigError, match="^--allow-sender: '\\(': "):
+        smtprelay.parse_regex("--allow-sender", "(")
+
+
+def test_a_setting_reads_its_choices_from_its_metavar_and_each_of_an_appended_list():
+    [balance] = [s for s in smtprelay.SETTINGS if s.flag == "--balance"]
+    assert balance.value("leastconn") == "leastconn"
+    with pytest.raises(ConfigError, match="^--balance: 'random': must be one of first, roundrobin, leastconn$"):
+        balance.value("random")
+    [listen] = [s for s in smtprelay.SETTINGS if s.flag == "--listen"]
+    assert listen.value(["25", "[::1]:2525"]) == [("", 25), ("::1", 2525)] and listen.value(None) == []
+    assert {s.dest for s in smtprelay.SETTINGS} == set(smtprelay.Config.__dataclass_fields__)
+
+
 # --- xtext ------------------------------------------------------------------------------------
 
 def test_xtext_encodes_plus_equals_space_controls_and_non_ascii_as_hex_of_their_utf8():
