@@ -67,9 +67,10 @@ log = logging.getLogger("smtprelay")
 
 # --- 1. Configuration: options, defaults, validation -------------------------
 # Options come from the command line, SMTPRELAY_* variables and the config
-# file, in that precedence (configargparse). argparse only collects strings;
-# validate() turns them into a Config, so that a bad value from any source
-# gives one line naming the option and exit status 1 (README, Configuration).
+# file, in that precedence (configargparse). Each is declared once, in
+# SETTINGS; argparse only collects strings, and validate() reads them into a
+# frozen Config, so that a bad value from any source gives one line naming
+# the option and exit status 1 (README, Configuration).
 
 DEFAULT_CONFIG_FILE = "/etc/smtprelay.conf"
 DEFAULT_LISTEN = "127.0.0.1:2525"
@@ -621,10 +622,11 @@ def load_config(argv=None):
     return cfg, "\n".join(lines), mode
 
 
-# --- 2. SMTP wire: replies, bounded line reads, message data -----------------
-# The client's bytes are read through one Channel: bounded command lines,
-# and message data moved in large chunks with bytes methods (find, count,
-# replace run in C). Replies are written from one place, format_reply.
+# --- 2. SMTP wire: replies, events, bounded reads, message data --------------
+# The texts first: every fixed reply, and every log line (EVENTS). Then the
+# bytes: one Wire per peer, and the client's Channel on it, with bounded
+# command lines and message data moved in large chunks with bytes methods
+# (find, count, replace run in C). Replies are written by format_reply.
 
 COMMAND_LINE_LIMIT = 2048   # RFC 5321 §4.5.3.1.4 says 512; parameters outgrow it
 AUTH_LINE_LIMIT = 12288     # RFC 4954 §4: an AUTH line (initial response included) may be this long
@@ -2286,11 +2288,12 @@ class Session:
 
 
 # --- 4. Back-ends: failover, the smtplib handshake, XCLIENT, Maildir ---------
-# A back-end spec (SMTPBackend, MaildirBackend, StdoutBackend) opens a connection for one
-# session. Connections share one small interface: mail, rcpt, data_start,
-# data_end and rset return (code, text), data_write and close nothing; any
-# may raise BackendGone, so the session never sees smtplib's or the OS's
-# exceptions.
+# A back-end (SMTPBackend, MaildirBackend, StdoutBackend, made by Setup from
+# a BackendSpec) opens a connection for one client, given the Client value
+# and nothing else of the session. Connections share one small interface:
+# mail, rcpt, data_start, data_end and rset return (code, text), data_write
+# and close nothing; any may raise BackendGone, so the session never sees
+# smtplib's or the OS's exceptions.
 
 XCLIENT_VALUE_LIMIT = 255   # Postfix: "attribute value too long" past this, after xtext
 XCLIENT_LINE_LIMIT = 512    # RFC 5321 §4.5.3.1.4, CRLF included
@@ -3501,9 +3504,9 @@ def auth_wait(h):
 
 # --- 6. Server and lifecycle: setup, connections, listeners, signals --------
 # A Setup is what one configuration builds (TLS contexts, the auth service's
-# client); SIGHUP builds a new one and new sessions take it. One Relay holds
-# what outlives a reload: the session counts, the stop, the event hook (log
-# lines, JSON fields and metrics from one place). Every client connection,
+# client, the back-ends); SIGHUP builds a new one and new sessions take it.
+# One Relay holds what outlives a reload: the session counts and admission,
+# the stop, the names resolver, the balancer. Every client connection,
 # whoever accepted it (a listener thread, --inetd, a socket systemd passed
 # on), goes through serve_connection(): PROXY header, admission, session,
 # release. The main thread waits for signals.
