@@ -29,7 +29,6 @@ import collections
 import dataclasses
 import datetime
 import errno
-import functools
 import ipaddress
 import hashlib
 import heapq
@@ -787,6 +786,12 @@ EVENTS = {
     "stdout_stalled": (logging.ERROR, "%(session)s standard output took no message within --data-timeout %(seconds)gs"),
 }
 SUBSCRIBERS = collections.defaultdict(list)     # event name -> callables given its fields
+
+
+def wanted(name):
+    """Whether anyone takes the event (a subscriber, or the log at its level): the
+    few that come with every session ask first, so as not to build fields for nobody."""
+    return name in SUBSCRIBERS or log.isEnabledFor(EVENTS[name][0])
 
 
 def event(name, exc_info=False, **fields):
@@ -1620,11 +1625,10 @@ class Resolver:
                 lookup.found(names)
 
 
-@dataclasses.dataclass(frozen=True)
-class Client:
+class Client(typing.NamedTuple):
     """Who the client is, as back-ends and the auth service are told: one value
-    the session builds, and builds anew (dataclasses.replace) when the client
-    says HELO, starts TLS or logs in; nothing else of the session reaches them."""
+    the session builds, and builds anew (_replace) when the client says HELO,
+    starts TLS or logs in; nothing else of the session reaches them."""
 
     sid: str                    # the session's id, first on each of its log lines
     ip: str = None              # None: no IP address (--inetd on a UNIX socket or pipes)
@@ -1636,7 +1640,7 @@ class Client:
     certificate: dict = None    # its verified certificate, as Auth-SSL-* values
     user: str = None            # the login it authenticated as
 
-    @functools.cached_property
+    @property
     def address(self):
         """The address as an ipaddress object, for the checks that need one."""
         return ipaddress.ip_address(self.ip) if self.ip else None
@@ -1677,7 +1681,8 @@ class Session:
     def reset(self, forget_helo=False):
         """Forget the mail transaction (RFC 5321 §4.1.1.5); with forget_helo, who the client said it was too."""
         if forget_helo:
-            self.client = dataclasses.replace(self.client, helo=None, esmtp=False, user=None)
+            if self.client.helo or self.client.user:
+                self.client = self.client._replace(helo=None, esmtp=False, user=None)
             self.route = None       # the auth service's OK answer that applies now
         self.mail_from = None
         self.mail_params = {}
@@ -1695,8 +1700,9 @@ class Session:
     def run(self):
         """Serve the client from greeting to close: QUIT, EOF, --timeout, a stop or an error."""
         self.connected = time.monotonic()
-        via = f" via {format_address(*self.via[:2])}" if self.via else ""
-        self.event("connect", peer=f"{self.client}{via}", port=self.client.port)
+        if wanted("connect"):
+            via = f" via {format_address(*self.via[:2])}" if self.via else ""
+            self.event("connect", peer=f"{self.client}{via}", port=self.client.port)
         try:
             if self.implicit_tls:
                 self.begin_tls()
@@ -1716,15 +1722,16 @@ class Session:
 
     def log_disconnect(self):
         """The session's last line, once its slot is free (serve_connection)."""
-        self.event("disconnect", peer=self.client.ip or str(self.client),
-                   seconds=round(time.monotonic() - self.connected, 3))
+        if wanted("disconnect"):
+            self.event("disconnect", peer=self.client.ip or str(self.client),
+                       seconds=round(time.monotonic() - self.connected, 3))
 
     def begin_tls(self):
         """The TLS handshake (implicit TLS or STARTTLS); --tls-verify-client on turns
         away a client without a certificate, with a reply it can read."""
         self.channel.start_tls(self.setup.tls_context)
         certificate = self.channel.client_certificate()
-        self.client = dataclasses.replace(self.client, tls=self.channel.tls_parameters(), certificate=certificate)
+        self.client = self.client._replace(tls=self.channel.tls_parameters(), certificate=certificate)
         if self.cfg.tls_verify_client == "on" and not certificate:
             self.say_last(CERTIFICATE_REQUIRED)
             raise ClientGone("refused: no client certificate (--tls-verify-client on)")
@@ -1826,7 +1833,7 @@ class Session:
                 self.refusals += 1
         elif self.verb in ("MAIL", "RCPT") and code >= 400 and not protocol_error:
             self.refusals += 1
-        if self.verb == "RCPT":
+        if self.verb == "RCPT" and wanted("recipient"):
             self.event("recipient", outcome="accepted" if code < 400 else "deferred" if code < 500 else "refused",
                        code=code)
 
@@ -1865,7 +1872,7 @@ class Session:
         if len(xtext(words[0])) > XCLIENT_VALUE_LIMIT:
             raise SMTPError(BAD_HOST_NAME.fill(why="too long"))
         self.abort_transaction()        # RFC 5321 §4.1.4: like RSET
-        self.client = dataclasses.replace(self.client, helo=words[0], esmtp=esmtp)
+        self.client = self.client._replace(helo=words[0], esmtp=esmtp)
         self.ehlo_required = False
         if not esmtp:
             self.channel.reply(250, self.cfg.server_name)
@@ -2054,7 +2061,7 @@ class Session:
         answer = self.ask_auth_service(**credentials)
         if not answer.ok:
             self.refuse(answer, counted=True)
-        self.client, self.route = dataclasses.replace(self.client, user=credentials["user"]), answer
+        self.client, self.route = self.client._replace(user=credentials["user"]), answer
         self.close_backend()       # a back-end chosen before AUTH no longer applies
         self.event("authenticated", user=printable(self.client.user), mechanism=mechanism.upper(),
                    backend=str(answer.backend))
@@ -2282,9 +2289,10 @@ class Session:
 
     def log_message(self, sender, rcpts, size, code, text, started):
         """The message's one line: its envelope, size, back-end and what the client heard."""
-        self.event("message", sender=printable(sender), recipients=[printable(r) for r in rcpts], rcpts=len(rcpts),
-                   size=size, backend=self.backend.name if self.backend else "-", reply=printable(f"{code} {text}"),
-                   seconds=round(time.monotonic() - started, 3))
+        if wanted("message"):
+            self.event("message", sender=printable(sender), recipients=[printable(r) for r in rcpts], rcpts=len(rcpts),
+                       size=size, backend=self.backend.name if self.backend else "-",
+                       reply=printable(f"{code} {text}"), seconds=round(time.monotonic() - started, 3))
 
 
 # --- 4. Back-ends: failover, the smtplib handshake, XCLIENT, Maildir ---------
@@ -3749,7 +3757,8 @@ def serve_connection(relay, connection, peer, implicit_tls=False):
     setup, channel = relay.setup, None
     cfg, ip = setup.cfg, client_ip(peer)
     wire = connection if isinstance(connection, Wire) else Wire(connection, first_read=cfg.timeout)
-    event("connection", peer=peer_text(ip, peer), client=ip)
+    if wanted("connection"):
+        event("connection", peer=peer_text(ip, peer), client=ip)
     try:
         via = None
         if cfg.proxy_protocol:
