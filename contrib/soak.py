@@ -442,6 +442,11 @@ class PostfixBackend:
             path.mkdir(mode=0o755)
         postfix_user, nobody = pwd.getpwnam("postfix"), pwd.getpwnam("nobody")
         os.chown(self.data_dir, postfix_user.pw_uid, postfix_user.pw_gid)
+        # postsuper, run by `postfix start` as the mail owner, writes the maillog itself (postlogd
+        # is not up yet) when it has something to say, such as a queue file a stop cut short:
+        # a maillog only root may write would make that start fail.
+        self.log_path.touch(mode=0o644)
+        os.chown(self.log_path, postfix_user.pw_uid, postfix_user.pw_gid)
         os.chown(self.mail_base, nobody.pw_uid, nobody.pw_gid)      # virtual(8) delivers as nobody
         postdrop = grp.getgrnam("postdrop").gr_gid
         for sub, group, mode in POSTFIX_QUEUE_DIRS:
