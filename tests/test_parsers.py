@@ -392,6 +392,13 @@ def test_a_setting_reads_its_choices_from_its_metavar_and_each_of_an_appended_li
     assert {s.dest for s in smtprelay.SETTINGS} == set(smtprelay.Config.__dataclass_fields__)
 
 
+def test_every_verb_declares_its_syntax_for_help_and_its_501():
+    verbs = [name for name in dir(smtprelay.Session) if name.startswith("smtp_")]
+    assert len(verbs) == 13
+    for name in verbs:
+        assert getattr(smtprelay.Session, name).syntax.startswith(name[5:]), name
+
+
 # --- xtext ------------------------------------------------------------------------------------
 
 def test_xtext_encodes_plus_equals_space_controls_and_non_ascii_as_hex_of_their_utf8():
