@@ -74,7 +74,6 @@ log = logging.getLogger("smtprelay")
 DEFAULT_CONFIG_FILE = "/etc/smtprelay.conf"
 DEFAULT_LISTEN = "127.0.0.1:2525"
 ENV_PREFIX = "SMTPRELAY_"
-LOG_LEVELS = ("debug", "info", "warning", "error")
 AUTH_METHODS = ("none", "plain", "login", "cram-md5", "external")
 MAX_SECONDS = 86400 * 7     # timeouts beyond a week overflow the OS's timers
 
