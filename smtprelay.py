@@ -769,7 +769,7 @@ EVENTS = {
     "auth_lookup": (logging.DEBUG, "%(session)s auth service said %(result)s in %(seconds).3fs"),
     "auth_service_failed": (logging.ERROR, "%(session)s auth service %(url)s: %(reason)s"),
     # Back-ends, seen from a session
-    "backend_connected": (logging.INFO, "%(session)s backend %(backend)s connected (%(tls)s, %(xclient)s)"),
+    "backend_connected": (logging.INFO, "%(session)s backend %(backend)s connected%(details_note)s"),
     "backend_reused": (logging.DEBUG, "%(session)s backend %(backend)s: an idle connection reused"),
     "backend_authenticated": (logging.INFO, "%(session)s backend %(backend)s: authenticated as %(user)s"),
     "backend_down": (logging.WARNING, "%(session)s backend %(backend)s is down: %(reason)s%(hold_off_note)s"),
@@ -2409,7 +2409,8 @@ def open_backend(client, candidates, use, balancer=None):
             if connection.reused:
                 event("backend_reused", **fields)
             else:
-                event("backend_connected", tls=connection.tls_note(), xclient=connection.xclient_note(), **fields)
+                event("backend_connected", tls=connection.tls_version, xclient=connection.xclient,
+                      details_note=connection.describe(), **fields)
             if balancer:
                 balancer.answered(backend, connection.size)
             return connection
@@ -2720,13 +2721,10 @@ class SMTPConnection(smtplib.SMTP):
         self.xclient = True
         self.greet(helo)        # XCLIENT starts a new session on the back-end
 
-    def tls_note(self):
-        """For the log: "TLS TLSv1.3" or "no TLS"."""
-        return f"TLS {self.tls_version}" if self.tls_version else "no TLS"
-
-    def xclient_note(self):
-        """For the log: "XCLIENT" or "no XCLIENT"."""
-        return "XCLIENT" if self.xclient else "no XCLIENT"
+    def describe(self):
+        """For the log: " (TLS TLSv1.3, XCLIENT)", " (no TLS, no XCLIENT)"."""
+        return f" ({f'TLS {self.tls_version}' if self.tls_version else 'no TLS'}, " \
+               f"{'XCLIENT' if self.xclient else 'no XCLIENT'})"
 
     def in_step(self):
         """Raise UnaskedReply where the back-end has said anything since its last reply was read."""
@@ -2975,7 +2973,8 @@ class LocalDelivery:
     unstuffed, and nothing kept once the transaction is aborted."""
 
     counter = itertools.count()     # message numbers, unique in the process
-    reused = False
+    reused = xclient = False
+    tls_version = None
     size = 0                        # no limit of its own
     file = None
 
@@ -3007,13 +3006,9 @@ class LocalDelivery:
         """As close(): local deliveries have no pool."""
         self.close()
 
-    def tls_note(self):
-        """For the log: "no TLS"."""
-        return "no TLS"
-
-    def xclient_note(self):
-        """For the log: "no XCLIENT"."""
-        return "no XCLIENT"
+    def describe(self):
+        """For the log: nothing, as there is no connection to describe."""
+        return ""
 
     def abort(self):
         """The message is not accepted: what was stored of it goes."""
