@@ -198,11 +198,13 @@ def parse_address(option, text, default_port=None):
     return host, int(port)
 
 
-def is_host(text):
-    """An IP address, or a DNS name whose labels are 1 to 63 letters, digits, - or _."""
+def is_host(text, address_ok=True):
+    """An IP address (unless address_ok is False: a PTR name that is an address in
+    disguise, Postfix's valid_hostname), or a DNS name whose labels are 1 to 63
+    letters, digits, - or _."""
     try:
         ipaddress.ip_address(text)
-        return True
+        return address_ok
     except ValueError:
         labels = text[:-1].split(".") if text.endswith(".") else text.split(".")
         return len(text) <= 253 and all(re.fullmatch(r"[A-Za-z0-9_-]{1,63}", label) for label in labels)
@@ -1293,16 +1295,9 @@ class Channel:
         """Whether the client is on a socket, where TLS can start (not on pipes)."""
         return self.wire.sock is not None
 
-    def tls_parameters(self):
-        """(protocol, cipher) of the TLS in use."""
-        return self.wire.sock.version(), self.wire.sock.cipher()[0]
-
-    def client_certificate(self):
-        """The client's verified certificate as Auth-SSL-* values, or None."""
-        return client_certificate(self.wire.sock)
-
     def start_tls(self, context):
-        """Run the server side of a TLS handshake, bounded by one --timeout.
+        """Run the server side of a TLS handshake, bounded by one --timeout -> ((protocol,
+        cipher), the client's verified certificate as Auth-SSL-* values or None).
         A failed handshake raises ClientGone."""
         self.flush()
         if self.wire.sock is None:
@@ -1311,6 +1306,8 @@ class Channel:
             self.wire.start_tls(context, time.monotonic() + self.timeout)
         except (ssl.SSLError, OSError) as e:
             raise ClientGone(f"TLS handshake failed: {getattr(e, 'reason', None) or e}") from None
+        sock = self.wire.sock
+        return (sock.version(), sock.cipher()[0]), client_certificate(sock)
 
     def close(self):
         """Close the connection so that the last reply reaches the client."""
@@ -1483,15 +1480,6 @@ def peer_text(ip, peer):
     return format_address(ip, peer[1]) if ip else "a client with no IP address"
 
 
-def valid_hostname(name):
-    """A PTR name fit to pass on: a DNS name, not an address in disguise (Postfix's valid_hostname)."""
-    try:
-        ipaddress.ip_address(name)
-        return False
-    except ValueError:
-        return is_host(name)
-
-
 def lookup_client_names(ip):
     """The system resolver's names for ip -> (name, reverse_name), as Postfix's smtpd has them.
 
@@ -1506,7 +1494,7 @@ def lookup_client_names(ip):
         return (TEMPUNAVAIL,) * 2 if e.errno == 2 else (UNAVAILABLE,) * 2     # 2: TRY_AGAIN
     except OSError:
         return (TEMPUNAVAIL,) * 2
-    if not valid_hostname(reverse_name):
+    if not is_host(reverse_name, address_ok=False):
         return (UNAVAILABLE,) * 2
     try:
         found = {client_ip(info[4]) for info in socket.getaddrinfo(reverse_name, None, proto=socket.IPPROTO_TCP)}
@@ -1680,8 +1668,7 @@ class Session:
     def reset(self, forget_helo=False):
         """Forget the mail transaction (RFC 5321 §4.1.1.5); with forget_helo, who the client said it was too."""
         if forget_helo:
-            if self.client.helo or self.client.user:
-                self.client = self.client._replace(helo=None, esmtp=False, user=None)
+            self.client = self.client._replace(helo=None, esmtp=False, user=None)
             self.route = None       # the auth service's OK answer that applies now
         self.mail_from = None
         self.mail_params = {}
@@ -1728,9 +1715,8 @@ class Session:
     def begin_tls(self):
         """The TLS handshake (implicit TLS or STARTTLS); --tls-verify-client on turns
         away a client without a certificate, with a reply it can read."""
-        self.channel.start_tls(self.setup.tls_context)
-        certificate = self.channel.client_certificate()
-        self.client = self.client._replace(tls=self.channel.tls_parameters(), certificate=certificate)
+        tls, certificate = self.channel.start_tls(self.setup.tls_context)
+        self.client = self.client._replace(tls=tls, certificate=certificate)
         if self.cfg.tls_verify_client == "on" and not certificate:
             self.say_last(CERTIFICATE_REQUIRED)
             raise ClientGone("refused: no client certificate (--tls-verify-client on)")
@@ -1787,7 +1773,7 @@ class Session:
     def handle_command(self):
         """Read one command line and answer it; a stop is taken here, between transactions only."""
         idle = self.mail_from is None       # a stop ends the session here, never inside a transaction
-        if idle and self.relay.stopping.is_set():
+        if idle and self.relay.stop_signal is not None:
             raise Stopping()
         self.channel.interruptible = idle
         self.verb = None
@@ -2110,16 +2096,6 @@ class Session:
             identity = self.client.certificate["Auth-SSL-Subject"]
         return dict(method="external", user=identity, password="")
 
-    def login(self):
-        """The login the back-end should know the client by (XCLIENT LOGIN), or None."""
-        return (self.route and self.route.user) or self.client.user
-
-    def backend_credentials(self):
-        """(user, password) for AUTH towards the back-end, or None."""
-        if self.route and self.route.user and self.route.password:
-            return self.route.user, self.route.password
-        return self.cfg.backend_auth
-
     def route_transaction(self, rcpt_line):
         """Ask the auth service about this transaction (--auth none) and aim it at the answer's back-end."""
         answer = self.ask_auth_service("none", mail=self.mail_line, rcpt=rcpt_line)
@@ -2256,10 +2232,14 @@ class Session:
         return code, text
 
     def connection_use(self):
-        """What a back-end connection opened now carries beside the client: the
-        credentials for AUTH towards it and the login XCLIENT names."""
-        credentials = self.backend_credentials()
-        return credentials, None if credentials else self.login()
+        """What a back-end connection opened now carries beside the client -> (the
+        (user, password) for AUTH towards it: the auth service's, else --backend-auth;
+        the login XCLIENT names, where the relay itself does not authenticate)."""
+        route = self.route
+        if route and route.user and route.password:
+            return (route.user, route.password), None
+        credentials = self.cfg.backend_auth
+        return credentials, None if credentials else (route and route.user) or self.client.user
 
     def abort_transaction(self):
         """RSET at the back-end where a transaction is open there, and forget it here."""
@@ -2635,17 +2615,14 @@ class SMTPConnection(smtplib.SMTP):
             if credentials:
                 self.authenticate(*credentials)
             return self
-        except OSError as e:
+        except (OSError, UnicodeError) as e:      # smtplib.SMTPException is an OSError
             self.close()
-            if e.errno in LOCAL_ERRNOS:
+            if getattr(e, "errno", None) in LOCAL_ERRNOS:
                 raise LocalFailure(e.strerror) from None
             raise BackendDown(printable(str(e)) or type(e).__name__) from None
         except MemoryError:
             self.close()
             raise LocalFailure("out of memory") from None
-        except (smtplib.SMTPException, UnicodeError) as e:
-            self.close()
-            raise BackendDown(printable(str(e)) or type(e).__name__) from None
         except BackendDown:
             self.close()
             raise
@@ -2932,8 +2909,7 @@ class MaildirBackend:
         # Not mailbox.Maildir(create=True): two relays started at once (inetd) race to make it.
         for directory in (self.path, *(os.path.join(self.path, sub) for sub in ("cur", "new", "tmp"))):
             os.makedirs(directory, 0o700, exist_ok=True)
-        if owner and os.geteuid() == 0:
-            for directory in (self.path, *(os.path.join(self.path, sub) for sub in ("cur", "new", "tmp"))):
+            if owner and os.geteuid() == 0:
                 os.chown(directory, owner.pw_uid, owner.pw_gid)
 
     def open(self, client, credentials=None, login=None):
@@ -3002,9 +2978,7 @@ class LocalDelivery:
         """The session is done: what is stored of an unfinished message goes; quit means nothing here."""
         self.abort()
 
-    def release(self):
-        """As close(): local deliveries have no pool."""
-        self.close()
+    release = close     # local deliveries have no pool
 
     def describe(self):
         """For the log: nothing, as there is no connection to describe."""
@@ -3574,8 +3548,7 @@ class Relay:
         self.per_ip = collections.Counter()
         self.connections = 0        # connections being served, up to their last log line: the drain waits for these
         # On stop, a byte in this pipe wakes every session waiting between
-        # transactions (Channel.receive); it is never read, so it stays readable.
-        self.stopping = threading.Event()
+        # transactions (Wire.receive); it is never read, so it stays readable.
         self.stop_reader, self.stop_writer = os.pipe()
         self.resolver = Resolver()      # the clients' names, from a few threads for all sessions
         self.stop_signal = None         # the signal that stops the relay, once one came
@@ -3591,7 +3564,6 @@ class Relay:
             self.lock.notify_all()
         sd_notify("STOPPING=1", f"STATUS=stopping: {self.sessions} sessions to finish")
         event("stopping", signal=signal.Signals(signum).name)
-        self.stopping.set()
         os.write(self.stop_writer, b"x")
 
     def admit(self, ip):
@@ -4019,14 +3991,13 @@ class Metrics:
                                          registry=registry)
         self.auth_seconds = prom.Histogram("smtprelay_auth_lookup_seconds", "Auth service lookup time",
                                            registry=registry)
-        for outcome in ("delivered", "deferred", "refused"):
-            self.messages.labels(outcome)
-        for result in ("ok", "refused", "error"):
-            self.auth_lookups.labels(result)
         self.recipients = prom.Counter("smtprelay_recipients", "Recipients by what the client heard for RCPT",
                                        ["outcome"], registry=registry)
-        for outcome in ("accepted", "deferred", "refused"):
-            self.recipients.labels(outcome)
+        for counter, labels in ((self.messages, ("delivered", "deferred", "refused")),
+                                (self.auth_lookups, ("ok", "refused", "error")),
+                                (self.recipients, ("accepted", "deferred", "refused"))):
+            for label in labels:
+                counter.labels(label)
         outcomes = {"2": "delivered", "4": "deferred"}
         counts = {
             "connection": lambda f: self.sessions.inc(),
