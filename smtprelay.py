@@ -1237,16 +1237,14 @@ class Channel:
                 raise ClientGone(f"write failed: {e}") from None
         return False
 
-    def fill(self, deadline=None, first=True):
-        """More bytes from the client by deadline (default: one --timeout from now); queued
-        replies are written first. first: nothing of the deadline is used up yet, unless
-        writing the replies took time. Raises TimeoutError past the deadline, ClientGone
-        at its end, and Stopping when the relay stops while the wait is interruptible."""
+    def fill(self):
+        """More message data from the client, by one --timeout; queued replies (the 354)
+        are written first. Inside a transaction no stop cuts the wait short. Raises
+        TimeoutError past the deadline, ClientGone at the end of the connection."""
         waited = self.flush()
-        stop = self.stop if self.interruptible else None
         try:
-            more = self.wire.fill(deadline or time.monotonic() + self.timeout, first and not waited, stop)
-        except (TimeoutError, Stopping):
+            more = self.wire.fill(time.monotonic() + self.timeout, first=not waited)
+        except TimeoutError:
             raise
         except OSError as e:
             raise ClientGone(f"read failed: {e}") from None
@@ -2486,18 +2484,25 @@ class Balancer:
                 del self.in_use[backend_name]
 
 
-class SMTPBackend:
-    """A mail server reached over SMTP at HOST:PORT, under one Setup's settings."""
+class Backend:
+    """What every kind of back-end has: the Setup whose settings it follows, and
+    the BackendSpec it was made from, which also names it in the log."""
 
-    def __init__(self, setup, host, port):
-        self.setup, self.host, self.port = setup, host, port
+    def __init__(self, setup, spec):
+        """setup: the Setup whose settings it follows; spec: its BackendSpec (host and port, or path)."""
+        self.setup, self.spec = setup, spec
+        self.host, self.port, self.path = spec.host, spec.port, spec.path
 
     def __str__(self):
-        """For the log: HOST:PORT."""
-        return format_address(self.host, self.port)
+        """For the log: HOST:PORT, maildir:PATH or stdout:."""
+        return str(self.spec)
 
     def create(self, owner=None):
-        """Nothing to make: a server is reached when a session needs it."""
+        """What the back-end needs before the first session; nothing, but for a Maildir."""
+
+
+class SMTPBackend(Backend):
+    """A mail server reached over SMTP at HOST:PORT."""
 
     def open(self, client, credentials=None, login=None):
         """A connection for client: an idle one from the pool where it may be shared
@@ -2886,22 +2891,15 @@ class SMTPConnection(smtplib.SMTP):
         super().close()
 
 
-class MaildirBackend:
-    """The built-in back-end: each message becomes one file in a Maildir.
+class MaildirBackend(Backend):
+    """The built-in back-end: each message becomes one file in a Maildir (an absolute path).
 
     For testing and for running with no mail server: the file is written
     to tmp/, fsynced and renamed into new/ before the client hears 250.
     """
 
-    def __init__(self, setup, path):
-        """setup: the Setup whose settings its deliveries follow; path: the Maildir, absolute."""
-        self.setup, self.path = setup, path
-        # The host part of Maildir file names, with / and : escaped as Maildir asks.
-        self.hostname = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
-
-    def __str__(self):
-        """For the log: maildir:PATH."""
-        return f"maildir:{self.path}"
+    # The host part of Maildir file names, with / and : escaped as Maildir asks.
+    hostname = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
 
     def create(self, owner=None):
         """Make the Maildir (cur/, new/, tmp/) if it is missing, owned by `owner`
@@ -3069,7 +3067,7 @@ class MaildirDelivery(LocalDelivery):
                 pass
 
 
-class StdoutBackend:
+class StdoutBackend(Backend):
     """The built-in back-end for ad-hoc tests (Python's old smtpd.DebuggingServer):
     each accepted message printed to standard output, whole, after its envelope.
 
@@ -3084,17 +3082,6 @@ class StdoutBackend:
     lock = threading.Lock()     # one message at a time on standard output
     wire = None                 # standard output, made at the first message
     cut = False                 # a message was cut short: its frame never ended
-
-    def __init__(self, setup):
-        """setup: the Setup whose settings its deliveries follow (--data-timeout)."""
-        self.setup = setup
-
-    def __str__(self):
-        """For the log: stdout:."""
-        return "stdout:"
-
-    def create(self, owner=None):
-        """Nothing to make: standard output is there."""
 
     def open(self, client, credentials=None, login=None):
         """One session's messages."""
@@ -3517,13 +3504,11 @@ class Setup:
 
     def make_backend(self, spec):
         """A BackendSpec -> the back-end it names, under these settings."""
-        if spec.kind == "smtp":
-            return SMTPBackend(self, spec.host, spec.port)
-        return MaildirBackend(self, spec.path) if spec.kind == "maildir" else StdoutBackend(self)
+        return {"smtp": SMTPBackend, "maildir": MaildirBackend, "stdout": StdoutBackend}[spec.kind](self, spec)
 
     def route_backend(self, answer):
         """The back-end an auth service's answer names."""
-        return SMTPBackend(self, *answer.server)
+        return SMTPBackend(self, BackendSpec("smtp", *answer.server))
 
     def create_backends(self, owner=None):
         """Make the Maildirs, owned by --user's entry `owner` if given; raises ConfigError."""
