@@ -1473,9 +1473,9 @@ def client_ip(peer):
     return str(getattr(ip, "ipv4_mapped", None) or ip)
 
 
-def peer_text(ip, peer):
+def peer_text(ip, port):
     """A client for the log: ADDR:PORT, or what it has instead of an address."""
-    return format_address(ip, peer[1]) if ip else "a client with no IP address"
+    return format_address(ip, port) if ip else "a client with no IP address"
 
 
 def lookup_client_names(ip):
@@ -1636,7 +1636,7 @@ class Client(typing.NamedTuple):
 
     def __str__(self):
         """For the log: ADDR:PORT, or what it has instead of an address."""
-        return format_address(self.ip, self.port) if self.ip else "a client with no IP address"
+        return peer_text(self.ip, self.port)
 
 
 class Session:
@@ -3709,7 +3709,7 @@ def serve_connection(relay, connection, peer, implicit_tls=False):
     cfg, ip = setup.cfg, client_ip(peer)
     wire = connection if isinstance(connection, Wire) else Wire(connection, first_read=cfg.timeout)
     if wanted("connection"):
-        event("connection", peer=peer_text(ip, peer), client=ip)
+        event("connection", peer=peer_text(ip, ip and peer[1]), client=ip)
     try:
         via = None
         if cfg.proxy_protocol:
@@ -3835,7 +3835,7 @@ class RelayServer(Listener):
         it hears 421 from the listener now, not a silent close."""
         if not self.relay.connection_opened():
             ip = client_ip(client_address)
-            event("connection", peer=peer_text(ip, client_address), client=ip)
+            event("connection", peer=peer_text(ip, ip and client_address[1]), client=ip)
             event("refused", peer=ip, client=ip, reason="too many connections", reply="%d %s" % TOO_MANY_CONNECTIONS)
             return self.refuse_at_once(request)
         try:

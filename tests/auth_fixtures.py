@@ -97,18 +97,26 @@ def auth_service():
 
 # --- A listener that is no proper HTTP server ------------------------------------
 
+def read_request_head(request, owner):
+    """Read an HTTP request's head from the socket `request` into owner.heads -> False where
+    the client closed before its blank line."""
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = request.recv(4096)
+        if not chunk:
+            return False
+        head += chunk
+    owner.heads.append(head)
+    return True
+
+
 class _RawHandler(socketserver.BaseRequestHandler):
     def handle(self):
         owner = self.server.owner
-        head = b""
         self.request.settimeout(30)
         try:
-            while b"\r\n\r\n" not in head:
-                chunk = self.request.recv(4096)
-                if not chunk:
-                    return
-                head += chunk
-            owner.heads.append(head)
+            if not read_request_head(self.request, owner):
+                return
             if owner.reply is None:
                 owner.stopping.wait(30)     # never answer; stop() ends the wait
             elif owner.trickle:
@@ -123,15 +131,17 @@ class _RawHandler(socketserver.BaseRequestHandler):
             pass
 
 
-class RawListener:
-    """127.0.0.1:<port 0>: reads a request head, then sends `reply` and closes, or hangs if None.
+class RawServer:
+    """An auth service on 127.0.0.1:<port 0> that speaks raw bytes: its `handler` (a
+    BaseRequestHandler) finds this object as self.server.owner, appends each request head
+    to `heads`, and sees `stopping` set once stop() is called. Subclasses set `handler`
+    and call start() when their own attributes are in place."""
 
-    trickle=(step, interval): `reply` goes out `step` bytes at a time, `interval` seconds apart.
-    """
+    handler = None
 
-    def __init__(self, reply, trickle=None):
-        self.reply, self.trickle, self.heads, self.stopping = reply, trickle, [], threading.Event()
-        self.server = ThreadingServer(("127.0.0.1", 0), _RawHandler)
+    def start(self):
+        self.heads, self.stopping = [], threading.Event()
+        self.server = ThreadingServer(("127.0.0.1", 0), self.handler)
         self.server.owner = self
         self.port = self.server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}/auth"
@@ -143,6 +153,19 @@ class RawListener:
         self.server.shutdown()
         self.server.server_close()
         self.thread.join(5)
+
+
+class RawListener(RawServer):
+    """Reads a request head, then sends `reply` and closes, or hangs if None.
+
+    trickle=(step, interval): `reply` goes out `step` bytes at a time, `interval` seconds apart.
+    """
+
+    handler = _RawHandler
+
+    def __init__(self, reply, trickle=None):
+        self.reply, self.trickle = reply, trickle
+        self.start()
 
 
 @pytest.fixture

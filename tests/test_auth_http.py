@@ -22,8 +22,8 @@ import pytest
 
 from auth_fixtures import RunningAuthService, always, auth_service, nginx, ok, raw_listener  # noqa: F401  (fixtures)
 from auth_http_example import AuthHandler, Policy      # contrib/, put on sys.path by auth_fixtures
-from helpers import (SMTPClient, assert_closed, b64, can_bind, free_port, greeted, run_relay, send_message,
-                     session_id, session_lines, verbs, xclient_attributes)
+from helpers import (SMTPClient, assert_closed, b64, can_bind, free_port, greeted, run_relay, send_data,
+                     send_message, session_id, session_lines, verbs, xclient_attributes)
 from scripted_backend import DEFAULT_EXTENSIONS
 
 SERVER_NAME = "mx.test"
@@ -166,9 +166,7 @@ def test_refusal_answers_rcpt_with_535_and_the_session_goes_on(start, backend):
     assert client.say("RCPT TO:<bad@example.net>").text == "535 5.7.0 Bad recipient"
     assert backend.connections == 0
     assert client.say("RCPT TO:<good@example.net>").code == 250
-    assert client.say("DATA").code == 354
-    client.send(BODY + b".\r\n")
-    assert client.reply().code == 250
+    assert send_data(client, BODY).code == 250
     assert client.say("QUIT").code == 221
     [message] = backend.delivered
     assert message.rcpt_to == [b"RCPT TO:<good@example.net>"]

@@ -32,10 +32,9 @@ import pytest
 import requests
 
 import smtprelay
-from auth_fixtures import always, auth_service, ok, raw_listener  # noqa: F401  (fixtures)
-from helpers import (SMTPClient, assert_closed, backend_args, begin_data, free_port, greeted, send_message,
-                     wait_until, xclient_attributes)
-from scripted_backend import ThreadingServer
+from auth_fixtures import RawServer, always, auth_service, ok, raw_listener, read_request_head  # noqa: F401
+from helpers import (SMTPClient, assert_closed, backend_args, begin_data, free_port, greeted, send_data,
+                     send_message, wait_until, xclient_attributes)
 
 BODY = b"Subject: bounds\r\n\r\nHello.\r\n"
 SERVER_NAME = "mx.test"
@@ -131,6 +130,15 @@ def getaddrinfo(host, *args, **kwargs):
 socket.gethostbyaddr, socket.getnameinfo, socket.getaddrinfo = gethostbyaddr, getnameinfo, getaddrinfo
 '''
 
+
+def resolver_site(tmp_path, code):
+    """A directory holding sitecustomize.py = code, for the relay's PYTHONPATH."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(code)
+    return site
+
+
 FLOOD_SESSIONS = 1500
 FLOOD_CLIENTS = 4           # client threads, each opening its share of the sessions one after another
 THREAD_BOUND = 40           # a few sessions at a time, the resolver pool, the listener and main threads
@@ -143,9 +151,7 @@ def test_sessions_whose_names_never_resolve_keep_the_threads_few_and_mail_flowin
     20 s, 1500 sessions that connect and QUIT at once leave lookups behind them, which must not
     grow the relay's thread count; and a client after them still gets its greeting and its mail
     delivered, its names [TEMPUNAVAIL], as the pool being full or the lookup's deadline both give."""
-    site = tmp_path / "slow-resolver"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(SLOW_RESOLVER)
+    site = resolver_site(tmp_path, SLOW_RESOLVER)
     backend = scripted_backend(extensions=XCLIENT_EXTENSIONS)
     r = relay("--backend", backend.address, "--resolve", "on", "--resolve-timeout", "2",
               "--server-name", "relay.test", env={"PYTHONPATH": str(site)}, kill=True)
@@ -197,14 +203,9 @@ class _StreamingHandler(socketserver.BaseRequestHandler):
     def handle(self):
         owner = self.server.owner
         self.request.settimeout(0.5)    # each send in turn, so stop() is seen
-        head = b""
         try:
-            while b"\r\n\r\n" not in head:
-                chunk = self.request.recv(4096)
-                if not chunk:
-                    return
-                head += chunk
-            owner.heads.append(head)
+            if not read_request_head(self.request, owner):
+                return
             self.request.sendall(owner.answer_head)
         except OSError:
             return
@@ -219,26 +220,18 @@ class _StreamingHandler(socketserver.BaseRequestHandler):
         owner.body_sent.append(owner.body_size - left)
 
 
-class BodyStreamingAuthService:
+class BodyStreamingAuthService(RawServer):
     """An auth service on 127.0.0.1:<port 0> answering every request Auth-Status: OK, naming `backend`,
     with a body of `body_size` bytes streamed for as long as the reader takes them (never held whole)."""
+
+    handler = _StreamingHandler
 
     def __init__(self, backend, body_size):
         self.answer_head = (b"HTTP/1.1 200 OK\r\nAuth-Status: OK\r\nAuth-Server: %s\r\nAuth-Port: %d\r\n"
                             b"Content-Type: application/octet-stream\r\nContent-Length: %d\r\n\r\n"
                             % (backend.host.encode(), backend.port, body_size))
-        self.body_size, self.heads, self.body_sent, self.stopping = body_size, [], [], threading.Event()
-        self.server = ThreadingServer(("127.0.0.1", 0), _StreamingHandler)
-        self.server.owner = self
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/auth"
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
-        self.thread.start()
-
-    def stop(self):
-        self.stopping.set()
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
+        self.body_size, self.body_sent = body_size, []
+        self.start()
 
 
 def test_an_auth_answer_with_a_huge_body_is_taken_by_its_headers_in_little_memory(relay, scripted_backend):
@@ -313,9 +306,7 @@ def test_running_out_of_descriptors_gives_451_and_holds_no_backend_off(relay, sc
     assert reply.code == 250, f"MAIL after the descriptors came back: {reply}"
     assert time.monotonic() - began < 5
     assert after.say("RCPT TO:<b@example.net>").code == 250
-    assert after.say("DATA").code == 354
-    after.send(BODY + b".\r\n")
-    assert after.reply().code == 250
+    assert send_data(after, BODY).code == 250
     assert after.say("QUIT").code == 221
     [message] = first.delivered
     assert message.content == BODY
@@ -501,9 +492,7 @@ def test_user_nobody_with_a_python_it_cannot_read_delivers_mail(relay, scripted_
     reply = client.say("MAIL FROM:<a@example.org>")
     assert reply.code == 250, f"MAIL to a relay running as nobody: {reply}"
     assert client.say("RCPT TO:<b@example.net>").code == 250
-    assert client.say("DATA").code == 354
-    client.send(BODY + b".\r\n")
-    assert client.reply().code == 250
+    assert send_data(client, BODY).code == 250
     assert client.say("QUIT").code == 221
     [message] = backend.delivered
     assert message.content == BODY
@@ -560,9 +549,7 @@ def test_a_client_whose_ptr_zone_never_answers_cannot_take_the_names_of_the_othe
     """README, client names: the sessions of one client share its lookup, so a client whose
     reverse zone never answers holds one resolver thread, not all of them: a client from
     elsewhere still gets its confirmed name (localhost) in XCLIENT, without waiting."""
-    site = tmp_path / "slow-zone"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(ONE_SLOW_ZONE)
+    site = resolver_site(tmp_path, ONE_SLOW_ZONE)
     backend = scripted_backend(extensions=XCLIENT_EXTENSIONS)
     r = relay("--backend", backend.address, "--resolve", "on", "--resolve-timeout", "3",
               "--listen", "127.0.0.2:0", env={"PYTHONPATH": str(site)}, kill=True)
