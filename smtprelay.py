@@ -97,11 +97,20 @@ class SettingsFileParser(configargparse.DefaultConfigFileParser):
     the old settings), not argparse's usage error (exit 2)."""
 
     def parse(self, stream):
-        """Overridden so that a config file that does not parse is a ConfigError naming the file."""
-        try:
-            return super().parse(stream)
-        except configargparse.ConfigFileParserException as e:
-            raise ConfigError("-c", f"{getattr(stream, 'name', 'the config file')}: {e}") from None
+        """Overridden so that a line that does not parse, or a key set twice (the last
+        would win unseen), is a ConfigError naming the file and the line."""
+        name = getattr(stream, "name", "the config file")
+        items, lines = {}, {}
+        for number, line in enumerate(stream, 1):
+            try:
+                item = super().parse([line])
+            except configargparse.ConfigFileParserException:
+                raise ConfigError("-c", f"{name}: line {number} does not parse: {line.strip()}") from None
+            for key, value in item.items():
+                if key in items:
+                    raise ConfigError("-c", f"{name}: line {number}: {key} is set on line {lines[key]} already")
+                items[key], lines[key] = value, number
+        return items
 
 
 class SettingsParser(configargparse.ArgParser):
@@ -383,6 +392,20 @@ def parse_backend_auth(option, text):
     return user, password
 
 
+def read_backend_auth_file(path):
+    """--backend-auth-file: USER:PASSWORD on the file's first line -> (user, password)."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            line = file.readline(4096).rstrip("\r\n")
+    except OSError as e:
+        raise ConfigError("--backend-auth-file", f"{path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("--backend-auth-file", f"{path}: not UTF-8") from None
+    if ":" not in line[1:]:
+        raise ConfigError("--backend-auth-file", f"{path}: the first line must be USER:PASSWORD")
+    return parse_backend_auth("--backend-auth-file", line)
+
+
 def parse_server_name(option, text):
     """--server-name: one word of printable ASCII, as a greeting can carry it."""
     if not PRINTABLE_ASCII.fullmatch(text):
@@ -474,8 +497,11 @@ SETTINGS = [
             metavar="FILE"),
     Setting("--backend-tls-verify", "verify the back-end's certificate and name; off only for lab set-ups "
             "(default on)", "on", "{on,off}"),
-    Setting("--backend-auth", "AUTH towards the back-end, PLAIN or LOGIN", metavar="USER:PASSWORD",
-            read=parse_backend_auth),
+    Setting("--backend-auth", "AUTH towards the back-end, PLAIN or LOGIN (visible in ps: prefer the next)",
+            metavar="USER:PASSWORD", read=parse_backend_auth),
+    Setting("--backend-auth-file", "the same from the first line of FILE, read again on SIGHUP", metavar="FILE"),
+    Setting("--backend-proxy-protocol", "send a PROXY protocol header naming the client first on each connection "
+            "to an SMTP back-end (default off)", "off", "{off,v1,v2}"),
     Setting("--timeout", "deadline for each whole command line and for idle time between commands (default 60)",
             "60", "SECONDS", read_seconds()),
     Setting("--proxy-timeout", "deadline for each whole back-end reply (default 60)", "60", "SECONDS", read_seconds()),
@@ -536,6 +562,11 @@ def build_parser():
         auto_env_var_prefix=ENV_PREFIX,
         config_file_parser_class=SettingsFileParser,
         allow_abbrev=False,         # --check-conf is no --check-config (command line only, checked by name)
+        add_config_file_help=False, add_env_var_help=False,
+        epilog="Every option but -c, --check-config and --probe may also come from the environment "
+               "(SMTPRELAY_MAX_ERRORS=5 for --max-errors 5) or the config file ('max-errors = 5', a list as [a, b]); "
+               "the command line wins over the environment, the environment over the file. The README's "
+               "Configuration section has the details.",
     )
     for s in SETTINGS:
         given = dict(help=s.help, default=s.default, metavar=s.metavar, action=s.action)
@@ -562,6 +593,10 @@ def validate(args):
     client, Maildirs) is made by Setup, so that SIGHUP can build it again.
     """
     values = {s.dest: s.value(getattr(args, s.dest)) for s in SETTINGS}
+    if values["backend_auth_file"]:
+        if values["backend_auth"]:
+            raise ConfigError("--backend-auth-file", "--backend-auth and --backend-auth-file exclude each other")
+        values["backend_auth"] = read_backend_auth_file(values["backend_auth_file"])
     cfg = Config(**dict(values, listen=values["listen"] or [parse_address("--listen", DEFAULT_LISTEN)],
                         server_name=values["server_name"] or parse_server_name("--server-name", default_server_name())))
     if cfg.auth_http and cfg.backend:
@@ -1624,6 +1659,7 @@ class Client(typing.NamedTuple):
     tls: tuple = None           # (protocol, cipher) once the connection is TLS
     certificate: dict = None    # its verified certificate, as Auth-SSL-* values
     user: str = None            # the login it authenticated as
+    local: tuple = None         # (ip, port) of the relay that it connected to; None without an IP address
 
     @property
     def address(self):
@@ -2282,8 +2318,9 @@ class Session:
 
 XCLIENT_VALUE_LIMIT = 255   # Postfix: "attribute value too long" past this, after xtext
 XCLIENT_LINE_LIMIT = 512    # RFC 5321 §4.5.3.1.4, CRLF included
-XCLIENT_FIX = ("add the relay's address to the back-end's smtpd_authorized_xclient_hosts, "
-               "or run with --no-xclient where it may see the relay as the client")
+XCLIENT_FIX = ("add the relay's address to the back-end's smtpd_authorized_xclient_hosts; for a back-end "
+               "that reads the PROXY protocol, --backend-proxy-protocol; --no-xclient only where it may see the "
+               "relay as the client")
 REPLY_LINE_LIMIT = 8192     # bytes in one back-end reply line (smtplib's _MAXLINE)
 REPLY_LINES_LIMIT = 100     # lines in one back-end reply; Postfix's EHLO has about 15
 REPLY_BYTES_LIMIT = 65536   # a larger reply is a broken back-end
@@ -2335,6 +2372,24 @@ def xclient_arguments(client, wanted, login):
         elif key in values:
             values[key] = UNAVAILABLE
     return line()
+
+
+def proxy_header(version, client):
+    """The PROXY protocol header (haproxy's proxy-protocol.txt, v1 or v2) that names
+    client to a back-end: its address and port, and the relay's that it connected
+    to. A client without an IP address is v1 UNKNOWN or v2 LOCAL, which make the
+    back-end take the relay's own address: such a client needs XCLIENT too."""
+    ip = client.address
+    if ip is None or client.local is None:
+        return b"PROXY UNKNOWN\r\n" if version == "v1" else PROXY_V2_SIGNATURE + bytes((0x20, 0, 0, 0))
+    to = ipaddress.ip_address(client_ip(client.local))
+    if to.version != ip.version:        # a PROXY header in named a client of the other family
+        to = ipaddress.IPv6Address(f"::ffff:{to}") if to.version == 4 else ipaddress.IPv4Address(0)
+    if version == "v1":
+        return f"PROXY TCP{ip.version} {ip} {to} {client.port} {client.local[1]}\r\n".encode()
+    addresses = ip.packed + to.packed + struct.pack("!HH", client.port, client.local[1])
+    return PROXY_V2_SIGNATURE + bytes((0x21, 0x11 if ip.version == 4 else 0x21)) + \
+        struct.pack("!H", len(addresses)) + addresses
 
 
 class BackendDown(RelayError):
@@ -2506,9 +2561,12 @@ class SMTPBackend(Backend):
 
     def open(self, client, credentials=None, login=None):
         """A connection for client: an idle one from the pool where it may be shared
-        (with XCLIENT one carries its client's identity for good: Postfix refuses a
-        second XCLIENT on one connection), else a new one, its handshake done."""
-        key = None if self.setup.cfg.xclient else (str(self), credentials)
+        (with XCLIENT or a PROXY header one carries its client's identity for good:
+        Postfix refuses a second XCLIENT on one connection), else a new one, its
+        handshake done."""
+        cfg = self.setup.cfg
+        # A PROXY header, as XCLIENT, names one client for the connection's life.
+        key = None if cfg.xclient or cfg.backend_proxy_protocol != "off" else (str(self), credentials)
         connection = key and self.setup.pool.take(key)
         if connection:
             connection.sid = client.sid
@@ -2599,24 +2657,34 @@ class SMTPConnection(smtplib.SMTP):
         self.tls_version = None         # of TLS towards the back-end, once it is up
         self.xclient = False            # XCLIENT was accepted on this connection
         self.size = 0                   # the SIZE its last EHLO gave (0: none)
+        self.proxy = cfg.backend_proxy_protocol if cfg.backend_proxy_protocol != "off" else None
+        self.proxy_header = b""         # sent first, once connected (--backend-proxy-protocol)
+        self.proxy_taken = False        # the back-end answered EHLO after it
 
     def handshake(self, client, credentials=None, login=None):
-        """Connect and greet, STARTTLS (--backend-tls starttls), XCLIENT (--xclient) and
-        AUTH (credentials) -> self; raises BackendDown (untrusted: BackendUntrusted) or
-        LocalFailure, the connection closed."""
+        """Connect (a PROXY header first, with --backend-proxy-protocol) and greet,
+        STARTTLS (--backend-tls starttls), XCLIENT and AUTH (credentials) -> self;
+        raises BackendDown (untrusted: BackendUntrusted) or LocalFailure, the
+        connection closed (after QUIT where the back-end is still in step)."""
         cfg = self.backend.setup.cfg
-        # A connection that may serve other clients says the relay's own name.
-        helo = cfg.server_name if self.pool_key else client.helo or cfg.server_name
+        # Until XCLIENT names the client, the relay is the client: it says its own name (nginx).
+        helo = cfg.server_name
         self.local_hostname = helo
+        if self.proxy:
+            self.proxy_header = proxy_header(self.proxy, client)
         try:
             self.greeting = code, text = self.connect(self.backend.host, self.backend.port)
             if code != 220:
                 raise BackendDown(f"greeted with {code} {printable(text)}")
             self.greet(helo)
+            self.proxy_taken = bool(self.proxy)
             if self.tls_mode == "starttls":
                 self.start_tls(helo)
             if cfg.xclient:
-                self.send_xclient(client, helo, login)
+                self.send_xclient(client, login)
+            elif self.proxy and client.ip is None:
+                raise BackendUntrusted("a client with no IP address cannot go in a PROXY header, and "
+                                       "--no-xclient sends no XCLIENT")
             if credentials:
                 self.authenticate(*credentials)
             return self
@@ -2624,19 +2692,29 @@ class SMTPConnection(smtplib.SMTP):
             self.close()
             if getattr(e, "errno", None) in LOCAL_ERRNOS:
                 raise LocalFailure(e.strerror) from None
-            raise BackendDown(printable(str(e)) or type(e).__name__) from None
+            raise BackendDown(self.proxy_refused(printable(str(e)) or type(e).__name__)) from None
         except MemoryError:
             self.close()
             raise LocalFailure("out of memory") from None
-        except BackendDown:
-            self.close()
+        except BackendDown as e:
+            self.close(quit=True)       # it answered each command so far: a QUIT ends its side cleanly
+            if self.greeting and not self.proxy_taken and not isinstance(e, BackendUntrusted):
+                raise BackendDown(self.proxy_refused(str(e))) from None
             raise
 
+    def proxy_refused(self, reason):
+        """Why the handshake failed, where it failed before the back-end answered EHLO after a PROXY header."""
+        if not self.proxy or self.proxy_taken or not self.greeting:
+            return reason
+        return f"did not take the PROXY {self.proxy} header (Postfix: smtpd_upstream_proxy_protocol = haproxy): {reason}"
+
     def _get_socket(self, host, port, timeout):
-        """smtplib's connect (bounded by --proxy-timeout), then the connection's Wire;
-        implicit TLS (--backend-tls on) as smtplib.SMTP_SSL."""
+        """smtplib's connect (bounded by --proxy-timeout), then the connection's Wire, a PROXY
+        header first where one is due; implicit TLS (--backend-tls on) as smtplib.SMTP_SSL."""
         sock = super()._get_socket(host, port, timeout)
         self.wire = Wire(sock, first_read=self.proxy_timeout)
+        if self.proxy_header:
+            self.wire.send(self.proxy_header, time.monotonic() + self.timeout)
         if self.tls_mode == "on":
             self.wire.start_tls(self.tls_context, time.monotonic() + self.timeout, server_hostname=host)
             self.tls_version = self.wire.sock.version()
@@ -2658,9 +2736,12 @@ class SMTPConnection(smtplib.SMTP):
         self.greet(helo)
 
     def greet(self, helo):
-        """EHLO, or HELO where EHLO is refused; neither: BackendDown."""
+        """EHLO, or HELO where EHLO is refused (never after a PROXY header: a back-end
+        that reads one speaks ESMTP); neither: BackendDown."""
         code, text = self.ehlo(helo)
         if code != 250:
+            if self.proxy:
+                raise BackendDown(f"refused EHLO with {code} {printable(text)}")
             code, text = self.helo(helo)
             if code != 250:
                 raise BackendDown(f"refused HELO with {code} {printable(text)}")
@@ -2685,28 +2766,36 @@ class SMTPConnection(smtplib.SMTP):
             self.authenticating = False
         event("backend_authenticated", session=self.sid, backend=self.name, user=printable(user))
 
-    def send_xclient(self, client, helo, login):
+    def send_xclient(self, client, login):
         """Postfix XCLIENT_README: the client's attributes the back-end asked for.
 
-        Required, with ADDR: a back-end that does not take it would judge the
-        relay's own address (which its mynetworks may trust), so it counts as down.
+        Required, with ADDR, unless a PROXY header named the client: a back-end
+        that does not take it would judge the relay's own address (which its
+        mynetworks may trust), so it counts as down. After a PROXY header it is
+        sent where offered, and a refusal leaves the header's address standing.
         """
-        if not self.has_extn("xclient"):
-            raise BackendUntrusted("does not offer XCLIENT to this relay")
-        wanted = self.esmtp_features["xclient"].upper().split()
-        if "ADDR" not in wanted:
+        named = self.proxy and client.ip is not None        # the PROXY header gave the address
+        wanted = self.esmtp_features.get("xclient", "").upper().split()
+        if not named and "xclient" not in self.esmtp_features:
+            raise BackendUntrusted("does not offer XCLIENT to this relay" +
+                                   (": a client with no IP address cannot go in a PROXY header" if self.proxy else ""))
+        if not named and "ADDR" not in wanted:
             # smtp-sink offers "XCLIENT NAME HELO": the back-end would still judge the relay's address.
             raise BackendUntrusted(f"offers XCLIENT without ADDR ({' '.join(wanted) or 'no attributes'})")
+        if not wanted:
+            return
         code, text = self.docmd("XCLIENT", xclient_arguments(client, wanted, login))
         if code not in (220, 250):      # Postfix greets anew with 220; some answer 250
+            if named:
+                return
             raise BackendUntrusted(f"refused XCLIENT with {code} {printable(text.decode('utf-8', 'replace'))}")
         self.xclient = True
-        self.greet(helo)        # XCLIENT starts a new session on the back-end
+        self.greet(client.helo or self.local_hostname)      # XCLIENT starts a new session on the back-end
 
     def describe(self):
-        """For the log: " (TLS TLSv1.3, XCLIENT)", " (no TLS, no XCLIENT)"."""
+        """For the log: " (TLS TLSv1.3, XCLIENT)", " (no TLS, PROXY v2, no XCLIENT)"."""
         return f" ({f'TLS {self.tls_version}' if self.tls_version else 'no TLS'}, " \
-               f"{'XCLIENT' if self.xclient else 'no XCLIENT'})"
+               f"{f'PROXY {self.proxy}, ' if self.proxy else ''}{'XCLIENT' if self.xclient else 'no XCLIENT'})"
 
     def in_step(self):
         """Raise UnaskedReply where the back-end has said anything since its last reply was read."""
@@ -3379,6 +3468,9 @@ class AuthService:
         """cfg: the Config (--auth-http and its options); requests is imported here, its one user."""
         global requests
         import requests
+        import urllib3
+        # Left to itself, urllib3 puts a User-Agent and Accept-Encoding ahead of nginx's headers.
+        self.no_defaults = {"Accept-Encoding": urllib3.util.SKIP_HEADER, "User-Agent": urllib3.util.SKIP_HEADER}
         self.url, self.timeout = cfg.auth_http, cfg.auth_http_timeout
         self.extra_headers, self.verify_client = cfg.auth_http_header, cfg.tls_verify_client
         host = urllib.parse.urlsplit(self.url).hostname     # Host without the port, as nginx
@@ -3421,7 +3513,7 @@ class AuthService:
 
     def lookup(self, client, attempt, method, user="", password="", salt=None, mail=None, rcpt=None):
         """Ask about client, at its attempt-th lookup -> AuthAnswer; raises AuthServiceError."""
-        headers = {"Host": self.host, "Auth-Method": method,
+        headers = {**self.no_defaults, "Host": self.host, "Auth-Method": method,
                    "Auth-User": escape_auth_value(user), "Auth-Pass": escape_auth_value(password)}
         if salt:
             headers["Auth-Salt"] = salt
@@ -3743,7 +3835,8 @@ def serve_connection(relay, connection, peer, implicit_tls=False):
             # The client's names are looked up from the start, beside the greeting,
             # where anyone will ask for them (XCLIENT, the auth service).
             names = relay.resolver.lookup(ip, cfg.resolve_timeout) if setup.needs_names and ip else None
-            client = Client(secrets.token_hex(4), ip, peer[1] if ip else None, names)
+            local = wire.sock.getsockname()[:2] if ip else None     # a client with an IP came on a socket
+            client = Client(secrets.token_hex(4), ip, peer[1] if ip else None, names, local=local)
             session = Session(relay, channel, client, via, implicit_tls)
             session.run()
         finally:
@@ -4124,6 +4217,7 @@ def log_handler(target):
             return logging.NullHandler()    # stderr is the client: no log rather than a log line to it
         raise ConfigError("--log-target", f"/dev/log is missing: no syslog daemon to write to ({e.strerror})") from None
     handler.ident = f"smtprelay[{os.getpid()}]: "
+    handler.append_nul = False      # RFC 3164 and 5424 end a message without one; rsyslog would keep it
     return handler
 
 
@@ -4264,7 +4358,7 @@ def probe(setup):
     one the auth service names) for a client at PROBE_CLIENT, say what it offers, send
     nothing beyond the handshake and QUIT -> 0 if every back-end would be used, else 1."""
     cfg, backends = setup.cfg, setup.backends
-    client = Client("probe", PROBE_CLIENT, 0, helo=cfg.server_name, esmtp=True)
+    client = Client("probe", PROBE_CLIENT, 0, helo=cfg.server_name, esmtp=True, local=(PROBE_CLIENT, 25))
     if cfg.auth_http:
         # The auth service names the back-end per client: ask it once, as for a
         # loopback client that said EHLO with the relay's own name, and probe that.
@@ -4289,6 +4383,11 @@ def probe(setup):
 
 
 PROBE_CLIENT = "127.0.0.1"      # the client --probe stands for
+RELAY_AS_CLIENT = (
+    "with --no-xclient and no --backend-proxy-protocol, the back-end sees every client as the relay's own "
+    "address: it must not trust that address for relaying, or the relay is an open relay. For Postfix, on the "
+    "relay's listener in master.cf: -o mynetworks= -o smtpd_relay_restrictions=reject_unauth_destination "
+    "(README, In front of Postfix)")
 
 
 def probe_backend(backend, client):
@@ -4316,11 +4415,16 @@ def probe_backend(backend, client):
         lines.append(f"TLS: {connection.tls_version}, {verified}")
     else:
         lines.append(f"TLS: {'STARTTLS' if cfg.backend_tls == 'starttls' else 'implicit TLS'} failed: {failure}")
+    proxy = cfg.backend_proxy_protocol
+    if proxy != "off":
+        lines.append(f"PROXY: {proxy} header sent: {'taken' if connection.proxy_taken else 'NOT taken'}")
+    needed = "" if cfg.xclient and proxy == "off" else \
+        " (not needed: the PROXY header names the client)" if proxy != "off" else " (--no-xclient)"
     if "xclient" in features:
-        taken = "taken" if connection.xclient else "not used (--no-xclient)" if not cfg.xclient else "not taken"
-        lines.append(f"XCLIENT: offered ({features['xclient'].strip()}): {taken}")
+        taken = "taken" if connection.xclient else "not used" if not cfg.xclient else "not taken"
+        lines.append(f"XCLIENT: offered ({features['xclient'].strip()}): {taken}{needed}")
     else:
-        lines.append("XCLIENT: not offered" + ("" if cfg.xclient else " (--no-xclient: not needed)"))
+        lines.append(f"XCLIENT: not offered{needed}")
     lines.append(f"AUTH: {features.get('auth', '').strip() or 'none offered'}")
     size = connection.size
     if size and (not cfg.max_message_size or size < cfg.max_message_size):
@@ -4332,6 +4436,8 @@ def probe_backend(backend, client):
     lines.append(f"PIPELINING: {'offered' if 'pipelining' in features else 'not offered'}")
     if failure:
         lines.append(f"would NOT be used: {failure}")
+    elif not cfg.xclient and proxy == "off":
+        lines.append(f"WARNING: {RELAY_AS_CLIENT}")
     return failure is None, lines
 
 
@@ -4348,9 +4454,9 @@ def main(argv=None):
             return probe(setup)
         setup_logging(cfg, log_handler(cfg.log_target))
         connection = inetd_connection() if cfg.inetd else None
-        if not cfg.xclient:
-            event("warning", text="--no-xclient: back-ends see the relay's own address, not the client's; they "
-                                  "must not trust it for relaying (keep it out of Postfix's mynetworks)")
+        if not cfg.xclient and cfg.backend_proxy_protocol == "off" and (
+                cfg.auth_http or any(b.kind == "smtp" for b in cfg.backend)):
+            event("warning", text=RELAY_AS_CLIENT)
         if cfg.backend_tls != "off" and cfg.backend_tls_verify == "off":
             event("warning", text="--backend-tls-verify off: back-end certificates are not checked; for lab "
                                   "set-ups only")

@@ -33,7 +33,6 @@ import auth_http_example  # noqa: E402  (contrib/ is no package)
 NGINX = "/usr/sbin/nginx"
 
 # What requests adds to every request on its own; the tests look at the rest.
-REQUESTS_OWN_HEADERS = {"user-agent", "accept-encoding", "accept", "connection"}
 
 
 # --- Policies: what the auth service answers ----------------------------------------
@@ -68,10 +67,9 @@ class RunningAuthService:
 
     @property
     def requests(self):
-        """The headers of each request so far, as the relay chose them: requests' own left out."""
+        """The headers of each request so far, every one as it came (nothing of urllib3's own)."""
         with self.server.lock:
-            recorded = list(self.server.requests)
-        return [[(k, v) for k, v in headers if k.lower() not in REQUESTS_OWN_HEADERS] for headers in recorded]
+            return [list(headers) for headers in self.server.requests]
 
     @property
     def connections(self):

@@ -28,6 +28,7 @@ DEFAULT_REPLIES = {
     "XCLIENT": "220 scripted ESMTP",  # Postfix greets again after XCLIENT
 }
 UNKNOWN_REPLY = "502 5.5.2 Error: command not recognized"
+PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 _queue_ids = itertools.count(1)
 
 
@@ -76,6 +77,7 @@ class Session:
     tls_version: str | None = None
     auths: list[Auth] = field(default_factory=list)
     flooded: int = 0        # bytes of flood lines sent (ScriptedBackend(flood=...))
+    proxy_header: bytes | None = None   # the PROXY header read first (ScriptedBackend(proxy_protocol=True))
 
     @property
     def tls(self):
@@ -95,6 +97,8 @@ class _Handler(socketserver.BaseRequestHandler):
         self.backend, self.session, self.buf = backend, session, bytearray()
         try:
             self.request.settimeout(backend.read_timeout)   # bounds a TLS handshake too
+            if backend.proxy_protocol:
+                session.proxy_header = self.read_proxy_header()
             if backend.tls_context:
                 self.start_tls(backend.tls_context)
             self.converse()
@@ -103,6 +107,26 @@ class _Handler(socketserver.BaseRequestHandler):
         finally:
             self.request.close()
             backend._close_session(self.request, session)
+
+    def receive_exactly(self, count):
+        """count bytes from the socket itself, never more: what follows (a TLS handshake) stays there."""
+        data = b""
+        while len(data) < count:
+            chunk = self.request.recv(count - len(data))
+            if not chunk:
+                raise EOFError
+            data += chunk
+        return data
+
+    def read_proxy_header(self):
+        """The PROXY header (v1 line or v2 binary, haproxy's proxy-protocol.txt), raw, as it came."""
+        header = self.receive_exactly(5)        # "PROXY UNKNOWN\r\n" is 15 bytes, v2's head 16
+        if header == PROXY_V2_SIGNATURE[:5]:
+            header += self.receive_exactly(11)
+            return header + self.receive_exactly(int.from_bytes(header[14:16], "big"))
+        while not header.endswith(b"\r\n") and len(header) < 107:
+            header += self.receive_exactly(1)
+        return header
 
     def start_tls(self, context):
         """Run the server side of a TLS handshake; a failure raises (an OSError) and ends the session."""
@@ -295,16 +319,21 @@ class ScriptedBackend:
     "AUTH ..." keyword of `extensions` lists them, others get 504) and is
     recorded in Session.auths; without it AUTH gets replies["AUTH"] like any verb.
 
+    proxy_protocol: each connection starts with a PROXY header (v1 or v2), read
+    before TLS and the greeting and kept raw in Session.proxy_header; without it
+    a header is taken as a command, as a server that reads none would.
+
     Attributes: address ("127.0.0.1:PORT"), host, port, sessions (list of
     Session), connections, delivered (completed Messages of all sessions).
     """
 
     def __init__(self, greeting="220 scripted ESMTP", extensions=None, replies=None, actions=None,
                  drop_after_data_bytes=None, read_timeout=30, tls_context=None, starttls_context=None,
-                 auth=None, delays=None, trickle=None, flood=()):
+                 auth=None, delays=None, trickle=None, flood=(), proxy_protocol=False):
         self.greeting = greeting
         self.extensions = DEFAULT_EXTENSIONS if extensions is None else extensions
         self.tls_context, self.starttls_context, self.auth = tls_context, starttls_context, auth
+        self.proxy_protocol = proxy_protocol
         self.auth_mechanisms = next((e.upper().split()[1:] for e in self.extensions
                                      if e.upper().startswith("AUTH ")), [])
         self.replies = {**DEFAULT_REPLIES, **(replies or {})}

@@ -654,7 +654,8 @@ class SyslogSocket:
                 return found
 
     def _match(self, rx, data):
-        line = self.LINE.fullmatch(data.rstrip(b"\0\n"))
+        assert b"\0" not in data, f"a NUL byte in a syslog line (RFC 5424 has none): {data!r}"
+        line = self.LINE.fullmatch(data.rstrip(b"\n"))
         assert line, f"not a syslog line: {data!r}"
         priority, ident, message = int(line[1]), line[2], line[3]
         if found := rx.search(message):

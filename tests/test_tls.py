@@ -719,7 +719,7 @@ def test_backend_without_starttls_is_down_and_the_next_one_takes_over(tls_relay,
     assert client.say("EHLO client.example").code == 250
     assert send_message(client, BODY).code == 250
     [session] = clear.wait_for_sessions_closed(1)
-    assert verbs(session) == [b"EHLO"]                  # no XCLIENT, no MAIL: nothing of the client in clear
+    assert verbs(session) == [b"EHLO", b"QUIT"]         # no XCLIENT, no MAIL: nothing of the client in clear
     assert len(secure.delivered) == 1
     assert relay.wait_for_log(rf"backend {clear.address} is down: offers no STARTTLS")
 
@@ -732,7 +732,7 @@ def test_backend_refusing_starttls_is_down_and_never_used_in_clear(tls_relay, sc
     assert client.say("EHLO client.example").code == 250
     assert client.say("MAIL FROM:<a@example.org>").text == ALL_DOWN
     [session] = backend.wait_for_sessions_closed(1)
-    assert verbs(session) == [b"EHLO", b"STARTTLS"]
+    assert verbs(session) == [b"EHLO", b"STARTTLS", b"QUIT"]      # nothing of the client in clear
     assert relay.wait_for_log(rf"backend {backend.address} is down: .*454.*4\.7\.0 TLS not available")
 
 
@@ -742,7 +742,7 @@ def test_only_backend_without_starttls_gives_451_never_a_plaintext_fallback(tls_
     assert client.say("EHLO client.example").code == 250
     assert client.say("MAIL FROM:<a@example.org>").text == ALL_DOWN
     [session] = backend.wait_for_sessions_closed(1)
-    assert verbs(session) == [b"EHLO"]
+    assert verbs(session) == [b"EHLO", b"QUIT"]
     assert relay.wait_for_log(r"all back-ends are down")
 
 
