@@ -4454,6 +4454,9 @@ def main(argv=None):
             return probe(setup)
         setup_logging(cfg, log_handler(cfg.log_target))
         connection = inetd_connection() if cfg.inetd else None
+        if any(a == "--backend-auth" or a.startswith("--backend-auth=") for a in argv):
+            event("warning", text="--backend-auth on the command line is there for every user of this host to "
+                                  "see (ps): give it in --backend-auth-file")
         if not cfg.xclient and cfg.backend_proxy_protocol == "off" and (
                 cfg.auth_http or any(b.kind == "smtp" for b in cfg.backend)):
             event("warning", text=RELAY_AS_CLIENT)

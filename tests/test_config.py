@@ -467,3 +467,44 @@ def test_debug_log_escapes_c1_control_characters_in_lines_to_the_backend(relay, 
     r.wait_for_log(r' S>B: MAIL FROM:<"a\\x85b\\x9bc"@example\.org> SMTPUTF8$')
     s_to_b = matching_lines(r, " S>B: ")
     assert s_to_b and not any(re.search("[\x00-\x1f\x7f-\x9f]", line) for line in s_to_b), s_to_b
+
+
+def test_a_key_set_twice_in_the_config_file_exits_1_naming_both_lines(tmp_path):
+    # configargparse would take the last one without a word.
+    config = tmp_path / "relay.conf"
+    config.write_text("backend = a:1\nmax-errors = 3\n# a comment\nmax-errors = 4\n")
+    line = assert_config_error(run_relay("-c", str(config), "--check-config"), "-c")
+    assert line == f"smtprelay: -c: {config}: line 4: max-errors is set on line 2 already"
+
+
+def test_help_says_where_settings_come_from_and_links_nowhere():
+    result = run_relay("--help")
+    assert result.returncode == 0
+    assert "SMTPRELAY_MAX_ERRORS=5" in result.stdout and "'max-errors = 5'" in result.stdout
+    assert re.findall(r"https?://\S+", result.stdout) == ["http://ADDR/metrics"]     # no shortened link to follow
+
+
+def test_backend_auth_file_gives_the_credentials_and_never_both(tmp_path, scripted_backend, relay):
+    secret = tmp_path / "backend-auth"
+    secret.write_text("relay:Relay-Secret-9\n")
+    settings = check_config("--backend", "a:1", "--backend-auth-file", str(secret))
+    assert settings["backend-auth-file"] == str(secret) and "backend-auth" not in settings
+    assert "Relay-Secret-9" not in json.dumps(settings)
+    both = run_relay("--backend", "a:1", "--backend-auth-file", str(secret), "--backend-auth", "u:p", "--check-config")
+    assert assert_config_error(both, "--backend-auth-file").endswith("--backend-auth and --backend-auth-file "
+                                                                     "exclude each other")
+    missing = run_relay("--backend", "a:1", "--backend-auth-file", str(tmp_path / "none"), "--check-config")
+    assert "No such file or directory" in assert_config_error(missing, "--backend-auth-file")
+
+    backend = scripted_backend(extensions=["AUTH PLAIN", "XCLIENT ADDR NAME HELO"], auth={"relay": "Relay-Secret-9"})
+    r = relay("--backend", backend.address, "--backend-auth-file", str(secret))
+    send_message(r.host, r.port)
+    [session] = backend.sessions
+    assert [(a.user, a.accepted) for a in session.auths] == [("relay", True)]
+    assert "--backend-auth on the command line" not in r.log_text()
+
+
+def test_backend_auth_on_the_command_line_is_warned_about(relay, scripted_backend):
+    backend = scripted_backend(extensions=["AUTH PLAIN", "XCLIENT ADDR NAME HELO"], auth={"relay": "pw"})
+    r = relay("--backend", backend.address, "--backend-auth", "relay:pw")
+    assert r.wait_for_log(r"WARNING --backend-auth on the command line is there for every user of this host to see")

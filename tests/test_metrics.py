@@ -243,3 +243,18 @@ def test_json_backend_refusing_a_recipient_gives_a_backend_refused_event_with_it
     assert refused["backend"] == backend.address
     assert refused["reply"] == refusal
     assert events(r, "message") == []
+
+
+@needs_prometheus
+def test_recipients_are_counted_refused_by_the_relay_or_the_back_end_and_deferred(metrics_relay, scripted_backend):
+    backend = scripted_backend(replies={"RCPT": ["250 2.1.5 Ok", "550 5.1.1 No such user", "450 4.2.0 Busy"]})
+    r, metrics = metrics_relay("--backend", backend.address, "--allow-recipient", r".*@example\.net")
+    client = greeted(r, ehlo="client.example")
+    assert client.say("MAIL FROM:<a@example.org>").code == 250
+    assert [client.say(f"RCPT TO:<{rcpt}>").code for rcpt in
+            ("b@example.net", "c@example.net", "d@example.net", "e@elsewhere.example")] == [250, 550, 450, 550]
+    recipients = "smtprelay_recipients_total"
+    metrics.wait_for(recipients, 2, outcome="refused")      # one by the back-end, one by --allow-recipient
+    assert metrics.value(recipients, outcome="accepted") == 1
+    assert metrics.value(recipients, outcome="deferred") == 1
+    quit_and_close(client)

@@ -308,3 +308,24 @@ def test_many_sighups_in_a_row_while_clients_send_lose_no_message(relay, scripte
     reload_with(r, f"backend = [{backends[1].address}]\n")
     assert deliver(r, "after the storm").code == 250
     assert body("after the storm") in contents(backends[1])
+
+
+# --- --backend-auth-file: read again on SIGHUP ------------------------------------------------
+
+def test_the_backend_auth_file_is_read_again_on_sighup_and_an_unreadable_one_keeps_the_old(relay, scripted_backend,
+                                                                                           tmp_path):
+    secret = tmp_path / "backend-auth"
+    secret.write_text("relay:old-secret\n")
+    backend = scripted_backend(extensions=["AUTH PLAIN", "XCLIENT ADDR NAME HELO"],
+                               auth={"relay": "old-secret", "renewed": "new-secret"})
+    config = f"backend = {backend.address}\nbackend-auth-file = {secret}\n"
+    r = relay(config=config)
+    assert deliver(r, "first").code == 250
+    secret.write_text("renewed:new-secret\n")
+    sighup(r)
+    assert deliver(r, "second").code == 250
+    secret.unlink()
+    sighup(r, expect=KEPT_OLD + r"--backend-auth-file: .*No such file or directory")
+    assert deliver(r, "third").code == 250          # with what was read last
+    assert [(a.user, a.accepted) for s in backend.sessions for a in s.auths] == \
+        [("relay", True), ("renewed", True), ("renewed", True)]
