@@ -235,6 +235,20 @@ def test_files_a_drop_in_names_in_the_environment_are_the_credentials_it_loads(d
         assert directory == "%d" and cred_id in loaded, f"{var}={env[var]}; LoadCredential= ids: {loaded}"
 
 
+def test_the_backend_auth_drop_in_hands_the_relay_its_credentials(relay, scripted_backend, tmp_path):
+    # What systemd would do with backend-auth.conf: the file copied in as credential
+    # "backend-auth", the environment pointing the relay at the copy.
+    secret = tmp_path / "etc-backend-auth"
+    secret.write_text("relay:Relay-Secret-9\n")
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    load_credentials("backend-auth.conf", credentials, {"/etc/smtprelay/backend-auth": secret})
+    backend = scripted_backend(extensions=["AUTH PLAIN", "XCLIENT ADDR NAME HELO"], auth={"relay": "Relay-Secret-9"})
+    r = relay("--backend", backend.address, env=unit_environment("backend-auth.conf", credentials))
+    deliver(r.connect())
+    assert [(a.user, a.accepted) for s in backend.sessions for a in s.auths] == [("relay", True)]
+
+
 # --- Socket activation: systemd-socket-activate starts the relay ------------------------
 
 @pytest.fixture
