@@ -4,8 +4,9 @@ No relay here: these tests pin down the back-end that the relay's
 --backend-proxy-protocol tests stand on. Haraka 3.3.4 reads PROXY v1 (TCP4,
 TCP6) from the hosts in connection.ini's [haproxy] hosts[]; from such a host
 the header is required (no greeting before it); v2 is not read; a header from
-any other host is refused with 421. The one slow test waits out Haraka's
-fixed 30 s PROXY timeout.
+any other host is refused with 421. Not tested here, for it takes Haraka's
+fixed 30 s PROXY timeout (seen by hand, Haraka 3.3.4): from a listed host, a v2
+header, an EHLO and silence all get no greeting, then "421 PROXY timeout".
 """
 import socket
 import struct
@@ -32,12 +33,6 @@ def connect():
     yield connect
     for sock in sockets:
         sock.close()
-
-
-def proxy_v2_tcp4(src_ip, src_port, dst_ip, dst_port):
-    """A PROXY protocol v2 header: PROXY command, TCP over IPv4."""
-    addresses = socket.inet_aton(src_ip) + socket.inet_aton(dst_ip) + struct.pack("!HH", src_port, dst_port)
-    return b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x21, 0x11]) + struct.pack("!H", len(addresses)) + addresses
 
 
 def test_a_proxy_v1_header_gives_haraka_the_client_address_and_port(haraka, connect):
@@ -121,17 +116,3 @@ def test_a_second_proxy_line_after_the_greeting_changes_the_client_again(haraka,
     assert send_message(client, BODY).code == 250
     [message] = h.wait_for_messages(1)
     assert (message.remote_ip, message.remote_port, message.helo) == ("198.51.100.9", 40009, "again.example")
-
-
-def test_a_listed_host_must_send_a_v1_header_v2_and_none_get_421_after_30s(haraka, connect):
-    """Slow (Haraka's PROXY timeout is a fixed 30 s): the three connections wait it out together.
-
-    No greeting comes before the 421: not to a v2 header (Haraka reads v1 only; while it
-    waits on one it spins a CPU), not to an EHLO, not to silence."""
-    h = haraka()
-    v2, ehlo, silent = (connect(h, timeout=60) for _ in range(3))
-    v2.send(proxy_v2_tcp4("192.0.2.7", 40001, "127.0.0.1", 25))
-    ehlo.send(b"EHLO client.example\r\n")
-    for client in (v2, ehlo, silent):
-        assert [r.text for r in client.replies_until_closed()] == ["421 PROXY timeout"]
-    assert h.messages() == []
