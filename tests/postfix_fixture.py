@@ -7,7 +7,8 @@ here), queue_directory, data_directory and maillog_file (through postlogd)
 under one temporary directory, and one smtpd on 127.0.0.1:<free port>. Mail
 stays in the private queue: defer_transports holds every transport, so an
 accepted message sits in the deferred queue ("deferred transport") where
-postqueue -j sees it.
+postqueue -j sees it; but local_delivery and virtual_delivery let local(8)
+and virtual(8) deliver to one recipient each, into mailbox files of the instance.
 
 What Postfix 3.7.11 needed here, found by experiment (as root, Debian package):
 - maillog_file must lie under maillog_file_prefixes (default /var, /dev/stdout).
@@ -28,8 +29,18 @@ What Postfix 3.7.11 needed here, found by experiment (as root, Debian package):
   inside a small subreaper process (PR_SET_CHILD_SUBREAPER) that reaps master
   and all its children and exits once the last of them has: its exit is how
   the fixture knows Postfix has stopped.
+- local(8) and virtual(8) deliver as root with chroot off (local_delivery,
+  virtual_delivery): local(8) to a passwd user (nobody) into mail_spool_directory
+  (a mode 1777 directory of the instance), virtual(8) to an mbox under
+  virtual_mailbox_base (owned by nobody, virtual_uid_maps static:nobody's uid).
+  Both log `status=sent` once the mailbox file is written and closed.
+- Debian's Postfix reads Cyrus SASL's smtpd.conf from $config_directory/sasl/
+  (not cyrus_sasl_config_path): config_files={"sasl/smtpd.conf": ...}.
+- with smtpd_upstream_proxy_protocol = haproxy (proxy_protocol) smtpd waits
+  for the header before it greets: the start's check sends a v1 header.
 """
 import contextlib
+import glob
 import grp
 import json
 import os
@@ -51,6 +62,16 @@ from helpers import wait_until
 POSTFIX = "/usr/sbin/postfix"
 POSTQUEUE = "/usr/sbin/postqueue"
 HOSTNAME = "backend.test"
+# Cyrus SASL's mechanisms (PLAIN, LOGIN, ...) come with libsasl2-modules, which
+# libsasl2-2 only recommends: without them smtpd with SASL enabled finds no
+# mechanism and dies at every connection ("fatal: no SASL authentication mechanisms").
+CYRUS_MECHANISMS = bool(glob.glob("/usr/lib/*/sasl2/libplain.so*"))
+needs_cyrus_mechanisms = pytest.mark.skipif(
+    not CYRUS_MECHANISMS, reason="libsasl2-modules is not installed: Cyrus SASL offers smtpd no mechanism")
+LOCAL_DOMAIN = "local.test"             # mydestination with local_delivery
+LOCAL_USER = "nobody"                   # a passwd user: local(8) delivers only to those
+VIRTUAL_DOMAIN = "virtual.test"         # virtual_mailbox_domains with virtual_delivery
+VIRTUAL_USER = "bob"
 
 # Runs `postfix -c DIR start` on a pty, prints {"rc": N, "output": "..."} as one
 # line, then reaps every descendant (master re-parents to us) until none is left.
@@ -110,6 +131,8 @@ anvil     unix  -       -       n       -       1       anvil
 scache    unix  -       -       n       -       1       scache
 smtp      unix  -       -       n       -       -       smtp
 relay     unix  -       -       n       -       -       smtp
+local     unix  -       n       n       -       -       local
+virtual   unix  -       n       n       -       -       virtual
 postlog   unix-dgram n  -       n       -       1       postlogd
 """
 
@@ -132,12 +155,27 @@ class Postfix:
     """
 
     def __init__(self, xclient_hosts="127.0.0.1", mynetworks="127.0.0.0/8", main_cf=(), start_timeout=15,
-                 listener=None):
+                 listener=None, local_delivery=False, virtual_delivery=False, proxy_protocol=False,
+                 config_files=None, wait_greeting=True):
         """xclient_hosts: smtpd_authorized_xclient_hosts ("" for none); mynetworks as in main.cf;
-        main_cf: extra main.cf lines (a str or an iterable of str), appended last so they win;
+        main_cf: extra main.cf lines (a str or an iterable of str), appended last, each in place of
+        the fixture's own line for that parameter;
         listener: master.cf lines for the smtpd service in place of the plain one, its address
-        written 127.0.0.1:10025 (replaced by the instance's)."""
+        written 127.0.0.1:10025 (replaced by the instance's);
+        local_delivery: local(8) delivers mail for LOCAL_USER@LOCAL_DOMAIN (self.local_recipient)
+        into self.mailboxes[that address] (mail_spool_directory of the instance), local taken out
+        of defer_transports; virtual_delivery: virtual(8) delivers mail for VIRTUAL_USER@VIRTUAL_DOMAIN
+        (self.virtual_recipient) into an mbox under the instance's virtual_mailbox_base;
+        proxy_protocol: `-o smtpd_upstream_proxy_protocol=haproxy` on the smtpd listener (the plain
+        one or `listener`); the start's check then sends a PROXY v1 header first;
+        config_files: {path relative to config_dir: text} written beside main.cf before the start
+        (e.g. "sasl/smtpd.conf");
+        wait_greeting: False to return once `postfix start` has (the master bound the listener),
+        without connecting: for an smtpd that fails every connection."""
         self.listener = listener
+        self.proxy_protocol = proxy_protocol
+        self.config_files = dict(config_files or {})
+        self.wait_greeting = wait_greeting
         self.root = Path(tempfile.mkdtemp(prefix="postfix-"))
         os.chmod(self.root, 0o755)              # the postfix user must get through to data/
         self.config_dir = self.root / "conf"
@@ -150,6 +188,34 @@ class Postfix:
         os.chown(self.data_dir, owner.pw_uid, owner.pw_gid)
         self._make_queue_dirs(owner.pw_uid, grp.getgrnam("postdrop").gr_gid)
         extra = [main_cf] if isinstance(main_cf, str) else list(main_cf)
+        self.local_recipient = self.virtual_recipient = None
+        self.mailboxes = {}                     # recipient address -> its mailbox file
+        delivery = []
+        deferred = ["smtp", "relay"]
+        if local_delivery:
+            spool = self.root / "mail"
+            spool.mkdir()
+            os.chmod(spool, 0o1777)             # local(8) makes the user's mailbox file here
+            self.local_recipient = f"{LOCAL_USER}@{LOCAL_DOMAIN}"
+            self.mailboxes[self.local_recipient] = spool / LOCAL_USER
+            delivery += [f"mydestination = {LOCAL_DOMAIN}", f"mail_spool_directory = {spool}"]
+        else:
+            delivery += ["mydestination ="]
+            deferred.append("local")
+        if virtual_delivery:
+            base = self.root / "vmail"
+            base.mkdir()
+            nobody = pwd.getpwnam("nobody")
+            os.chown(base, nobody.pw_uid, nobody.pw_gid)
+            self.virtual_recipient = f"{VIRTUAL_USER}@{VIRTUAL_DOMAIN}"
+            self.mailboxes[self.virtual_recipient] = base / VIRTUAL_USER
+            delivery += [f"virtual_mailbox_domains = {VIRTUAL_DOMAIN}",
+                         f"virtual_mailbox_maps = inline:{{ {self.virtual_recipient}={VIRTUAL_USER} }}",
+                         f"virtual_mailbox_base = {base}",
+                         f"virtual_uid_maps = static:{nobody.pw_uid}",
+                         f"virtual_gid_maps = static:{nobody.pw_gid}"]
+        else:
+            deferred.append("virtual")
         self.main_cf_lines = [
             "compatibility_level = 3.6",
             f"queue_directory = {self.queue_dir}",
@@ -161,20 +227,25 @@ class Postfix:
             f"myhostname = {HOSTNAME}",
             f"mydomain = {HOSTNAME}",
             f"myorigin = {HOSTNAME}",
-            "mydestination =",
+            *delivery,
             "inet_interfaces = loopback-only",
             "inet_protocols = ipv4",
             f"mynetworks = {mynetworks}",
             f"smtpd_authorized_xclient_hosts = {xclient_hosts}",
             "smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination",
-            # Nothing leaves: every message waits in the deferred queue.
-            "defer_transports = smtp relay local virtual",
+            # Nothing leaves: every message waits in the deferred queue (but for local_delivery
+            # and virtual_delivery).
+            f"defer_transports = {' '.join(deferred)}",
             "relayhost = [127.0.0.1]:9",
             "alias_maps =",
             "alias_database =",
             "biff = no",
-            *extra,
         ]
+        # A parameter of main_cf takes the place of the fixture's line: no "overriding earlier
+        # entry" warning from every Postfix program.
+        given = {line.split("=", 1)[0].strip() for line in extra}
+        self.main_cf_lines = [line for line in self.main_cf_lines if line.split("=", 1)[0].strip() not in given]
+        self.main_cf_lines += extra
         self.proc = None
         self.start_seconds = None
         self.host = "127.0.0.1"
@@ -207,11 +278,15 @@ class Postfix:
 
     def _write_config(self):
         (self.config_dir / "main.cf").write_text("\n".join(self.main_cf_lines) + "\n")
-        master_cf = MASTER_CF.format(listen=self.address)
-        if self.listener:
-            plain = f"{self.address} inet  n       -       n       -       -       smtpd\n"
-            master_cf = master_cf.replace(plain, self.listener.replace("127.0.0.1:10025", self.address).rstrip("\n") + "\n")
-        (self.config_dir / "master.cf").write_text(master_cf)
+        plain = f"{self.address} inet  n       -       n       -       -       smtpd\n"
+        listener = self.listener.replace("127.0.0.1:10025", self.address).rstrip("\n") + "\n" if self.listener else plain
+        if self.proxy_protocol:
+            listener += "  -o smtpd_upstream_proxy_protocol=haproxy\n"
+        (self.config_dir / "master.cf").write_text(MASTER_CF.format(listen=self.address).replace(plain, listener))
+        for name, text in self.config_files.items():
+            path = self.config_dir / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
         # Postfix re-reads a table file modified within the last second, 0.3 s apart, until
         # it is older than that (dict_load_file): every Postfix program would wait so.
         past = time.time() - 60
@@ -231,17 +306,21 @@ class Postfix:
             self._wait_stopped(10)
             raise PostfixError(f"postfix start exited {report['rc']}:\n{report['output']}\n"
                                f"maillog:\n{self.log_text()}")
-        self._wait_greeting(began + timeout)
+        if self.wait_greeting:
+            self._wait_greeting(began + timeout)
         self.start_seconds = time.monotonic() - began
 
     def _wait_greeting(self, deadline):
-        """Until smtpd answers 220 on the port (a connection, its greeting read, QUIT)."""
+        """Until smtpd answers 220 on the port (a connection, its greeting read, QUIT) and has
+        logged that session's end."""
         last = []
 
         def greeted_or_exited():
             try:
                 with socket.create_connection((self.host, self.port), timeout=max(0.1, deadline - time.monotonic())) as s:
                     s.settimeout(max(0.1, deadline - time.monotonic()))
+                    if self.proxy_protocol:     # smtpd greets only after the header
+                        s.sendall(b"PROXY TCP4 127.0.0.1 127.0.0.1 %d %d\r\n" % (s.getsockname()[1], self.port))
                     greeting = s.makefile("rb").readline()
                     if greeting.startswith(b"220 "):
                         s.sendall(b"QUIT\r\n")
@@ -252,10 +331,14 @@ class Postfix:
             return "exited" if self.proc.poll() is not None else None     # every Postfix process has exited
 
         try:
-            if wait_until(greeted_or_exited, max(0.0, deadline - time.monotonic()), "smtpd's greeting") == "greeted":
-                return
+            greeted = wait_until(greeted_or_exited, max(0.0, deadline - time.monotonic()), "smtpd's greeting")
         except AssertionError:
-            pass
+            greeted = None
+        if greeted == "greeted":
+            # That session logged whole before the start returns: a mark() taken then is past it.
+            self.wait_for_log(r"postfix/smtpd\[\d+\]: disconnect from \S+\[127\.0\.0\.1\] quit=1 commands=1$",
+                              timeout=max(0.1, deadline - time.monotonic()))
+            return
         raise PostfixError(f"Postfix on {self.address} did not greet ({last[0] if last else None!r}); "
                            f"maillog:\n{self.log_text()}")
 
@@ -348,6 +431,14 @@ class Postfix:
                                             f"{self.log_text()}")
         return found
 
+    def wait_for_delivery(self, recipient, timeout=5, since=0):
+        """The text of `recipient`'s mailbox (one of self.mailboxes) once local(8) or virtual(8)
+        has logged `to=<recipient>, relay=local|virtual, ... status=sent` from maillog line `since` on
+        (logged after the mailbox file is written and closed); AssertionError after `timeout` s."""
+        self.wait_for_log(rf"postfix/(local|virtual)\[\d+\]: \w+: to=<{re.escape(recipient)}>, "
+                          rf"relay=(local|virtual),.* status=sent ", timeout=timeout, since=since)
+        return self.mailboxes[recipient].read_text(errors="replace")
+
     def client_of(self, queue_id):
         """smtpd's "client=NAME[ADDR]" for a queue id, as "NAME[ADDR]" (waits up to 5 s for the line)."""
         return self.wait_for_log(rf"postfix/smtpd\[\d+\]: {queue_id}: client=(\S+?)(?:,|$)")[1]
@@ -355,7 +446,9 @@ class Postfix:
 
 @pytest.fixture
 def postfix():
-    """Factory start(xclient_hosts="127.0.0.1", mynetworks="127.0.0.0/8", main_cf=()) -> a running Postfix.
+    """Factory start(xclient_hosts="127.0.0.1", mynetworks="127.0.0.0/8", main_cf=(), listener=None,
+    local_delivery=False, virtual_delivery=False, proxy_protocol=False, config_files=None,
+    wait_greeting=True) -> a running Postfix (see Postfix.__init__).
 
     Every Postfix started is stopped (postfix stop, all its processes reaped) at teardown.
     """

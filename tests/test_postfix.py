@@ -5,8 +5,10 @@ from pathlib import Path
 
 import pytest
 
+from auth_fixtures import auth_service  # noqa: F401  (fixture)
+from auth_http_example import Policy        # contrib/, put on sys.path by auth_fixtures
 from helpers import run_relay
-from postfix_fixture import postfix  # noqa: F401
+from postfix_fixture import needs_cyrus_mechanisms, postfix  # noqa: F401
 
 MESSAGE = b"Subject: relayed\r\n\r\nHello from the relay tests.\r\n"
 OUTSIDE = "rcpt@outside.example"
@@ -175,3 +177,40 @@ def test_probe_of_a_real_postfix_says_whether_it_authorises_the_relay_for_xclien
     print(result.stdout)
     assert result.returncode == 1
     assert "would NOT be used: does not offer XCLIENT to this relay" in result.stdout
+
+
+@pytest.mark.parametrize("sasl_options, relayed", [
+    ("", False),
+    pytest.param("  -o smtpd_sasl_auth_enable=yes\n  -o smtpd_tls_auth_only=no\n", True,
+                 marks=needs_cyrus_mechanisms),
+], ids=["recipe-alone", "with-sasl-enabled"])
+def test_a_client_the_relay_authenticated_relays_through_postfix_only_where_its_listener_enables_sasl(
+        relay, postfix, auth_service, sasl_options, relayed):
+    # XCLIENT LOGIN counts for permit_sasl_authenticated only with SASL enabled on the
+    # listener (Debian's Cyrus with libsasl2-modules, unconfigured, is enough);
+    # smtpd_tls_auth_only = yes in main.cf would make it count for nothing on the relay's
+    # plaintext link.
+    listener = readme_block(r"    127\.0\.0\.1:10025 +inet ") + sasl_options
+    pf = postfix(xclient_hosts="", mynetworks="127.0.0.1/32", listener=listener,
+                 main_cf=["smtpd_relay_restrictions = permit_mynetworks, permit_sasl_authenticated, "
+                          "reject_unauth_destination"])
+    service = auth_service(Policy([pf.address], {"bob": "Bob-Secret-3"}))
+    r = relay("--auth-http", service.url, "--auth", "none,plain")
+    since = pf.mark()
+    client = client_from(r, "127.0.0.2")
+    client.ehlo("client.example")
+    client.login("bob", "Bob-Secret-3")
+    assert client.mail("a@example.org")[0] == 250
+    code, text = client.rcpt(OUTSIDE)
+    if not relayed:
+        assert (code, text) == (554, b"5.7.1 <rcpt@outside.example>: Relay access denied"), pf.log_text()
+        quit_and_wait(pf, client, "127.0.0.2", since)
+        assert pf.queue() == []
+        return
+    assert code == 250, (code, text, pf.log_text())
+    code, text = client.data(MESSAGE)
+    assert code == 250, (code, text)
+    queue_id = queued_id(text)
+    pf.wait_for_log(rf"postfix/smtpd\[\d+\]: {queue_id}: client=unknown\[127\.0\.0\.2\], "
+                    r"sasl_method=XCLIENT, sasl_username=bob$", since=since)
+    client.quit()
