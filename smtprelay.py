@@ -2667,8 +2667,9 @@ class SMTPConnection(smtplib.SMTP):
         raises BackendDown (untrusted: BackendUntrusted) or LocalFailure, the
         connection closed (after QUIT where the back-end is still in step)."""
         cfg = self.backend.setup.cfg
-        # Until XCLIENT names the client, the relay is the client: it says its own name (nginx).
-        helo = cfg.server_name
+        # Until XCLIENT names the client, the relay is the client and says its own name
+        # (nginx); a connection whose PROXY header named the client is the client's.
+        helo = client.helo or cfg.server_name if self.proxy and client.ip else cfg.server_name
         self.local_hostname = helo
         if self.proxy:
             self.proxy_header = proxy_header(self.proxy, client)

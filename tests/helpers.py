@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 RELAY = Path(__file__).resolve().parent.parent / "smtprelay.py"
+README = RELAY.with_name("README.md")
 SMTP_SINK = "/usr/sbin/smtp-sink"
 # A host name of exactly 255 octets (RFC 5321 §4.5.3.1.2's limit), in labels of 63.
 HOST_255 = ".".join(["a" * 63] * 3 + ["b" * 63])
@@ -630,3 +631,20 @@ def session_lines(relay, sid):
 def b64(data):
     """Base64 of `data` (str, encoded as UTF-8, or bytes), as str."""
     return base64.b64encode(data.encode("utf-8") if isinstance(data, str) else data).decode()
+
+
+def readme_block(first_line_pattern, containing=""):
+    """The first indented block of README.md whose first line matches `first_line_pattern`
+    and which holds `containing`, unindented."""
+    lines = README.read_text().splitlines()
+    for start, line in enumerate(lines):
+        if re.match(first_line_pattern, line) and (start == 0 or not lines[start - 1].startswith("    ")):
+            block = []
+            for line in lines[start:]:
+                if not line.startswith("    "):
+                    break
+                block.append(line[4:])
+            text = "\n".join(block) + "\n"
+            if containing in text:
+                return text
+    raise AssertionError(f"no README block starting {first_line_pattern!r} holds {containing!r}")

@@ -173,7 +173,8 @@ class Postfix:
         wait_greeting: False to return once `postfix start` has (the master bound the listener),
         without connecting: for an smtpd that fails every connection."""
         self.listener = listener
-        self.proxy_protocol = proxy_protocol
+        # A listener that reads PROXY headers itself (a README recipe) is one too.
+        self.proxy_protocol = proxy_protocol or "smtpd_upstream_proxy_protocol=haproxy" in (listener or "")
         self.config_files = dict(config_files or {})
         self.wait_greeting = wait_greeting
         self.root = Path(tempfile.mkdtemp(prefix="postfix-"))
@@ -280,7 +281,7 @@ class Postfix:
         (self.config_dir / "main.cf").write_text("\n".join(self.main_cf_lines) + "\n")
         plain = f"{self.address} inet  n       -       n       -       -       smtpd\n"
         listener = self.listener.replace("127.0.0.1:10025", self.address).rstrip("\n") + "\n" if self.listener else plain
-        if self.proxy_protocol:
+        if self.proxy_protocol and "smtpd_upstream_proxy_protocol" not in listener:
             listener += "  -o smtpd_upstream_proxy_protocol=haproxy\n"
         (self.config_dir / "master.cf").write_text(MASTER_CF.format(listen=self.address).replace(plain, listener))
         for name, text in self.config_files.items():

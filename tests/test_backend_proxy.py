@@ -99,6 +99,8 @@ def test_xclient_is_not_required_behind_the_header_and_no_xclient_sends_none(sta
     [session] = offering.sessions
     assert session.proxy_header.startswith(V2_SIGNATURE)
     assert b"XCLIENT" not in verbs(session)
+    # The connection is the client's: its EHLO carries the client's HELO name.
+    assert [c[5:] for c in session.commands if c[:5].upper() == b"EHLO "] == [b"client.example"]
     assert "back-end sees every client as the relay's own address" not in r.log_text()
 
 

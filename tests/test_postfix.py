@@ -7,12 +7,11 @@ import pytest
 
 from auth_fixtures import auth_service  # noqa: F401  (fixture)
 from auth_http_example import Policy        # contrib/, put on sys.path by auth_fixtures
-from helpers import run_relay
+from helpers import readme_block, run_relay
 from postfix_fixture import needs_cyrus_mechanisms, postfix  # noqa: F401
 
 MESSAGE = b"Subject: relayed\r\n\r\nHello from the relay tests.\r\n"
 OUTSIDE = "rcpt@outside.example"
-README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def client_from(relay, address):
@@ -119,27 +118,15 @@ def test_an_overlong_helo_is_refused_with_501_and_no_mail_is_queued_under_the_re
     assert not pf.log_matches(r"client=localhost\[127\.0\.0\.1\]")
 
 
-def readme_block(first_line_pattern):
-    """The indented block of README.md whose first line matches `first_line_pattern`, unindented."""
-    lines = README.read_text().splitlines()
-    start = next(i for i, line in enumerate(lines) if re.match(first_line_pattern, line))
-    block = []
-    for line in lines[start:]:
-        if not line.startswith("    "):
-            break
-        block.append(line[4:])
-    return "\n".join(block) + "\n"
-
-
 def test_the_readmes_postfix_recipe_as_written_queues_under_the_client_and_takes_the_largest_message(
         relay, postfix):
     # The README's master.cf listener and main.cf line, verbatim but for the
     # port; main.cf authorises nobody for XCLIENT, so the recipe's -o must.
-    listener = readme_block(r"    127\.0\.0\.1:10025 +inet ")
-    assert "smtpd_authorized_xclient_hosts=127.0.0.1" in listener
-    main_cf = readme_block(r"    message_size_limit = ").strip()
-    pf = postfix(xclient_hosts="", mynetworks="127.0.0.1/32", listener=listener,
-                 main_cf=["relay_domains = example.net", main_cf])
+    listener = readme_block(r"    127\.0\.0\.1:10025 +inet ", "smtpd_authorized_xclient_hosts=127.0.0.1")
+    main_cf = readme_block(r"    message_size_limit = ").splitlines()
+    assert len(main_cf) == 3, main_cf           # with local(8)'s and virtual(8)'s limits
+    pf = postfix(xclient_hosts="", mynetworks="127.0.0.1/32", listener=listener, local_delivery=True,
+                 virtual_delivery=True, main_cf=["relay_domains = example.net", *main_cf])
     conf = readme_block(r"    listen = \[25\]")
     size = int(re.search(r"max-message-size = (\d+)", conf)[1])
     r = relay("--backend", pf.address, config=conf)      # the command line's --listen and --backend win
@@ -161,6 +148,10 @@ def test_the_readmes_postfix_recipe_as_written_queues_under_the_client_and_takes
     queue_id = queued_id(text)
     assert queue_id in {m["queue_id"] for m in pf.wait_for_queue(1)}
     assert pf.client_of(queue_id) == "unknown[127.0.0.2]"
+    # local(8) and virtual(8) start with these limits, and deliver.
+    for recipient in (pf.local_recipient, pf.virtual_recipient):
+        assert client.sendmail("a@example.org", [recipient], MESSAGE) == {}
+        assert "Hello from the relay tests." in pf.wait_for_delivery(recipient)
     client.quit()
 
 
@@ -179,10 +170,14 @@ def test_probe_of_a_real_postfix_says_whether_it_authorises_the_relay_for_xclien
     assert "would NOT be used: does not offer XCLIENT to this relay" in result.stdout
 
 
+def readme_sasl_lines():
+    """The README's lines "where LOGIN matters", as written (indented under the listener)."""
+    return readme_block(r"      -o smtpd_sasl_auth_enable=yes")
+
+
 @pytest.mark.parametrize("sasl_options, relayed", [
     ("", False),
-    pytest.param("  -o smtpd_sasl_auth_enable=yes\n  -o smtpd_tls_auth_only=no\n", True,
-                 marks=needs_cyrus_mechanisms),
+    pytest.param(readme_sasl_lines(), True, marks=needs_cyrus_mechanisms),
 ], ids=["recipe-alone", "with-sasl-enabled"])
 def test_a_client_the_relay_authenticated_relays_through_postfix_only_where_its_listener_enables_sasl(
         relay, postfix, auth_service, sasl_options, relayed):
@@ -190,7 +185,7 @@ def test_a_client_the_relay_authenticated_relays_through_postfix_only_where_its_
     # listener (Debian's Cyrus with libsasl2-modules, unconfigured, is enough);
     # smtpd_tls_auth_only = yes in main.cf would make it count for nothing on the relay's
     # plaintext link.
-    listener = readme_block(r"    127\.0\.0\.1:10025 +inet ") + sasl_options
+    listener = readme_block(r"    127\.0\.0\.1:10025 +inet ", "smtpd_authorized_xclient_hosts") + sasl_options
     pf = postfix(xclient_hosts="", mynetworks="127.0.0.1/32", listener=listener,
                  main_cf=["smtpd_relay_restrictions = permit_mynetworks, permit_sasl_authenticated, "
                           "reject_unauth_destination"])
@@ -214,3 +209,72 @@ def test_a_client_the_relay_authenticated_relays_through_postfix_only_where_its_
     pf.wait_for_log(rf"postfix/smtpd\[\d+\]: {queue_id}: client=unknown\[127\.0\.0\.2\], "
                     r"sasl_method=XCLIENT, sasl_username=bob$", since=since)
     client.quit()
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_the_readmes_proxy_protocol_recipe_has_postfix_judge_and_log_the_real_client(relay, postfix, version):
+    listener = readme_block(r"    127\.0\.0\.1:10025 +inet ", "smtpd_upstream_proxy_protocol=haproxy")
+    conf = readme_block(r"    backend-proxy-protocol = ")
+    assert conf == "backend-proxy-protocol = v2\n"
+    pf = postfix(xclient_hosts="", mynetworks="127.0.0.1/32", listener=listener,
+                 main_cf=["relay_domains = example.net", *readme_block(r"    message_size_limit = ").splitlines()])
+    r = relay("--backend", pf.address, "--backend-proxy-protocol", version, config=conf)   # the command line wins
+    client = client_from(r, "127.0.0.2")
+    client.ehlo("client.example")
+    assert client.mail("a@example.org")[0] == 250
+    assert client.rcpt(OUTSIDE)[0] == 554, pf.log_text()          # 127.0.0.2 judged, not the relay's 127.0.0.1
+    assert client.rset()[0] == 250
+    assert client.sendmail("a@example.org", ["b@example.net"], MESSAGE) == {}
+    [message] = pf.wait_for_queue(1)
+    assert pf.client_of(message["queue_id"]) == "unknown[127.0.0.2]"
+    pf.wait_for_log(r"postfix/smtpd\[\d+\]: connect from unknown\[127\.0\.0\.2\]")
+    pf.wait_for_log(r"helo=<client\.example>")           # the client's HELO, in the relay's EHLO
+    client.quit()
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_a_postfix_not_told_to_expect_the_header_gets_no_mail_and_the_client_451(relay, postfix, version):
+    pf = postfix(xclient_hosts="", mynetworks="127.0.0.1/32")
+    r = relay("--backend", pf.address, "--backend-proxy-protocol", version)
+    client = client_from(r, "127.0.0.2")
+    client.ehlo("client.example")
+    code, text = client.mail("a@example.org")
+    assert code == 451, (code, text)
+    assert r.wait_for_log(rf"backend {pf.address} is down: did not take the PROXY {version} header")
+    client.quit()
+    assert pf.queue() == []
+
+
+def test_probe_of_a_real_postfix_says_whether_it_took_the_header(postfix):
+    reads = postfix(xclient_hosts="", proxy_protocol=True)
+    result = run_relay("--probe", "--backend", reads.address, "--backend-proxy-protocol", "v2")
+    print(result.stdout)
+    assert result.returncode == 0, result.stdout
+    assert "PROXY: v2 header sent: taken" in result.stdout
+    assert "XCLIENT: not offered (not needed: the PROXY header names the client)" in result.stdout
+    plain = postfix(xclient_hosts="")
+    result = run_relay("--probe", "--backend", plain.address, "--backend-proxy-protocol", "v1")
+    print(result.stdout)
+    assert result.returncode == 1
+    assert "PROXY: v1 header sent: NOT taken" in result.stdout
+
+
+def test_the_readmes_lines_for_no_xclient_keep_the_relay_from_being_an_open_relay(relay, postfix):
+    # Postfix's default mynetworks holds 127.0.0.1, the relay's address: without these lines
+    # every client would relay.
+    listener = readme_block(r"    127\.0\.0\.1:10025 +inet ", "-o mynetworks=")
+    pf = postfix(xclient_hosts="", mynetworks="127.0.0.0/8", listener=listener,
+                 main_cf=["relay_domains = example.net"])
+    open_pf = postfix(xclient_hosts="", mynetworks="127.0.0.0/8")
+    for backend, outside in ((open_pf, 250), (pf, 554)):
+        r = relay("--backend", backend.address, "--no-xclient")
+        client = client_from(r, "127.0.0.2")
+        client.ehlo("client.example")
+        assert client.mail("a@example.org")[0] == 250
+        assert client.rcpt(OUTSIDE)[0] == outside, backend.log_text()
+        assert client.rset()[0] == 250
+        client.quit()
+    # Mail for Postfix's own domains still goes through the closed one.
+    client = client_from(r, "127.0.0.2")
+    assert client.sendmail("a@example.org", ["b@example.net"], MESSAGE) == {}
+    assert len(pf.wait_for_queue(1)) == 1
