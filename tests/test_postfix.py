@@ -1,7 +1,6 @@
 """The relay in front of a real Postfix smtpd (see postfix_fixture.py): XCLIENT as Postfix takes it."""
 import re
 import smtplib
-from pathlib import Path
 
 import pytest
 

@@ -14,10 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from helpers import wait_until
+from helpers import readme_block, run_relay, wait_until
+from tls_fixtures import TLSMaterial
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 README = CHECKOUT / "README.md"
+MAIL_MODULE = "/usr/lib/nginx/modules/ngx_mail_module.so"
 
 
 def two_commands():
@@ -66,3 +68,48 @@ def test_what_the_first_command_makes_is_ignored_by_git():
     for path in ("venv/bin/smtprelay", "captured-mail/new/1.example"):
         ignored = subprocess.run(["git", "check-ignore", "-q", path], cwd=CHECKOUT)
         assert ignored.returncode == 0, f"{path} would show up in git status"
+
+
+# --- The README's configuration snippets: each one checked by the program it is for -----------
+
+def run_check_config(config, *args):
+    """smtprelay --check-config on config (text) -> the CompletedProcess."""
+    return run_relay("--check-config", *args, config=config)
+
+
+def test_the_nginx_and_smtprelay_configurations_side_by_side_are_both_valid(tmp_path):
+    first, *lines = readme_block(r"    # nginx\.conf ").splitlines()
+    column = first.index("# /etc/smtprelay.conf")
+    beside = [line[column - 2:column] == "  " and line[column:].strip() for line in lines]
+    nginx_lines = [line[:column].rstrip() if relay else line for line, relay in zip(lines, beside)]
+    relay_lines = [relay for relay in beside if relay]
+    result = run_check_config("\n".join(relay_lines) + "\n")
+    assert result.returncode == 0, result.stderr
+    settings = dict(line.split(" = ", 1) for line in result.stdout.splitlines())
+    assert (settings["auth-http"], settings["xclient"], settings["auth"]) == \
+        ("http://127.0.0.1:8008/auth", "true", "none")
+    if not shutil.which("nginx") or not os.path.exists(MAIL_MODULE):
+        pytest.skip("nginx with its mail module is not installed (.ci/run installs nginx-light, libnginx-mod-mail)")
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(f"load_module {MAIL_MODULE};\nevents {{}}\n" + "\n".join(nginx_lines) + "\n")
+    checked = subprocess.run(["nginx", "-t", "-p", str(tmp_path), "-c", str(conf), "-g",
+                              f"pid {tmp_path}/nginx.pid; error_log stderr;"], capture_output=True, text=True, timeout=20)
+    assert checked.returncode == 0 and "syntax is ok" in checked.stderr, checked.stderr
+
+
+def test_the_submission_configuration_is_valid_with_a_certificate_in_place(tmp_path):
+    tls = TLSMaterial(tmp_path)
+    block = readme_block(r"    listen = \[587\]")
+    block = re.sub(r"tls-cert = \S+", f"tls-cert = {tls.server.cert_path}", block)
+    block = re.sub(r"tls-key = \S+", f"tls-key = {tls.server.key_path}", block)
+    result = run_check_config(block + readme_block(r"    tls-listen = \[465\]"))
+    assert result.returncode == 0, result.stderr
+    assert "starttls = only" in result.stdout and "tls-listen = [465]" in result.stdout
+
+
+def test_the_haproxy_configuration_shown_is_contrib_haproxy_cfg_and_the_relays_lines_are_valid():
+    shown = readme_block(r"    global")
+    contrib = (CHECKOUT / "contrib" / "haproxy.cfg").read_text()      # which test_proxy_protocol.py runs
+    assert shown.splitlines() == [line for line in contrib.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    result = run_check_config(readme_block(r"    proxy-protocol = true"), "--backend", "127.0.0.1:10025")
+    assert result.returncode == 0, result.stderr
