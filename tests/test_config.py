@@ -149,6 +149,8 @@ BAD_VALUES = [
     ("--timeout", ["--backend", "a:1", "--timeout", "1e308"]),
     ("--proxy-timeout", ["--backend", "a:1", "--proxy-timeout", "1e308"]),
     ("--greeting-delay", ["--backend", "a:1", "--greeting-delay", "1e10"]),
+    ("--metrics", ["--backend", "a:1", "--metrics", ""]),
+    ("--backend-proxy-protocol", ["--backend", "a:1", "--backend-proxy-protocol", "v3"]),
 ]
 
 

@@ -277,3 +277,15 @@ def test_the_readmes_lines_for_no_xclient_keep_the_relay_from_being_an_open_rela
     client = client_from(r, "127.0.0.2")
     assert client.sendmail("a@example.org", ["b@example.net"], MESSAGE) == {}
     assert len(pf.wait_for_queue(1)) == 1
+
+
+def test_the_readmes_probe_example_is_what_the_probe_says_of_the_readmes_postfix(postfix, tmp_path):
+    shown = readme_block(r"    \$ smtprelay -c /etc/smtprelay.conf --probe").splitlines()[1:]
+    listener = readme_block(r"    127\.0\.0\.1:10025 +inet ", "smtpd_authorized_xclient_hosts=127.0.0.1")
+    pf = postfix(xclient_hosts="", listener=listener, main_cf=readme_block(r"    message_size_limit = ").splitlines())
+    result = run_relay("--probe", "--backend", pf.address, config=readme_block(r"    listen = \[25\]"))
+    said = result.stdout.splitlines()
+    assert result.returncode == 0, result.stdout
+    assert said[0] == shown[0].replace("127.0.0.1:10025", pf.address)
+    assert said[1].startswith("  greeting: 220 ") and shown[1].startswith("  greeting: 220 ")
+    assert said[2:] == shown[2:]
