@@ -2699,9 +2699,9 @@ class SMTPConnection(smtplib.SMTP):
             raise LocalFailure("out of memory") from None
         except BackendDown as e:
             self.close(quit=True)       # it answered each command so far: a QUIT ends its side cleanly
-            if self.greeting and not self.proxy_taken and not isinstance(e, BackendUntrusted):
-                raise BackendDown(self.proxy_refused(str(e))) from None
-            raise
+            if isinstance(e, BackendUntrusted):
+                raise
+            raise BackendDown(self.proxy_refused(str(e))) from None
 
     def proxy_refused(self, reason):
         """Why the handshake failed, where it failed before the back-end answered EHLO after a PROXY header."""
