@@ -16,6 +16,7 @@ Nothing here sleeps to wait for an event: tests wait for replies, log lines
 only sleeps pace a client that trickles its header on purpose.
 """
 import contextlib
+import errno
 import functools
 import ipaddress
 import itertools
@@ -581,12 +582,27 @@ backend relays
 # haproxy's log names a session by the client's address and port, and the
 # kernel's choice of port repeats within a few hundred sessions: each
 # session through haproxy gets a port of its own, below the ephemeral range.
+# A port still in TIME_WAIT from an earlier run (or taken by another) is skipped.
 source_ports = itertools.count(20000)
+
+
+def connected_from(source, host, port):
+    """A smtplib.SMTP connected to host:port from `source` (127.0.0.x) and the next free port of
+    source_ports, greeting read -> (client, code, text)."""
+    while True:
+        client = smtplib.SMTP(timeout=10, source_address=(source, next(source_ports)))
+        try:
+            code, text = client.connect(host, port)
+            return client, code, text
+        except OSError as e:
+            client.close()
+            if e.errno != errno.EADDRINUSE:
+                raise
 
 
 def smtp_from(host, port, source, opened):
     """A smtplib.SMTP to host:port from `source` (127.0.0.x), greeting read; closed at teardown."""
-    client = smtplib.SMTP(host, port, timeout=10, source_address=(source, next(source_ports)))
+    client, _, _ = connected_from(source, host, port)
     opened.callback(client.close)
     return client
 
@@ -633,9 +649,8 @@ def send_tagged(proxy, message_id, source):
 
     Raises (smtplib.SMTPException, OSError) where the client did not get its 250.
     """
-    client = smtplib.SMTP(timeout=10, source_address=(source, next(source_ports)))
+    client, code, text = connected_from(source, proxy.host, proxy.port)
     try:
-        code, text = client.connect(proxy.host, proxy.port)
         if code != 220:
             raise smtplib.SMTPConnectError(code, text)
         port = client.sock.getsockname()[1]
