@@ -88,6 +88,31 @@ def test_proxy_v2_refuses_a_malformed_header(head, body):
         read_v2(head, body)
 
 
+# --- PROXY out: the header the relay sends a back-end, read back by the relay's own parsers -------
+
+def client_at(ip, port, local):
+    return smtprelay.Client("test", ip, port, local=local)
+
+
+@pytest.mark.parametrize("ip, local", [("192.0.2.7", ("198.51.100.1", 25)), ("2001:db8::7", ("2001:db8::1", 25)),
+                                       ("2001:db8::7", ("198.51.100.1", 25)),       # v6 client, v4 listener
+                                       ("192.0.2.7", ("::ffff:198.51.100.1", 25))])  # dual-stack listener
+def test_the_proxy_header_out_names_the_client_in_v1_and_v2(ip, local):
+    client = client_at(ip, 40001, local)
+    v1 = smtprelay.proxy_header("v1", client)
+    assert v1.endswith(b"\r\n") and len(v1) <= smtprelay.PROXY_V1_LIMIT
+    assert parse_proxy_v1(v1[:-2].decode()) == (ip, 40001)
+    v2 = smtprelay.proxy_header("v2", client)
+    assert read_v2(v2[:16], v2[16:]) == (ip, 40001)
+
+
+def test_the_proxy_header_out_for_a_client_without_an_address_names_none():
+    client = client_at(None, None, None)
+    assert smtprelay.proxy_header("v1", client) == b"PROXY UNKNOWN\r\n"
+    v2 = smtprelay.proxy_header("v2", client)
+    assert v2 == smtprelay.PROXY_V2_SIGNATURE + b"\x20\x00\x00\x00" and read_v2(v2[:16], v2[16:]) is None
+
+
 # --- XCLIENT ------------------------------------------------------------------------------
 
 def client(ip="192.0.2.7", port=40001, helo="client.example", names=("mx.example", "mx.example"), esmtp=True):
