@@ -1120,6 +1120,15 @@ class Wire:
         """Put bytes read too far (past the end of message data) back in front of the buffer."""
         self.inbuf, self.inpos = data + self.inbuf[self.inpos:], 0
 
+    def buffered_lines(self, most):
+        """Up to `most` whole lines already buffered, without their line ends; they stay buffered."""
+        lines, start = [], self.inpos
+        while len(lines) < most and (end := self.inbuf.find(b"\n", start)) >= 0:
+            line = self.inbuf[start:end]
+            lines.append(line[:-1] if line.endswith(b"\r") else line)
+            start = end + 1
+        return lines
+
     def has_line(self):
         """Whether a whole line is buffered."""
         return self.inbuf.find(b"\n", self.inpos) >= 0
@@ -1970,17 +1979,7 @@ class Session:
         reply the client hears."""
         if self.mail_from is None:
             raise SMTPError(NEED_MAIL)
-        if arg[:3].upper() != "TO:":
-            raise self.syntax_error()
-        address, params = parse_path(arg[3:])
-        if params:
-            raise SMTPError(UNSUPPORTED_OPTION.fill(name=printable(next(iter(params)))))
-        if not address:
-            raise SMTPError(BAD_RECIPIENT)
-        if not address.isascii() and "SMTPUTF8" not in self.mail_params:
-            raise SMTPError(UTF8_UNDECLARED)
-        if len(self.rcpt_to) >= self.cfg.max_recipients:
-            raise SMTPError(TOO_MANY_RECIPIENTS)
+        address = self.recipient(arg, self.mail_params, len(self.rcpt_to))
         if self.cfg.allow_recipient and not self.cfg.allow_recipient.fullmatch(address):
             self.event("not_allowed", role="recipient", address=printable(address))
             raise SMTPError(RECIPIENT_NOT_ALLOWED)
@@ -1998,6 +1997,67 @@ class Session:
         if 200 <= code < 300:
             self.rcpt_to.append(address)
         self.channel.reply(code, text)
+
+    def recipient(self, arg, params, accepted):
+        """RCPT's argument -> the address, where the relay's own checks pass for a transaction
+        with MAIL parameters params and accepted recipients so far; else SMTPError. But for
+        --allow-recipient, which smtp_RCPT logs."""
+        if arg[:3].upper() != "TO:":
+            raise self.syntax_error()
+        address, rcpt_params = parse_path(arg[3:])
+        if rcpt_params:
+            raise SMTPError(UNSUPPORTED_OPTION.fill(name=printable(next(iter(rcpt_params)))))
+        if not address:
+            raise SMTPError(BAD_RECIPIENT)
+        if not address.isascii() and "SMTPUTF8" not in params:
+            raise SMTPError(UTF8_UNDECLARED)
+        if accepted >= self.cfg.max_recipients:
+            raise SMTPError(TOO_MANY_RECIPIENTS)
+        return address
+
+    def pipelined_group(self, method, args):
+        """RFC 2920: the back-end commands for this MAIL or RCPT and for the RCPTs and DATA the
+        client has pipelined behind it, as they will go where each reply before them accepts
+        -> [(verb, args)], or [] where this one goes alone.
+
+        Each command is still handled in its turn, with its own reply. A command goes
+        ahead only where it passes every check of the relay's own that it would meet in
+        its turn (the same checks, with the recipients counted as if all were accepted,
+        which refuses sooner, never later): so one the session will not make follows a
+        reply that refused what it built on, and the back-end refuses it too.
+        """
+        backend = self.backend
+        if not backend.pipelining or method != self.verb.lower():
+            return []       # the MAIL held for the auth service goes alone, ahead of its RCPT
+        if method == "mail":
+            first, accepted, params = backend.mail_command(*args), 0, args[1]
+            if not isinstance(first[0], str):
+                return []   # a MAIL the back-end cannot take: our own reply, nothing sent
+        else:
+            first, accepted, params = backend.rcpt_command(*args), len(self.rcpt_to) + 1, self.mail_params
+        commands = [first]
+        for line in self.channel.wire.buffered_lines(self.cfg.max_recipients + 1):
+            if COMMAND_CONTROLS.search(line) or len(line) + 2 > COMMAND_LINE_LIMIT:
+                break
+            try:
+                verb, _, arg = line.decode("utf-8").partition(" ")
+            except UnicodeDecodeError:
+                break
+            if verb.upper() == "RCPT":
+                try:
+                    address = self.recipient(arg.strip(" "), params, accepted)
+                except SMTPError:
+                    break
+                if self.cfg.allow_recipient and not self.cfg.allow_recipient.fullmatch(address):
+                    break
+                commands.append(backend.rcpt_command(address))
+                accepted += 1
+            elif verb.upper() == "DATA" and not arg.strip(" ") and accepted:
+                commands.append(("DATA", ""))
+                break
+            else:
+                break
+        return commands if len(commands) > 1 else []
 
     @syntax("DATA")
     def smtp_DATA(self, arg):
@@ -2249,6 +2309,9 @@ class Session:
             self.relay.balancer.opened(self.backend.name)
             from_pool = self.backend.reused
         try:
+            group = self.pipelined_group(method, args) if method in ("mail", "rcpt") else None
+            if group:
+                self.backend.send_ahead(group)
             code, text = getattr(self.backend, method)(*args)
         except BackendGone as e:
             self.event("backend_failed", backend=self.backend.name, command=COMMAND_NAMES[method], reason=str(e))
@@ -2660,6 +2723,9 @@ class SMTPConnection(smtplib.SMTP):
         self.proxy = cfg.backend_proxy_protocol if cfg.backend_proxy_protocol != "off" else None
         self.proxy_header = b""         # sent first, once connected (--backend-proxy-protocol)
         self.proxy_taken = False        # the back-end answered EHLO after it
+        # Commands sent ahead in one write (RFC 2920), oldest first, whose replies
+        # are still to be read: each the (verb, args) a later command() must match.
+        self.ahead = collections.deque()
 
     def handshake(self, client, credentials=None, login=None):
         """Connect (a PROXY header first, with --backend-proxy-protocol) and greet,
@@ -2898,12 +2964,54 @@ class SMTPConnection(smtplib.SMTP):
         return code, text
 
     def command(self, verb, args=""):
-        """One command -> the back-end's (code, text); raises BackendGone as checked() does."""
+        """One command -> the back-end's (code, text); raises BackendGone as checked() does.
+        Where it went ahead with others, only its reply is read now."""
+        if self.ahead:
+            if self.ahead[0] == (verb, args):
+                self.ahead.popleft()
+                return self.checked(verb, self.getreply)
+            self.drain_ahead()
         return self.checked(verb, lambda: self.docmd(verb, args))
 
+    @property
+    def pipelining(self):
+        """Commands may go ahead now: the back-end offers PIPELINING, and no reply is due."""
+        return not self.ahead and self.has_extn("pipelining")
+
+    def send_ahead(self, commands):
+        """RFC 2920: commands [(verb, args)] in one write, their replies left to read, each
+        when command() is called for it."""
+        if self.debug:
+            for verb, args in commands:
+                event("backend_command", session=self.sid, line=printable(f"{verb} {args}".strip()))
+        lines = "".join(f"{verb} {args}\r\n" if args else f"{verb}\r\n" for verb, args in commands)
+
+        def write():
+            """One write; no reply is read here (checked() only makes a failure BackendGone)."""
+            self.send(lines.encode(self.command_encoding))
+            return 250, b""
+        self.checked(commands[0][0], write)
+        self.ahead.extend(commands)
+
+    def drain_ahead(self):
+        """Read and drop the replies to commands sent ahead that the session did not make after
+        all (an earlier reply refused what they built on). A 354 among them leaves the
+        back-end waiting for a message that will not come: BackendGone."""
+        while self.ahead:
+            verb, _ = self.ahead.popleft()
+            code, text = self.checked(verb, self.getreply)
+            if code == 354:
+                self.close()
+                raise BackendGone("said 354 to a DATA sent ahead, where no recipient was accepted")
+
     def mail(self, address, params):
-        """MAIL FROM, rebuilt from the parsed address and parameters -> the reply. SIZE and BODY go only where
-        the back-end offers them; SMTPUTF8 or BODY=8BITMIME (RFC 6152 §3) it lacks is our 555, nothing sent."""
+        """MAIL FROM, rebuilt from the parsed address and parameters -> the reply (mail_command)."""
+        command = self.mail_command(address, params)
+        return self.command(*command) if isinstance(command[0], str) else command
+
+    def mail_command(self, address, params):
+        """The MAIL FROM this back-end gets -> ("MAIL", args): SIZE and BODY go only where it offers
+        them; SMTPUTF8 or BODY=8BITMIME (RFC 6152 §3) it lacks is our 555 reply instead."""
         if "SMTPUTF8" in params and not self.has_extn("smtputf8"):
             return NOT_SUPPORTED_BEHIND.fill(status="5.6.7", extension="SMTPUTF8")
         if params.get("BODY") == "8BITMIME" and not self.has_extn("8bitmime"):
@@ -2917,11 +3025,16 @@ class SMTPConnection(smtplib.SMTP):
             args.append(f"BODY={params['BODY']}")     # BODY=7BIT means nothing to a server without it
         if "SMTPUTF8" in params:
             args.append("SMTPUTF8")
-        return self.command("MAIL", " ".join(args))
+        return "MAIL", " ".join(args)
 
     def rcpt(self, address):
         """RCPT TO, rebuilt from the parsed address -> the back-end's reply."""
-        return self.command("RCPT", f"TO:<{address}>")
+        return self.command(*self.rcpt_command(address))
+
+    @staticmethod
+    def rcpt_command(address):
+        """The RCPT TO a back-end gets -> ("RCPT", args)."""
+        return "RCPT", f"TO:<{address}>"
 
     def data_start(self):
         """DATA -> the back-end's reply (354 to go on)."""
@@ -2961,11 +3074,11 @@ class SMTPConnection(smtplib.SMTP):
     def quiet(self):
         """Open and silent: a pooled connection the back-end has closed, or said
         421 on, is readable."""
-        return bool(self.sock) and not self.wire.pending()
+        return bool(self.sock) and not self.ahead and not self.wire.pending()
 
     def release(self):
         """The session is done with it, between transactions: back to the pool, or QUIT."""
-        if self.pool_key and self.sock:
+        if self.pool_key and self.sock and not self.ahead:
             self.reused = True
             self.backend.setup.pool.give(self.pool_key, self)
         else:
@@ -3041,6 +3154,7 @@ class LocalDelivery:
     tls_version = None
     size = 0                        # no limit of its own
     file = None
+    pipelining = False              # no round trips to save
 
     def __init__(self, backend, client):
         """backend: the built-in back-end it delivers for; client: the session's Client."""
