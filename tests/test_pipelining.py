@@ -9,6 +9,7 @@ the relay in front of the same back-end without it, which sends one command at a
 """
 import itertools
 import re
+import smtplib
 import socket
 import socketserver
 import threading
@@ -17,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from helpers import ConnectionClosed, SMTPClient, wait_until
+from postfix_fixture import postfix  # noqa: F401  (fixture)
 from scripted_backend import ThreadingServer
 
 # "denied": a recipient --allow-recipient refuses, which the back-end would take: it must never get it.
@@ -180,29 +182,38 @@ def test_pipelining_to_the_back_end_changes_no_reply_and_no_message(relay):
             model.stop()
 
 
-def test_a_pipelined_group_reaches_the_back_end_in_one_write_before_any_reply(relay):
-    """A back-end that answers nothing until it holds MAIL, both RCPTs and DATA: the relay that
-    waited for each reply in turn would time out; this one sends the group whole."""
-    got = []
+class Holding(socketserver.StreamRequestHandler):
+    """A back-end that answers nothing until it holds MAIL, two RCPTs and DATA (server.got gets
+    them): the relay that waited for each reply in turn would time out."""
 
-    class Holding(socketserver.StreamRequestHandler):
-        def handle(self):
-            self.wfile.write(b"220 holding ESMTP\r\n")
-            assert self.rfile.readline().upper().startswith(b"EHLO")
-            self.wfile.write(b"250-holding\r\n250 PIPELINING\r\n")
-            lines = [self.rfile.readline() for _ in range(4)]
-            got.append(lines)
-            self.wfile.write(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n354 Go ahead\r\n")
-            while self.rfile.readline() not in (b".\r\n", b""):
-                pass
-            self.wfile.write(b"250 2.0.0 Ok: queued\r\n")
-            self.rfile.readline()
+    timeout = 30
+
+    def handle(self):
+        self.wfile.write(b"220 holding ESMTP\r\n")
+        assert self.rfile.readline().upper().startswith(b"EHLO")
+        self.wfile.write(b"250-holding\r\n250 PIPELINING\r\n")
+        lines = [self.rfile.readline() for _ in range(4)]
+        self.server.got.append(lines)
+        self.wfile.write(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n354 Go ahead\r\n")
+        while self.rfile.readline() not in (b".\r\n", b""):
+            pass
+        self.wfile.write(b"250 2.0.0 Ok: queued\r\n")
+        if self.rfile.readline():
             self.wfile.write(b"221 2.0.0 Bye\r\n")
 
+
+def holding_backend():
+    """A Holding back-end on 127.0.0.1, serving -> (server, "HOST:PORT"); server.got: the groups it held."""
     server = ThreadingServer(("127.0.0.1", 0), Holding)
+    server.got = []
     threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    return server, "%s:%d" % server.server_address
+
+
+def test_a_pipelined_group_reaches_the_back_end_in_one_write_before_any_reply(relay):
+    server, address = holding_backend()
     try:
-        r = relay("--backend", "%s:%d" % server.server_address, "--no-xclient", "--proxy-timeout", "3",
+        r = relay("--backend", address, "--no-xclient", "--proxy-timeout", "3",
                   "--resolve", "off")
         client = SMTPClient(r.connect())
         assert client.reply().code == 220
@@ -211,8 +222,70 @@ def test_a_pipelined_group_reaches_the_back_end_in_one_write_before_any_reply(re
         assert [client.reply().code for _ in range(4)] == [250, 250, 250, 354]
         client.send(b"Subject: one write\r\n\r\nhello\r\n.\r\n")
         assert client.reply().code == 250
-        wait_until(lambda: got, what="the back-end's four lines")
-        assert [line.split(b":")[0].split()[0] for line in got[0]] == [b"MAIL", b"RCPT", b"RCPT", b"DATA"]
+        wait_until(lambda: server.got, what="the back-end's four lines")
+        assert [line.split(b":")[0].split()[0] for line in server.got[0]] == [b"MAIL", b"RCPT", b"RCPT", b"DATA"]
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_real_postfix_client_pipelines_through_the_relay_to_a_back_end_that_needs_it(relay, postfix):
+    # Postfix's smtp(8) sends MAIL, RCPT, RCPT and DATA in one write where PIPELINING is
+    # offered; the Holding back-end answers only a whole group: the message gets through
+    # only if both hops pipeline.
+    server, address = holding_backend()
+    try:
+        r = relay("--backend", address, "--no-xclient", "--proxy-timeout", "3", "--resolve", "off")
+        sender = postfix(xclient_hosts="", main_cf=[f"relayhost = [{r.host}]:{r.port}", "defer_transports ="])
+        with smtplib.SMTP(sender.host, sender.port, timeout=10) as submit:
+            assert submit.sendmail("a@example.org", ["b@example.net", "c@example.net"],
+                                   b"Subject: through Postfix\r\n\r\nhello\r\n") == {}
+        sender.wait_for_log(r"postfix/smtp\[\d+\]: .*to=<c@example\.net>, relay=127\.0\.0\.1\[127\.0\.0\.1\]:\d+, "
+                            r".*status=sent \(250 2\.0\.0 Ok: queued\)", timeout=20)
+        assert [line.split(b":")[0].split()[0] for line in server.got[0]] == [b"MAIL", b"RCPT", b"RCPT", b"DATA"]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_pooled_connection_that_dies_under_a_pipelined_group_is_replaced_and_the_group_sent_again_once(
+        relay, scripted_backend):
+    # The pooled connection's second MAIL gets 421 (the back-end's idle timeout, said when the
+    # relay next speaks), the RCPT and DATA behind it already sent: the group goes again, whole,
+    # on a new connection, and each message is delivered once.
+    backend = scripted_backend(replies={"MAIL": ["250 2.1.0 Ok", "421 4.4.2 idle too long", "250 2.1.0 Ok"]})
+    r = relay("--backend", backend.address, "--no-xclient", "--resolve", "off")
+    for n in range(2):
+        client = SMTPClient(r.connect())
+        assert client.reply().code == 220
+        assert client.say("EHLO client.example").code == 250
+        client.send(f"MAIL FROM:<a{n}@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n".encode())
+        assert [client.reply().code for _ in range(3)] == [250, 250, 354]
+        client.send(f"Subject: {n}\r\n\r\nhello\r\n.\r\n".encode())
+        assert client.reply().code == 250
+        assert client.say("QUIT").code == 221
+    assert [m.mail_from for m in backend.delivered] == [b"MAIL FROM:<a0@example.org>", b"MAIL FROM:<a1@example.org>"]
+    assert len(backend.sessions) == 2
+    assert backend.sessions[0].commands[-1] == b"MAIL FROM:<a1@example.org>"     # answered 421, then closed
+    second = backend.sessions[1]
+    assert [c.split(b":")[0].upper() for c in second.commands[1:4]] == [b"MAIL FROM", b"RCPT TO", b"DATA"]
+
+
+def test_a_group_through_xclient_to_a_real_postfix_gets_each_reply_and_queues_for_the_accepted_only(
+        relay, postfix):
+    pf = postfix(mynetworks="127.0.0.1/32", main_cf=["relay_domains = example.net"])
+    r = relay("--backend", pf.address)
+    sock = socket.create_connection((r.host, r.port), timeout=10, source_address=("127.0.0.2", 0))
+    r._clients.append(sock)
+    client = SMTPClient(sock)
+    assert client.reply().code == 220
+    assert client.say("EHLO client.example").code == 250
+    client.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<c@outside.example>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n")
+    replies = [client.reply() for _ in range(4)]
+    assert [r.code for r in replies] == [250, 554, 250, 354], replies       # 127.0.0.2 may not relay outside
+    client.send(b"Subject: pipelined\r\n\r\nhello\r\n.\r\n")
+    assert client.reply().code == 250
+    assert client.say("QUIT").code == 221
+    [message] = pf.wait_for_queue(1)
+    assert [rcpt["address"] for rcpt in message["recipients"]] == ["b@example.net"]
+    assert pf.client_of(message["queue_id"]) == "unknown[127.0.0.2]"
