@@ -2,9 +2,9 @@
 """Benchmark: smtprelay beside nginx's mail proxy, aiosmtpd's Proxy and a direct connection.
 
 Everything runs on 127.0.0.1, on free ports, and stops by itself. Postfix's
-smtp-sink is the one back-end (it counts and discards mail), Postfix's
-smtp-source is the client (workload F: a Python client), and each workload
-goes through every target:
+smtp-sink is the back-end (it counts and discards mail; G's XCLIENT rows: a
+sink of this script's), Postfix's smtp-source is the client (workloads F
+and G: Python clients), and each workload goes through every target:
 
   direct                 smtp-source -> smtp-sink
   smtprelay              smtp-source -> smtprelay --backend SINK --no-xclient -> smtp-sink
@@ -39,8 +39,44 @@ Workloads (1 KB messages unless said otherwise):
   F  one whole transaction (connect, greeting, EHLO, MAIL, RCPT, DATA, QUIT),
      one at a time, timed by a Python client: p50 and p99, and what the
      proxy adds to them (target minus direct, same repetition)    ms
+  G  the back-end far away: FAR_DELAY (10 ms) each way, 20 ms a round trip.
+     A client as Postfix's smtp client (g_session): after EHLO, where
+     PIPELINING is offered, MAIL, RCPT and DATA in one write, the three
+     replies read, then the message and its end, its reply read; QUIT at
+     the end. One session at a time: G1 one message per session (40
+     sessions; --quick 10), G10 ten per session (8 sessions; --quick 2).
+     p50 and p99 of a transaction (MAIL sent to the end-of-data reply read)
+     and, for G1, of the whole session (connect() to that reply)   ms
+     Gx: G1 and G10 again with XCLIENT: nginx xclient on beside smtprelay's
+     default --xclient, in front of a back-end that offers XCLIENT ADDR
+     (smtp-sink offers only NAME HELO, and smtprelay will not pass a client
+     to a back-end that would still judge the relay's address): XclientSink,
+     a small threaded SMTP sink in this process (PIPELINING, XCLIENT ADDR
+     NAME HELO PROTO PORT LOGIN, 220 to XCLIENT, counts every message)
   CPU  the proxy's CPU time (utime+stime from /proc/PID/stat; nginx: master
      and worker) per 1000 sessions, measured during A      s
+
+The machine has no netem, so G's distance is a delaying TCP forwarder in
+this process (DelayLine), between the proxy and the sink: it holds each
+chunk for 10 ms before writing it on, either way, in order, with bounded
+buffers, passes each side's end on in order, and delays the TCP handshake
+as a link would (a greeting comes 40 ms after connect()); a reader and a
+writer thread per direction, whose CPU time the report gives. Its
+calibration, sessions direct through it, is printed below the table: a
+pipelined transaction should take 2 round trips, 40 ms; on the machine this
+was written for it takes 41-42, as a timed wait there wakes 0.2-0.3 ms late
+and each leg wakes two threads (every target's G figures carry this per leg). G cannot use the
+A-F instances (smtprelay's --backend and nginx's Auth-Port name the sink),
+so direct, smtprelay (--no-xclient; --xclient for Gx) and nginx (xclient
+off; on for Gx) each have twins whose back-end is the forwarder (nginx's
+two mail servers in one process; auth_http answers name the forwarder's
+port, so nginx's back-end connection goes through it). G runs as one more
+workload of every repetition, in the rotation, against those twins; the
+other targets have none (their G rows say -). nginx offers no SMTP
+extension unless told, so its twins have smtp_capabilities PIPELINING (a
+client as Postfix's would not pipeline otherwise). smtprelay keeps idle
+back-end connections (--no-xclient) for the next session, nginx does not:
+G1 shows what that is worth at a distance; with XCLIENT neither keeps any.
 
 All targets run side by side for the whole run; each repetition (default 3)
 runs every workload once against every target, in an order that rotates
@@ -49,15 +85,15 @@ median over repetitions and, in brackets, the median of the per-repetition
 ratios target / nginx (so above 1 is better for msg/s and MiB/s, worse for
 KB, ms and CPU).
 
-Every message smtp-source (or the F client) sends must be counted by
-smtp-sink (its -c counters): if the sink got fewer, the run stops with exit
-status 1 and a line naming the target and workload. A fast wrong relay is
-not fast. smtp-source failing (an SMTP error, a dropped connection) also
+Every message smtp-source (or the F or G client) sends must be counted by
+smtp-sink (its -c counters; Gx: by XclientSink): if the sink got fewer, the
+run stops with exit status 1 and a line naming the target and workload. A
+fast wrong relay is not fast. smtp-source failing (an SMTP error, a dropped connection) also
 stops the run.
 
     apt-get install postfix nginx-light libnginx-mod-mail python3-venv
-    python3 contrib/benchmark.py                 # about 8 minutes on 2 cores (--reference: 10)
-    python3 contrib/benchmark.py --quick         # under a minute: smoke test
+    python3 contrib/benchmark.py                 # about 7 minutes on 2 cores, half of it G (--reference: 2 more)
+    python3 contrib/benchmark.py --quick         # under a minute (G: 20 s): smoke test
     python3 contrib/benchmark.py --json          # the results as JSON on stdout
 
 Progress goes to stderr, the table (or the JSON) to stdout. Without nginx's
@@ -75,16 +111,19 @@ Figures vary from run to run by some percent; compare columns of one run.
 """
 
 import argparse
+import collections
 import json
 import os
 import re
 import resource
 import shutil
 import socket
+import socketserver
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -104,12 +143,16 @@ TARGET_ORDER = [DIRECT, RELAY_STATIC, RELAY_AUTH, AIOSMTPD, LINE_RELAY, NGINX]
 
 # How much of each workload: the full run, and --quick (a smoke test, under a minute).
 FULL = dict(repetitions=3, a_messages=2000, b_messages=4000, c_rounds=4, d_size=10 * MiB,
-            d_messages=24, e_connections=1000, f_transactions=1000, warmup=40)
+            d_messages=24, e_connections=1000, f_transactions=1000, g1_sessions=40, g10_sessions=8,
+            warmup=40)
 QUICK = dict(repetitions=1, a_messages=300, b_messages=600, c_rounds=1, d_size=1 * MiB,
-             d_messages=16, e_connections=200, f_transactions=300, warmup=10)
-MESSAGE_SIZE = 1000         # bytes of payload, A, B, C and F
+             d_messages=16, e_connections=200, f_transactions=300, g1_sessions=10, g10_sessions=2,
+             warmup=10)
+MESSAGE_SIZE = 1000         # bytes of payload, A, B, C, F and G
 C_CLIENTS, C_PER_SESSION = 5, 100
 B_CLIENTS, D_CLIENTS = 20, 4
+FAR_DELAY = 0.010           # G: seconds each way between the proxy and its back-end
+G_PER_SESSION = 10          # G10's messages per session
 
 # (key, label in the table, unit, digits after the point)
 METRICS = [
@@ -122,6 +165,18 @@ METRICS = [
     ("F99", "F: transaction p99", "ms", 3),
     ("F50+", "F: p50 added by the proxy", "ms", 3),
     ("F99+", "F: p99 added by the proxy", "ms", 3),
+    ("G1_50", "G1: far back-end, 1 msg/session, transaction p50", "ms", 1),
+    ("G1_99", "G1: transaction p99", "ms", 1),
+    ("G1s50", "G1: whole session p50", "ms", 1),
+    ("G1s99", "G1: whole session p99", "ms", 1),
+    ("G10_50", "G10: far back-end, 10 msg/session, transaction p50", "ms", 1),
+    ("G10_99", "G10: transaction p99", "ms", 1),
+    ("G1x_50", "G1x: G1 with XCLIENT, transaction p50", "ms", 1),
+    ("G1x_99", "G1x: transaction p99", "ms", 1),
+    ("G1xs50", "G1x: whole session p50", "ms", 1),
+    ("G1xs99", "G1x: whole session p99", "ms", 1),
+    ("G10x_50", "G10x: G10 with XCLIENT, transaction p50", "ms", 1),
+    ("G10x_99", "G10x: transaction p99", "ms", 1),
     ("CPU", "CPU per 1000 sessions (during A)", "s", 2),
 ]
 
@@ -223,9 +278,38 @@ class Processes:
                 proc.wait()
 
 
-# --- the sink --------------------------------------------------------------------
+# --- the sinks -------------------------------------------------------------------
 
-class Sink:
+class Counting:
+    """A back-end that counts the messages it got: messages(), and expect() to check them."""
+
+    name = "the sink"
+
+    def messages(self):
+        raise NotImplementedError
+
+    def gone(self):
+        """Why the back-end is no longer there (a line), or None while it is."""
+        return None
+
+    def expect(self, before, sent, target, workload):
+        """Wait (briefly) until the sink has counted all `sent` since `before`; fail if not."""
+        deadline = time.monotonic() + 5
+        while True:
+            got = self.messages() - before
+            if got >= sent or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        gone = self.gone()
+        if gone:
+            raise BenchmarkError(f"FAIL: {gone} during {target}, workload {workload}")
+        if got < sent:
+            raise BenchmarkError(f"FAIL: {target}, workload {workload}: {self.name} counted {got} of the {sent} "
+                                 f"messages the client sent and saw accepted ({sent - got} lost)")
+        return got
+
+
+class Sink(Counting):
     """smtp-sink with -c: its running counters ("sess=N quit=N mesg=N\\r") go to a file."""
 
     COUNTERS = re.compile(rb"sess=(\d+) quit=(\d+) mesg=(\d+)")
@@ -251,22 +335,260 @@ class Sink:
                 return int(m.group(3))
         return 0
 
-    def expect(self, before, sent, target, workload):
-        """Wait (briefly) until the sink has counted all `sent` since `before`; fail if not."""
-        deadline = time.monotonic() + 5
+    def gone(self):
+        if self.proc.poll() is None:
+            return None
+        err = Path(f"{self.counters}.err").read_text(errors="replace").strip().splitlines()
+        return f"smtp-sink exited with status {self.proc.returncode}{' (' + err[-1] + ')' if err else ''}"
+
+
+class XclientSink(Counting):
+    """G's back-end for the XCLIENT rows, in this process: smtp-sink offers only XCLIENT NAME
+    HELO, and smtprelay rightly takes a back-end without XCLIENT ADDR for one that would judge
+    the relay's own address. A thread per connection; it offers PIPELINING and XCLIENT ADDR
+    NAME HELO PROTO PORT LOGIN, answers XCLIENT with a new greeting (220) as Postfix does, and
+    answers what one read brought (a pipelined burst) in one write, as Postfix does. Nothing is
+    checked or kept: each message is counted at its end of data, as smtp-sink counts."""
+
+    name = "the XCLIENT sink"
+    REPLIES = {
+        b"EHLO": b"250-xsink.example\r\n250-PIPELINING\r\n250-8BITMIME\r\n"
+                 b"250 XCLIENT ADDR NAME HELO PROTO PORT LOGIN\r\n",
+        b"HELO": b"250 xsink.example\r\n",
+        b"XCLIENT": b"220 xsink.example ESMTP\r\n",
+        b"MAIL": b"250 2.1.0 Ok\r\n",
+        b"RCPT": b"250 2.1.5 Ok\r\n",
+        b"DATA": b"354 End data with <CR><LF>.<CR><LF>\r\n",
+        b"RSET": b"250 2.0.0 Ok\r\n",
+        b"NOOP": b"250 2.0.0 Ok\r\n",
+        b"QUIT": b"221 2.0.0 Bye\r\n",
+    }
+
+    class Server(socketserver.ThreadingTCPServer):
+        daemon_threads, block_on_close, request_queue_size = True, False, 128
+
+    def __init__(self):
+        self.count = 0
+        self.lock = threading.Lock()
+        sink = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self):
+                try:
+                    sink.serve(self.request)
+                except OSError:
+                    pass            # a connection gone is no news here
+        self.server = self.Server(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, name="xclient-sink", daemon=True).start()
+
+    def messages(self):
+        return self.count
+
+    def serve(self, sock):
+        """One connection: the greeting, then replies to whole lines as they come."""
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(b"220 xsink.example ESMTP\r\n")
+        buf, in_data = bytearray(), False
+        while data := sock.recv(65536):
+            buf += data
+            out = []
+            while True:
+                if in_data:
+                    # The CRLF that ended DATA was left at the front, so an empty message ends here too.
+                    end = buf.find(b"\r\n.\r\n")
+                    if end < 0:
+                        del buf[:-4]        # all but what may be the start of the end
+                        break
+                    del buf[:end + 5]
+                    with self.lock:
+                        self.count += 1
+                    out.append(b"250 2.0.0 Ok: queued\r\n")
+                    in_data = False
+                    continue
+                end = buf.find(b"\r\n")
+                if end < 0:
+                    if len(buf) > 4096:
+                        return
+                    break
+                verb = bytes(buf[:end]).split(b" ", 1)[0].upper()
+                del buf[:end if verb == b"DATA" else end + 2]
+                out.append(self.REPLIES.get(verb, b"502 5.5.2 Error: command not recognized\r\n"))
+                if verb == b"QUIT":
+                    sock.sendall(b"".join(out))
+                    return
+                in_data = verb == b"DATA"
+            if out:
+                sock.sendall(b"".join(out))
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+# --- workload G's distance: a delaying TCP forwarder --------------------------------
+
+class DelayLine:
+    """A TCP forwarder on loopback that holds every chunk it reads for `delay` seconds before
+    writing it on, each way: G's back-end `delay` away (the machine has no netem). Clients
+    connect to its port; it connects to target_port for each.
+
+    Per connection, a reader and a writer thread per direction (Flow): the reader stamps each
+    chunk with the time it may leave and queues it, the writer waits until then (a condition's
+    timed wait, well under a millisecond late, where an epoll timeout is rounded up to the next
+    millisecond) and writes it. So chunks keep their order, and one that is held does not hold
+    up the reading of the next. A direction that holds LIMIT bytes stops reading its side, whose
+    sender then meets TCP's own backpressure. A side's end (FIN) follows its data in order, as
+    a shutdown of the other side's writing; a failed write shuts both sockets down. The TCP
+    handshake takes its time as well: nothing reaches the far side before three legs (SYN,
+    SYN-ACK, ACK) and nothing comes back before four, so a greeting arrives two round trips
+    after connect(), as over a real link. The threads' CPU time is added up (cpu), to show
+    that the forwarder's own cost is noise beside the delay.
+    """
+
+    LIMIT = 256 * 1024
+
+    def __init__(self, target_port, delay=FAR_DELAY):
+        self.target_port, self.delay = target_port, delay
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=128)
+        self.port = self.listener.getsockname()[1]
+        self.lock = threading.Lock()
+        self.links = set()
+        self.connections = self.chunks = 0
+        self.cpu = 0.0
+        threading.Thread(target=self.accept, name="delay-line", daemon=True).start()
+
+    def accept(self):
         while True:
-            got = self.messages() - before
-            if got >= sent or time.monotonic() > deadline:
-                break
-            time.sleep(0.02)
-        if self.proc.poll() is not None:
-            err = Path(f"{self.counters}.err").read_text(errors="replace").strip().splitlines()
-            raise BenchmarkError(f"FAIL: smtp-sink exited with status {self.proc.returncode} during {target}, "
-                                 f"workload {workload}{': ' + err[-1] if err else ''}")
-        if got < sent:
-            raise BenchmarkError(f"FAIL: {target}, workload {workload}: the sink counted {got} of the {sent} "
-                                 f"messages the client sent and saw accepted ({sent - got} lost)")
-        return got
+            try:
+                near, _ = self.listener.accept()
+            except OSError:
+                return          # stop() shut the listener down
+            try:
+                far = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+                far.settimeout(None)
+            except OSError:
+                near.close()
+                continue
+            for sock in (near, far):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            DelayLink(self, near, far)
+
+    def stop(self):
+        """Shut every connection down and wait for the threads (their CPU time is added up then)."""
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.listener.close()
+        with self.lock:
+            links = list(self.links)
+        for link in links:
+            link.cut()
+        deadline = time.monotonic() + 5
+        while self.links and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
+class DelayLink:
+    """One connection through a DelayLine: two Flows, four threads; the last to end closes both sockets."""
+
+    def __init__(self, line, near, far):
+        self.line, self.socks = line, (near, far)
+        self.cut_off = False
+        now = time.monotonic()
+        self.flows = (Flow(self, near, far, now + 3 * line.delay), Flow(self, far, near, now + 4 * line.delay))
+        self.running = 4
+        with line.lock:
+            line.links.add(self)
+            line.connections += 1
+        for flow in self.flows:
+            for work in (flow.read, flow.write):
+                threading.Thread(target=self.run, args=(work,), daemon=True).start()
+
+    def run(self, work):
+        try:
+            work()
+        finally:
+            cpu = time.thread_time()
+            with self.line.lock:
+                self.line.cpu += cpu
+                self.running -= 1
+                last = self.running == 0
+                if last:
+                    self.line.chunks += sum(flow.chunks for flow in self.flows)
+                    self.line.links.discard(self)
+            if last:
+                for sock in self.socks:
+                    sock.close()
+
+    def cut(self):
+        """Both ways at once, whatever is held: a write failed, or the line stops."""
+        self.cut_off = True
+        for flow in self.flows:
+            with flow.ready:
+                flow.ready.notify_all()
+        for sock in self.socks:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+class Flow:
+    """One direction of a DelayLink: chunks read from src, held, written to dst when due.
+    Nothing is written before `opens` (the handshake's legs)."""
+
+    def __init__(self, link, src, dst, opens):
+        self.link, self.src, self.dst, self.opens = link, src, dst, opens
+        self.held = collections.deque()     # (due, chunk), oldest first; b"": src's end
+        self.size = 0                       # bytes held
+        self.chunks = 0
+        self.ready = threading.Condition()
+
+    def read(self):
+        delay, limit = self.link.line.delay, self.link.line.LIMIT
+        while True:
+            with self.ready:
+                while self.size >= limit and not self.link.cut_off:
+                    self.ready.wait()
+            try:
+                chunk = self.src.recv(65536)
+            except OSError:
+                chunk = b""             # a reset ends this side as a FIN would
+            due = max(time.monotonic() + delay, self.opens)
+            with self.ready:
+                self.held.append((due, chunk))
+                self.size += len(chunk)
+                self.chunks += 1
+                self.ready.notify_all()
+            if not chunk:
+                return
+
+    def write(self):
+        while True:
+            with self.ready:
+                while True:
+                    if self.link.cut_off:
+                        return
+                    if not self.held:
+                        self.ready.wait()
+                        continue
+                    wait = self.held[0][0] - time.monotonic()
+                    if wait <= 0:
+                        break
+                    self.ready.wait(wait)
+                _, chunk = self.held.popleft()
+                self.size -= len(chunk)
+                self.ready.notify_all()
+            try:
+                if not chunk:
+                    self.dst.shutdown(socket.SHUT_WR)
+                    return
+                self.dst.sendall(chunk)
+            except OSError:
+                self.link.cut()
+                return
 
 
 # --- targets ---------------------------------------------------------------------
@@ -289,7 +611,11 @@ class Lab:
 
 class Target:
     """One thing to send mail to: a port, and the processes whose memory and CPU count.
-    fresh() starts another instance of the same (for E), or is None (direct)."""
+    fresh() starts another instance of the same (for E), or is None (direct). far: for
+    workload G, {"": (Target, sink), "x": (Target, sink)}: the same kind of target in front
+    of the far back-end, without and with XCLIENT (start_far), where there is one."""
+
+    far = None
 
     def __init__(self, name, port, proc=None, log=None, fresh=None, lab=None):
         self.name, self.port, self.proc, self.log, self.fresh = name, port, proc, log, fresh
@@ -335,14 +661,16 @@ def relay_python():
     raise BenchmarkError(f"{sys.executable} lacks configargparse/requests and there is no {venv}")
 
 
-def start_smtprelay(lab, name, route_args):
-    """smtprelay as a fair match for nginx here: no XCLIENT (nginx: xclient off), no name
-    lookups (nginx has no resolver set), logging only warnings; --max-clients above E's 1000."""
+def start_smtprelay(lab, name, route_args, xclient=False):
+    """smtprelay as a fair match for nginx here: no XCLIENT (nginx: xclient off; G's XCLIENT
+    rows: its default --xclient, as nginx's xclient on), no name lookups (nginx has no resolver
+    set), logging only warnings; --max-clients above E's 1000."""
     port = free_port()
     log = lab.directory("smtprelay") / "stderr.log"
     proc = lab.processes.start([relay_python(), str(RELAY), "-c", "/dev/null", "--listen", f"127.0.0.1:{port}",
-                                *route_args, "--no-xclient", "--resolve", "off", "--server-name", "bench.example",
-                                "--max-clients", "2000", "--log-level", "warning"], log=log)
+                                *route_args, *([] if xclient else ["--no-xclient"]), "--resolve", "off",
+                                "--server-name", "bench.example", "--max-clients", "2000",
+                                "--log-level", "warning"], log=log)
     wait_accepting(port, proc, name)
     return Target(name, port, proc, log, fresh=lambda: start_smtprelay(lab, name, route_args), lab=lab)
 
@@ -355,21 +683,30 @@ def start_relay_auth_http(lab, auth_url):
     return start_smtprelay(lab, RELAY_AUTH, ["--auth-http", auth_url])
 
 
-def nginx_config(prefix, mail_port, http_port, sink_port):
-    """One nginx: the static auth_http answer in http {}, and the mail proxy if mail_port."""
+def nginx_config(prefix, http_port, answers, servers=()):
+    """One nginx: static auth_http answers in http {} (answers: location -> the back-end port
+    it names), and a mail proxy server for each of servers: (port, location, xclient, extra)."""
     user = "user nobody nogroup;" if os.geteuid() == 0 else ""
-    load = f"load_module {MAIL_MODULE};" if mail_port else ""
-    mail = f"""
-mail {{
-    server_name bench.example;
-    auth_http 127.0.0.1:{http_port}/auth;
-    xclient off;
+    load = f"load_module {MAIL_MODULE};" if servers else ""
+    mail = "".join(f"""
     server {{
-        listen 127.0.0.1:{mail_port};
+        listen 127.0.0.1:{port};
         protocol smtp;
         smtp_auth none;
-    }}
-}}""" if mail_port else ""
+        auth_http 127.0.0.1:{http_port}{location};
+        xclient {xclient};{extra}
+    }}""" for port, location, xclient, extra in servers)
+    mail = f"""
+mail {{
+    server_name bench.example;{mail}
+}}""" if servers else ""
+    locations = "".join(f"""
+        location = {location} {{
+            add_header Auth-Status OK;
+            add_header Auth-Server 127.0.0.1;
+            add_header Auth-Port {port};
+            return 204;
+        }}""" for location, port in answers.items())
     return f"""{load}
 {user}
 worker_processes 1;
@@ -383,32 +720,33 @@ http {{
     client_body_temp_path {prefix}/body; proxy_temp_path {prefix}/proxy;
     fastcgi_temp_path {prefix}/fastcgi; uwsgi_temp_path {prefix}/uwsgi; scgi_temp_path {prefix}/scgi;
     server {{
-        listen 127.0.0.1:{http_port};
-        location = /auth {{
-            add_header Auth-Status OK;
-            add_header Auth-Server 127.0.0.1;
-            add_header Auth-Port {sink_port};
-            return 204;
-        }}
+        listen 127.0.0.1:{http_port};{locations}
     }}
 }}{mail}
 """
 
 
+def launch_nginx(lab, answers, servers):
+    """nginx with nginx_config(answers, servers), listening -> (process, its directory, the http port)."""
+    prefix = lab.directory("nginx")
+    http_port = free_port()
+    conf = prefix / "nginx.conf"
+    conf.write_text(nginx_config(prefix, http_port, answers, servers))
+    proc = lab.processes.start(["nginx", "-e", str(prefix / "error.log"), "-p", str(prefix), "-c", str(conf)],
+                               log=prefix / "stderr.log")
+    for port in [http_port, *(server[0] for server in servers)]:
+        wait_accepting(port, proc, "nginx")
+    return proc, prefix, http_port
+
+
 def start_nginx(lab, with_mail):
     """nginx with the auth_http block, and the mail proxy when the module is there.
     -> (mail Target or None, the auth URL)"""
-    prefix = lab.directory("nginx")
     mail_port = free_port() if with_mail else None
-    http_port = free_port()
-    conf = prefix / "nginx.conf"
-    conf.write_text(nginx_config(prefix, mail_port, http_port, lab.sink.port))
-    proc = lab.processes.start(["nginx", "-e", str(prefix / "error.log"), "-p", str(prefix), "-c", str(conf)],
-                               log=prefix / "stderr.log")
-    wait_accepting(http_port, proc, "nginx")
+    servers = [(mail_port, "/auth", "off", "")] if with_mail else []
+    proc, prefix, http_port = launch_nginx(lab, {"/auth": lab.sink.port}, servers)
     target = None
     if mail_port:
-        wait_accepting(mail_port, proc, "nginx")
         target = Target(NGINX, mail_port, proc, prefix / "error.log", fresh=lambda: start_nginx(lab, True)[0], lab=lab)
     return target, f"http://127.0.0.1:{http_port}/auth"
 
@@ -570,6 +908,33 @@ def start_aiosmtpd(lab, python):
     return Target(AIOSMTPD, port, proc, home / "stderr.log", fresh=lambda: start_aiosmtpd(lab, python), lab=lab)
 
 
+def start_far(lab, targets):
+    """Workload G's targets: direct, smtprelay and nginx once more, in front of a DelayLine to
+    the sink, and once more with XCLIENT, in front of a DelayLine to an XclientSink. The A-F
+    instances cannot be pointed elsewhere (smtprelay's --backend, nginx's static Auth-Port
+    are fixed at start), so these are instances of their own; nginx's two mail servers share
+    one process, which offers PIPELINING (nginx offers no extension unless told, and a client
+    as Postfix's pipelines only where it is offered). -> (the two DelayLines, the XclientSink)"""
+    line = DelayLine(lab.sink.port)
+    xsink = XclientSink()
+    xline = DelayLine(xsink.port)
+    targets[DIRECT].far = {"": (Target(f"{DIRECT} (G)", line.port), lab.sink),
+                           "x": (Target(f"{DIRECT} (Gx)", xline.port), xsink)}
+    targets[RELAY_STATIC].far = {
+        "": (start_smtprelay(lab, f"{RELAY_STATIC} (G)", ["--backend", f"127.0.0.1:{line.port}"]), lab.sink),
+        "x": (start_smtprelay(lab, f"{RELAY_STATIC} (Gx)", ["--backend", f"127.0.0.1:{xline.port}"], xclient=True),
+              xsink)}
+    if NGINX in targets:
+        ports = free_port(), free_port()
+        offer = "\n        smtp_capabilities PIPELINING;"
+        proc, prefix, _ = launch_nginx(lab, {"/far": line.port, "/far-xclient": xline.port},
+                                       [(ports[0], "/far", "off", offer), (ports[1], "/far-xclient", "on", offer)])
+        log = prefix / "error.log"
+        targets[NGINX].far = {"": (Target(f"{NGINX} (G)", ports[0], proc, log, lab=lab), lab.sink),
+                              "x": (Target(f"{NGINX} (Gx)", ports[1], proc, log), xsink)}
+    return line, xline, xsink
+
+
 # --- clients ---------------------------------------------------------------------
 
 def smtp_source(port, messages, sessions=1, size=MESSAGE_SIZE, same_connection=False):
@@ -621,14 +986,18 @@ class SMTPClient:
         self.file = self.sock.makefile("rb")
 
     def reply(self, expected):
+        """Read one whole reply -> its lines."""
+        lines = []
         while True:
             line = self.file.readline()
             if not line.endswith(b"\n"):
                 raise BenchmarkError(f"connection closed waiting for {expected}")
+            lines.append(line)
             if line[3:4] != b"-":
                 break
         if not line.startswith(expected.encode()):
             raise BenchmarkError(f"expected {expected}, got {line.decode(errors='replace').strip()}")
+        return lines
 
     def command(self, line, expected):
         self.sock.sendall(line)
@@ -658,6 +1027,60 @@ def one_transaction(port):
     finally:
         c.close()
     return time.perf_counter() - start
+
+
+G_ENVELOPE = b"MAIL FROM:<bench@example.org>\r\nRCPT TO:<sink@example.net>\r\nDATA\r\n"
+
+
+def g_session(port, messages):
+    """One session as Postfix's smtp client runs it where PIPELINING is offered: after EHLO,
+    MAIL, RCPT and DATA in one write, their three replies read, then the message and its end
+    in one write, its reply read; QUIT at the end (its reply is read, outside the figures).
+    -> {"greeting": s (connect() to the greeting read), "ehlo": s, "transactions": [s, ...]
+    (each from MAIL sent to the end-of-data reply read), "session": s (connect() to the last
+    end-of-data reply read)}"""
+    start = time.perf_counter()
+    c = SMTPClient(port)
+    try:
+        c.reply("220")
+        greeted = time.perf_counter()
+        c.sock.sendall(b"EHLO client.example\r\n")
+        offered = c.reply("250")
+        ehlo = time.perf_counter()
+        if not any(line[4:].split()[:1] == [b"PIPELINING"] for line in offered):
+            raise BenchmarkError("PIPELINING not offered")
+        transactions = []
+        for _ in range(messages):
+            began = time.perf_counter()
+            c.sock.sendall(G_ENVELOPE)
+            c.reply("250")
+            c.reply("250")
+            c.reply("354")
+            c.command(F_MESSAGE, "250")
+            transactions.append(time.perf_counter() - began)
+        end = time.perf_counter()
+        c.command(b"QUIT\r\n", "221")
+    finally:
+        c.close()
+    return {"greeting": greeted - start, "ehlo": ehlo - greeted, "transactions": transactions,
+            "session": end - start}
+
+
+def calibrate(line, sink, sessions=5):
+    """The DelayLine on its own: G1 sessions direct through it to the sink -> medians in ms of
+    the greeting (after connect(); 4 legs expected), EHLO (2 legs) and a transaction (4 legs:
+    the pipelined MAIL, RCPT, DATA, then the message)."""
+    before = sink.messages()
+    runs = [g_session(line.port, 1) for _ in range(sessions)]
+    sink.expect(before, sessions, f"{DIRECT} (G)", "G calibration")
+    return {key: 1000 * statistics.median(r[key][0] if key == "transactions" else r[key] for r in runs)
+            for key in ("greeting", "ehlo", "transactions")}
+
+
+def percentile(seconds, q):
+    """The q quantile of seconds (as F takes it), in ms."""
+    ordered = sorted(seconds)
+    return 1000 * ordered[int(q * (len(ordered) - 1))]
 
 
 # --- workloads: each (target, sink, scale) -> {metric: value} ----------------------
@@ -740,17 +1163,49 @@ def workload_f(target, sink, scale):
     return {"F50": 1000 * times[int(0.50 * (n - 1))], "F99": 1000 * times[int(0.99 * (n - 1))]}
 
 
+def workload_g(target, sink, scale):
+    """The back-end far away (FAR_DELAY each way, through a DelayLine): g_session one after
+    another to the target's far twins (start_far), without XCLIENT (G) and with it (Gx):
+    G1, one message per session, and G10, G_PER_SESSION per session -> p50 and p99 in ms of
+    the transactions, and for G1 of the whole sessions. Every message is counted at the far
+    side's sink."""
+    result = {}
+    for x, (far, far_sink) in (target.far or {}).items():
+        before = far_sink.messages()
+        g1, sessions, g10 = [], [], []
+        try:
+            for _ in range(scale["g1_sessions"]):
+                run = g_session(far.port, 1)
+                g1 += run["transactions"]
+                sessions.append(run["session"])
+            for _ in range(scale["g10_sessions"]):
+                g10 += g_session(far.port, G_PER_SESSION)["transactions"]
+        except (OSError, BenchmarkError) as e:
+            raise BenchmarkError(f"FAIL: {far.name}, workload G{x}: session {len(sessions) + 1}: {e}") from None
+        far_sink.expect(before, len(g1) + len(g10), far.name, f"G{x}")
+        far.check_alive()
+        result.update({f"G1{x}_50": percentile(g1, 0.50), f"G1{x}_99": percentile(g1, 0.99),
+                       f"G1{x}s50": percentile(sessions, 0.50), f"G1{x}s99": percentile(sessions, 0.99),
+                       f"G10{x}_50": percentile(g10, 0.50), f"G10{x}_99": percentile(g10, 0.99)})
+    return result
+
+
 WORKLOADS = [("A", workload_a), ("B", workload_b), ("C", workload_c), ("D", workload_d),
-             ("E", workload_e), ("F", workload_f)]
+             ("E", workload_e), ("F", workload_f), ("G", workload_g)]
 
 
 def warm_up(target, sink, scale):
-    """A few messages first, so that no target pays for its first session in the figures."""
+    """A few messages first, so that no target pays for its first session in the figures
+    (G's twins: one session each)."""
     run_sources(target, sink, "warm-up", [[(scale["warmup"], 2, MESSAGE_SIZE, False)]])
     before = sink.messages()
     for _ in range(5):
         one_transaction(target.port)
     sink.expect(before, 5, target.name, "warm-up")
+    for far, far_sink in (target.far or {}).values():
+        before = far_sink.messages()
+        g_session(far.port, 1)
+        far_sink.expect(before, 1, far.name, "warm-up")
 
 
 # --- the run and its report --------------------------------------------------------
@@ -872,7 +1327,7 @@ def measure(args, scale, skipped, have_nginx, with_mail, aiosmtpd, processes, st
     """Start the sink and the targets, run, print the table or JSON -> exit status."""
     with tempfile.TemporaryDirectory(prefix="smtprelay-bench-") as tmp:
         tmp = Path(tmp)
-        targets, lab = {}, None
+        targets, lab, far = {}, None, ()
         try:
             sink = Sink(processes, tmp)
             lab = Lab(processes, tmp, sink)
@@ -887,11 +1342,15 @@ def measure(args, scale, skipped, have_nginx, with_mail, aiosmtpd, processes, st
                 targets[AIOSMTPD] = start_aiosmtpd(lab, aiosmtpd)
             if args.reference:
                 targets[LINE_RELAY] = start_line_relay(lab)
+            far = line, xline, xsink = start_far(lab, targets)
+            calibration = calibrate(line, sink)
+            note("G's forwarder, direct through it: greeting {greeting:.1f} ms after connect(), "
+                 "EHLO {ehlo:.1f} ms, a transaction {transactions:.1f} ms".format(**calibration))
             order = [targets[name] for name in TARGET_ORDER if name in targets]
             note(f"targets: {', '.join(t.name for t in order)}; {scale['repetitions']} repetition(s)"
                  f"{' (--quick)' if args.quick else ''}")
             runs = run(order, sink, scale)
-            sent = sink.messages()
+            sent, xsent = sink.messages(), xsink.messages()
             floor = thread_floor(lab, scale["e_connections"]) if args.reference else None
         except BenchmarkError:
             for t in lab.started if lab else []:
@@ -901,6 +1360,8 @@ def measure(args, scale, skipped, have_nginx, with_mail, aiosmtpd, processes, st
             raise
         finally:
             processes.stop()
+            for part in far:
+                part.stop()
         logs = {}               # what each target logged after starting up, all its instances
         for t in lab.started:
             logs.setdefault(t.name, []).extend(t.new_log_lines())
@@ -908,18 +1369,30 @@ def measure(args, scale, skipped, have_nginx, with_mail, aiosmtpd, processes, st
     runtime = time.monotonic() - started
     names = [name for name in TARGET_ORDER if name in targets or name == NGINX]
     summary = summarize(runs, names)
+    forwarder = {"delay_ms": 1000 * line.delay, "direct_ms": calibration,
+                 "cpu_s": line.cpu + xline.cpu, "chunks": line.chunks + xline.chunks,
+                 "connections": line.connections + xline.connections}
     if args.json:
         print(json.dumps({
             "quick": args.quick, "scale": scale, "targets": [n for n in names if n in targets],
             "skipped": skipped, "units": {key: unit for key, _, unit, _ in METRICS},
-            "results": summary, "runs": runs, "messages_at_sink": sent, "proxy_logs": logs,
-            "thread_floor_e_kb": floor,
+            "results": summary, "runs": runs, "messages_at_sink": sent, "messages_at_xclient_sink": xsent,
+            "g_forwarder": forwarder, "proxy_logs": logs, "thread_floor_e_kb": floor,
             "runtime_seconds": round(runtime, 1)}, indent=2))
         return 0
     print(table(summary, names, scale))
     print()
     print(f"Medians of {scale['repetitions']} repetition(s); (×) the median of the per-repetition ratios "
-          f"target / nginx. {sent} messages counted at the sink, as many as were sent. {runtime:.0f} s.")
+          f"target / nginx. {sent} messages counted at the sink and {xsent} at G's XCLIENT sink, as many as "
+          f"were sent. {runtime:.0f} s.")
+    print(f"G: the back-end {forwarder['delay_ms']:g} ms away each way through a delaying forwarder; direct "
+          f"through it (median of 5 sessions): greeting {calibration['greeting']:.1f} ms after connect() "
+          f"(expected {4 * forwarder['delay_ms']:g}: the handshake, then the greeting), EHLO "
+          f"{calibration['ehlo']:.1f} ms ({2 * forwarder['delay_ms']:g}), a pipelined transaction "
+          f"{calibration['transactions']:.1f} ms ({4 * forwarder['delay_ms']:g}). The forwarder's threads took "
+          f"{1000 * forwarder['cpu_s']:.0f} ms of CPU in all, for {forwarder['chunks']} chunks on "
+          f"{forwarder['connections']} connections. G1, G10: transaction = MAIL sent to the end-of-data "
+          f"reply read; session = connect() to that reply (G1 only).")
     if floor is not None:
         print(f"Thread floor (E of a ThreadingTCPServer thread that greets and blocks in recv, "
               f"nothing else): {floor:.1f} KB per idle session.")
