@@ -2027,8 +2027,8 @@ class Session:
         reply that refused what it built on, and the back-end refuses it too.
         """
         backend = self.backend
-        if not backend.pipelining or method != self.verb.lower():
-            return []       # the MAIL held for the auth service goes alone, ahead of its RCPT
+        if not self.channel.wire.has_line() or not backend.pipelining or method != self.verb.lower():
+            return []       # nothing pipelined behind it; or the MAIL held for the auth service, ahead of its RCPT
         if method == "mail":
             first, accepted, params = backend.mail_command(*args), 0, args[1]
             if not isinstance(first[0], str):
