@@ -50,7 +50,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import free_port, stop_process, stopped_on_exit, wait_until
+from helpers import free_port, stop_process, stopped_on_exit, wait_for_count, wait_until
 
 PACKAGE_DIR = Path(__file__).resolve().parent / "haraka"     # package.json and package-lock.json
 PINNED = json.loads((PACKAGE_DIR / "package.json").read_text())["dependencies"]["Haraka"]
@@ -307,15 +307,8 @@ class Haraka:
 
     def wait_for_messages(self, n, timeout=5):
         """All queued messages once there are at least `n`; AssertionError after `timeout` s."""
-        found = []
-
-        def enough():
-            found[:] = self.messages()
-            return len(found) >= n
-
-        wait_until(enough, timeout, lambda: f"{len(found)} message(s) at Haraka, wanted {n}; log:\n"
-                                            f"{self.log_text()[-4000:]}")
-        return found
+        return wait_for_count(self.messages, n, timeout, lambda found: f"{len(found)} message(s) at Haraka; log:\n"
+                                                                        f"{self.log_text()[-4000:]}\n")
 
 
 @pytest.fixture

@@ -33,6 +33,19 @@ HOST_255 = ".".join(["a" * 63] * 3 + ["b" * 63])
 LISTENING = re.compile(r"listening on (?:\[(?P<v6>[^\]]+)\]|(?P<v4>[^\s:\[\]]+)):(?P<port>\d+)")
 
 
+def wait_for_count(read, n, timeout=5, what=lambda found: f"{len(found)} item(s)"):
+    """read() -> a list, polled until it holds at least `n` items -> that list; AssertionError
+    after `timeout` s, with what(the last list read) and the wanted count."""
+    found = []
+
+    def enough():
+        found[:] = read()
+        return len(found) >= n
+
+    wait_until(enough, timeout, lambda: f"{what(found)}, wanted {n}")
+    return found
+
+
 def wait_until(condition, timeout=5, what="the condition"):
     """Poll condition() until it is truthy -> its value; fail the test naming `what` after `timeout` s.
 
@@ -234,9 +247,11 @@ class RelayProcess(LoggedProcess):
         self._clients.append(client)
         return client
 
-    def connect(self, timeout=10):
-        """A raw socket connected to the first listener; closed at teardown."""
-        sock = socket.create_connection((self.host, self.port), timeout=timeout)
+    def connect(self, timeout=10, source=None):
+        """A raw socket connected to the first listener, from address `source` (127.0.0.x) if
+        given; closed at teardown."""
+        sock = socket.create_connection((self.host, self.port), timeout=timeout,
+                                        source_address=(source, 0) if source else None)
         self._clients.append(sock)
         return sock
 

@@ -57,7 +57,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import wait_until
+from helpers import wait_for_count, wait_until
 
 POSTFIX = "/usr/sbin/postfix"
 POSTQUEUE = "/usr/sbin/postqueue"
@@ -422,15 +422,8 @@ class Postfix:
 
     def wait_for_queue(self, n, timeout=5):
         """The queue once it holds at least `n` messages; AssertionError after `timeout` s."""
-        found = []
-
-        def enough():
-            found[:] = self.queue()
-            return len(found) >= n
-
-        wait_until(enough, timeout, lambda: f"Postfix queue has {len(found)} message(s), wanted {n}; maillog:\n"
-                                            f"{self.log_text()}")
-        return found
+        return wait_for_count(self.queue, n, timeout, lambda found: f"Postfix queue has {len(found)} message(s); "
+                                                                     f"maillog:\n{self.log_text()}\n")
 
     def wait_for_delivery(self, recipient, timeout=5, since=0):
         """The text of `recipient`'s mailbox (one of self.mailboxes) once local(8) or virtual(8)

@@ -40,9 +40,7 @@ def expected_header(version, source, destination):
 
 def client_from(relay, address):
     """An SMTPClient, greeted and past EHLO, on a connection from `address` to the relay."""
-    sock = socket.create_connection((relay.host, relay.port), timeout=10, source_address=(address, 0))
-    relay._clients.append(sock)
-    client = SMTPClient(sock)
+    client = SMTPClient(relay.connect(source=address))
     assert client.reply().code == 220
     assert client.say("EHLO client.example").code == 250
     return client

@@ -3,7 +3,6 @@ the README's recipe ("In front of other mail servers") run as written.
 
 Haraka 3.3 reads v1 only; from a host its connection.ini lists it takes nothing before the header.
 """
-import socket
 
 from haraka_fixture import haraka  # noqa: F401  (fixture)
 from helpers import SMTPClient, readme_block, run_relay, send_message
@@ -16,8 +15,7 @@ def test_the_readmes_haraka_recipe_gives_haraka_the_clients_address_and_port(rel
     h = haraka()
     assert section in (h.config_dir / "connection.ini").read_text()      # the fixture wrote the README's lines
     r = relay("--backend", h.address, "--backend-proxy-protocol", "v1", "--server-name", "mx.test")
-    sock = socket.create_connection((r.host, r.port), timeout=10, source_address=("127.0.0.2", 0))
-    r._clients.append(sock)
+    sock = r.connect(source="127.0.0.2")
     client = SMTPClient(sock)
     assert client.reply().code == 220
     assert client.say("EHLO client.example").code == 250

@@ -275,9 +275,7 @@ def test_a_group_through_xclient_to_a_real_postfix_gets_each_reply_and_queues_fo
         relay, postfix):
     pf = postfix(mynetworks="127.0.0.1/32", main_cf=["relay_domains = example.net"])
     r = relay("--backend", pf.address)
-    sock = socket.create_connection((r.host, r.port), timeout=10, source_address=("127.0.0.2", 0))
-    r._clients.append(sock)
-    client = SMTPClient(sock)
+    client = SMTPClient(r.connect(source="127.0.0.2"))
     assert client.reply().code == 220
     assert client.say("EHLO client.example").code == 250
     client.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<c@outside.example>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n")
