@@ -17,6 +17,7 @@ import importlib.util
 import itertools
 import os
 import pwd
+import queue
 import resource
 import select
 import selectors
@@ -567,6 +568,47 @@ def test_a_client_whose_ptr_zone_never_answers_cannot_take_the_names_of_the_othe
     assert time.monotonic() - began < 2.5       # its own lookup at once, not --resolve-timeout's 3 s
     [session] = backend.sessions
     assert xclient_attributes(session)["NAME"] == "localhost"
+
+
+# --- Kept threads: a connection's thread serves a later one, and few are kept -------------------
+
+def test_a_thread_whose_connection_ended_serves_the_next_one():
+    threads = smtprelay.SpareThreads(most=4, seconds=30)
+    served = queue.SimpleQueue()
+    threads.start(lambda: served.put(threading.get_ident()))
+    first = served.get(timeout=5)
+    wait_until(lambda: len(threads.waiting) == 1, what="the thread waiting for the next connection")
+    threads.start(lambda: served.put(threading.get_ident()))
+    assert served.get(timeout=5) == first
+    wait_until(lambda: len(threads.waiting) == 1, what="the thread waiting again")
+
+
+def test_no_more_threads_are_kept_than_the_bound_and_the_rest_end():
+    threads = smtprelay.SpareThreads(most=2, seconds=30)
+    release, started = threading.Event(), queue.SimpleQueue()
+
+    def connection():
+        started.put(threading.current_thread())
+        release.wait(10)
+
+    for _ in range(5):
+        threads.start(connection)
+    running = [started.get(timeout=5) for _ in range(5)]
+    assert len(set(running)) == 5           # one thread per connection at a time
+    release.set()
+    wait_until(lambda: sum(t.is_alive() for t in running) == 2, what="3 of 5 threads ended")
+    assert len(threads.waiting) == 2
+
+
+def test_a_kept_thread_ends_after_its_wait_and_is_not_handed_work_after_that():
+    threads = smtprelay.SpareThreads(most=4, seconds=0.05)
+    served = queue.SimpleQueue()
+    threads.start(lambda: served.put(threading.current_thread()))
+    first = served.get(timeout=5)
+    first.join(5)
+    assert not first.is_alive() and threads.waiting == []
+    threads.start(lambda: served.put(threading.current_thread()))
+    assert served.get(timeout=5) is not first
 
 
 # --- Deadlines: whole replies, whole command lines, and the data's pace ----------------------

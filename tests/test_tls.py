@@ -516,9 +516,10 @@ def thread_count(relay):
 
 
 def test_silent_client_on_the_tls_port_is_dropped_after_the_timeout_and_its_thread_ends(tls_relay, backend):
-    # --resolve off: the name lookup's own short-lived thread would blur the count.
+    # --resolve off: the name lookup's own short-lived thread would blur the count; no kept
+    # threads (SPARE_THREADS), so that the session's thread, once free, ends.
     relay = tls_relay("--backend", backend.address, "--tls-listen", "127.0.0.1:0", "--timeout", "1",
-                      "--resolve", "off")
+                      "--resolve", "off", constants={"SPARE_THREADS": 0})
     port = tls_port(relay)
     idle = thread_count(relay)
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
