@@ -26,9 +26,11 @@ import argparse
 import base64
 import binascii
 import collections
+import contextlib
 import dataclasses
 import datetime
 import errno
+import fcntl
 import ipaddress
 import hashlib
 import heapq
@@ -36,10 +38,12 @@ import itertools
 import json
 import logging
 import logging.handlers
+import mmap
 import os
 import re
 import secrets
 import select
+import shutil
 import signal
 import smtplib
 import socket
@@ -165,6 +169,16 @@ def parse_number(option, text, minimum=0, kind=int, maximum=None):
     if maximum is not None and value > maximum:
         raise ConfigError(option, f"{text!r}: must be at most {maximum:g}")
     return value
+
+
+MAX_WORKERS = 64
+
+
+def parse_workers(option, text):
+    """--workers: N, or auto for the CPUs this process may run on -> N."""
+    if text.strip() == "auto":
+        return min(len(os.sched_getaffinity(0)), MAX_WORKERS)
+    return parse_number(option, text, 1, maximum=MAX_WORKERS)
 
 
 def parse_choice(option, text, choices):
@@ -539,6 +553,8 @@ SETTINGS = [
             action="store_true"),
     Setting("--user", "after binding the listeners, drop root privileges to USER and its groups", metavar="USER",
             read=lambda option, text: parse_user(text)),
+    Setting("--workers", "processes serving the listeners, each a thread per client, limits counted across "
+            "all; auto: one per CPU (default 1)", "1", "N", lambda option, text: parse_workers(option, text)),
     Setting("--metrics", "serve Prometheus metrics on http://ADDR/metrics (pip install 'smtprelay[metrics]')",
             metavar="ADDR", read=parse_address),
 ]
@@ -774,6 +790,11 @@ EVENTS = {
     "reloaded": (logging.INFO, "SIGHUP: configuration reloaded for new sessions"),
     "reload_refused": (logging.ERROR, "SIGHUP: keeping the old configuration: %(reason)s"),
     "reload_partial": (logging.WARNING, "SIGHUP: these settings need a restart and stay as they were: %(settings)s"),
+    "worker_started": (logging.INFO, "worker %(worker)d started (pid %(pid)d)"),
+    "worker_died": (logging.ERROR, "worker %(worker)d (pid %(pid)d) %(how)s; a new one starts in %(pause)gs"),
+    "worker_ended": (logging.INFO, "worker %(worker)d (pid %(pid)d) %(how)s"),
+    "workers_not_ready": (logging.WARNING, "SIGHUP: workers %(workers)s did not say within %(seconds)gs that they "
+                                            "reloaded"),
     "config_error": (logging.ERROR, "%(reason)s"),
     "accept_failed": (logging.ERROR, "accept failed: %(reason)s; pausing new connections for %(seconds)g s"),
     "no_thread": (logging.ERROR, "no thread for a client from %(client)s: %(reason)s"),
@@ -3689,7 +3710,8 @@ SPARE_SECONDS = 60           # how long a kept thread waits for a connection bef
 # Settings a running relay cannot take up on SIGHUP: the sockets and the
 # process are made once (Config attribute, option name).
 RESTART_SETTINGS = [("listen", "listen"), ("tls_listen", "tls-listen"), ("user", "user"), ("inetd", "inetd"),
-                    ("metrics", "metrics"), ("proxy_protocol", "proxy-protocol"), ("log_target", "log-target")]
+                    ("metrics", "metrics"), ("proxy_protocol", "proxy-protocol"), ("log_target", "log-target"),
+                    ("workers", "workers")]
 
 
 class Setup:
@@ -3728,6 +3750,131 @@ class Setup:
                 raise ConfigError("--backend", f"{backend}: {e.strerror or e}") from None
 
 
+class SessionCounts:
+    """The sessions admitted, all and per address, for --max-clients and --max-clients-per-ip."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.sessions = 0
+        self.per_ip = collections.Counter()
+
+    def admit(self, ip, most, most_per_ip):
+        """Count a session from ip in -> None, or the reply that refuses it."""
+        with self.lock:
+            if self.sessions >= most:
+                return TOO_MANY_CONNECTIONS
+            if most_per_ip and self.per_ip[ip] >= most_per_ip:
+                return TOO_MANY_FROM_ADDRESS
+            self.sessions += 1
+            self.per_ip[ip] += 1
+        return None
+
+    def release(self, ip):
+        """A session admitted for ip has ended."""
+        with self.lock:
+            self.sessions -= 1
+            self.per_ip[ip] -= 1
+            if not self.per_ip[ip]:
+                del self.per_ip[ip]
+
+
+class SharedCounts:
+    """SessionCounts across --workers: every worker's sessions in memory shared
+    by all, made before the fork. A worker writes its own slot alone (its count,
+    and the address of each of its sessions); an admission reads every slot
+    under fcntl's lock, which the kernel drops when its holder dies, and the
+    main process clears the slot of a worker that died before a new one takes
+    it: a crash leaves nothing counted for long."""
+
+    RECORD = 16         # an address: IPv6, IPv4 mapped into it, NO_ADDRESS for none
+
+    def __init__(self, workers, capacity):
+        """workers: the slots; capacity: the sessions one worker may hold (--max-clients at start)."""
+        self.capacity = capacity
+        self.base = workers * 4             # the addresses start after a count per worker
+        self.memory = mmap.mmap(-1, self.base + workers * capacity * self.RECORD)   # MAP_SHARED
+        self.counts = memoryview(self.memory)[:self.base].cast("I")
+        self.lockfile = tempfile.TemporaryFile()
+        self.thread_lock = threading.Lock()     # fcntl's lock is the process's: its threads take turns here
+        self.free, self.held, self.slot = [], {}, None
+
+    def enter(self, slot):
+        """In the worker of that slot, after the fork: its records are its own."""
+        self.slot = slot
+        first = slot * self.capacity
+        self.free = list(range(first + self.capacity - 1, first - 1, -1))
+        self.held = collections.defaultdict(list)      # address -> the records of its sessions here
+
+    @contextlib.contextmanager
+    def locked(self):
+        """Every worker's slot still while held."""
+        with self.thread_lock:
+            fcntl.lockf(self.lockfile, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.lockf(self.lockfile, fcntl.LOCK_UN)
+
+    @property
+    def sessions(self):
+        """Every worker's sessions."""
+        return sum(self.counts)
+
+    def sessions_from(self, key):
+        """The sessions of every worker from the address key."""
+        found, at = 0, self.memory.find(key, self.base)
+        while at >= 0:
+            aligned = (at - self.base) % self.RECORD == 0
+            found += aligned
+            at = self.memory.find(key, at + (self.RECORD if aligned else 1))
+        return found
+
+    def admit(self, ip, most, most_per_ip):
+        """As SessionCounts.admit, for every worker's sessions."""
+        key = address_key(ip)
+        with self.locked():
+            if sum(self.counts) >= most or not self.free:
+                return TOO_MANY_CONNECTIONS
+            if most_per_ip and self.sessions_from(key) >= most_per_ip:
+                return TOO_MANY_FROM_ADDRESS
+            record = self.free.pop()
+            at = self.base + record * self.RECORD
+            self.memory[at:at + self.RECORD] = key
+            self.counts[self.slot] += 1
+            self.held[ip].append(record)
+        return None
+
+    def release(self, ip):
+        """As SessionCounts.release."""
+        with self.locked():
+            record = self.held[ip].pop()
+            if not self.held[ip]:
+                del self.held[ip]
+            at = self.base + record * self.RECORD
+            self.memory[at:at + self.RECORD] = bytes(self.RECORD)
+            self.counts[self.slot] -= 1
+            self.free.append(record)
+
+    def clear(self, slot):
+        """The worker in slot has died: none of its sessions counts any more."""
+        size = self.capacity * self.RECORD
+        start = self.base + slot * size
+        with self.locked():
+            self.counts[slot] = 0
+            self.memory[start:start + size] = bytes(size)
+
+
+NO_ADDRESS = b"\xff" * 16       # a client without an IP address (a multicast address: never a peer's)
+
+
+def address_key(ip):
+    """A client's address as SharedCounts records it: 16 bytes."""
+    if ip is None:
+        return NO_ADDRESS
+    address = ipaddress.ip_address(ip)
+    return address.packed if address.version == 6 else b"\0" * 10 + b"\xff\xff" + address.packed
+
+
 class Relay:
     """What outlives a reload: the current Setup, the session counts for
     --max-clients and --max-clients-per-ip, the stop, the event hook."""
@@ -3738,8 +3885,7 @@ class Relay:
         self.argv = argv            # the command line, read again with the config file on SIGHUP
         self.metrics = None
         self.lock = threading.Condition()
-        self.sessions = 0           # admitted sessions, for the limits
-        self.per_ip = collections.Counter()
+        self.counts = SessionCounts()   # admitted sessions, for the limits: SharedCounts with --workers
         self.connections = 0        # connections being served, up to their last log line: the drain waits for these
         # On stop, a byte in this pipe wakes every session waiting between
         # transactions (Wire.receive); it is never read, so it stays readable.
@@ -3769,22 +3915,17 @@ class Relay:
         # A client with no IP address is trusted no more than a remote one: only the default admits it.
         if cfg.allow_from and (ip is None or not any(ipaddress.ip_address(ip) in net for net in cfg.allow_from)):
             return ACCESS_DENIED, "not in --allow-from"
-        with self.lock:
-            if self.sessions >= cfg.max_clients:
-                return TOO_MANY_CONNECTIONS, "%d %s" % TOO_MANY_CONNECTIONS
-            if cfg.max_clients_per_ip and self.per_ip[ip] >= cfg.max_clients_per_ip:
-                return TOO_MANY_FROM_ADDRESS, "%d %s" % TOO_MANY_FROM_ADDRESS
-            self.sessions += 1
-            self.per_ip[ip] += 1
-        return None
+        refusal = self.counts.admit(ip, cfg.max_clients, cfg.max_clients_per_ip)
+        return refusal and (refusal, "%d %s" % refusal)
 
     def release(self, ip):
         """The session admitted for ip has ended."""
-        with self.lock:
-            self.sessions -= 1
-            self.per_ip[ip] -= 1
-            if not self.per_ip[ip]:
-                del self.per_ip[ip]
+        self.counts.release(ip)
+
+    @property
+    def sessions(self):
+        """Sessions admitted and not yet ended (every worker's)."""
+        return self.counts.sessions
 
     def reload(self):
         """SIGHUP: read the configuration again, as at start, for new sessions; a bad one keeps the old."""
@@ -4201,7 +4342,11 @@ def drop_privileges(user):
 
 
 def sd_notify(*lines):
-    """Tell systemd (NOTIFY_SOCKET) how the relay is: READY=1, RELOADING=1, STOPPING=1, WATCHDOG=1, STATUS=."""
+    """Tell systemd (NOTIFY_SOCKET) how the relay is: READY=1, RELOADING=1, STOPPING=1, WATCHDOG=1, STATUS=.
+    A worker (--workers) tells the main process instead, which speaks for the service."""
+    if WORKER.reports is not None:
+        os.write(WORKER.reports, f"{WORKER.slot} {US.join(lines)}\n".encode("utf-8", "replace"))   # one write: atomic
+        return
     address = os.environ.get("NOTIFY_SOCKET")
     if not address:
         return
@@ -4223,6 +4368,18 @@ def watchdog_interval():
     return int(usec) / 2e6
 
 
+class SessionsGauge:
+    """The sessions open now, every worker's, read when the page is asked for."""
+
+    def __init__(self, relay):
+        self.relay = relay
+
+    def collect(self):
+        """For prometheus_client's registry."""
+        from prometheus_client.core import GaugeMetricFamily
+        yield GaugeMetricFamily("smtprelay_sessions_active", "Client sessions open now", value=self.relay.sessions)
+
+
 class Metrics:
     """--metrics: Prometheus counters fed by the events they subscribe to, served over HTTP."""
 
@@ -4233,9 +4390,14 @@ class Metrics:
             import prometheus_client as prom
         except ImportError:
             raise ConfigError("--metrics", "needs the prometheus_client package: pip install 'smtprelay[metrics]'") from None
-        registry = prom.CollectorRegistry()
-        prom.Gauge("smtprelay_sessions_active", "Client sessions open now", registry=registry) \
-            .set_function(lambda: relay.sessions)
+        page = prom.CollectorRegistry()
+        page.register(SessionsGauge(relay))
+        registry = page
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            # --workers: each worker counts in files of its own there, and the page adds them up.
+            from prometheus_client import multiprocess
+            multiprocess.MultiProcessCollector(page)
+            registry = None
         self.sessions = prom.Counter("smtprelay_sessions", "Client connections, refused ones too", registry=registry)
         self.messages = prom.Counter("smtprelay_messages", "Messages by what the client heard at the end of data",
                                      ["outcome"], registry=registry)
@@ -4266,17 +4428,21 @@ class Metrics:
             "recipient": lambda f: self.recipients.labels(f["outcome"]).inc(),
         }
         from prometheus_client.exposition import generate_latest
-        self.page = lambda: generate_latest(registry)
+        self.page = lambda: generate_latest(page)
         host, port = address
         try:
             self.server = MetricsServer((host, port), self)
         except OSError as e:
             raise ConfigError("--metrics", f"{format_address(host or '*', port)}: {e.strerror or e}") from None
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.5}, name="metrics",
-                         daemon=True).start()
         self.url = f"http://{format_address(host or '[::]', port)}/metrics"
         for name, count in counts.items():
             SUBSCRIBERS[name].append(count)
+
+    def start(self):
+        """Serve the page, from a thread of this process (with --workers, the main process,
+        once the workers are forked)."""
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.5}, name="metrics",
+                         daemon=True).start()
 
 
 METRICS_REQUESTS = 8        # served at a time; more are closed at once
@@ -4348,6 +4514,8 @@ class JSONFormatter(logging.Formatter):
     def format(self, record):
         """Overridden to write the record as one JSON object; fields named *_note are for text lines only."""
         entry = {"time": self.formatTime(record), "level": record.levelname.lower(), "message": record.getMessage()}
+        if WORKER.slot is not None:
+            entry["worker"] = WORKER.slot + 1
         if getattr(record, "event", None):
             entry["event"] = record.event
             entry.update((k, v) for k, v in record.fields.items() if not k.endswith("_note"))   # _note: text only
@@ -4404,12 +4572,13 @@ def setup_logging(cfg, handler=None):
     # A line that cannot be logged (syslog gone) is dropped; logging's own
     # report of it would go to stderr, which may be the client.
     logging.raiseExceptions = not stderr_is_the_client()
+    tag = f" worker {WORKER.slot + 1}" if WORKER.slot is not None else ""
     if cfg.log_format == "json":
         handler.setFormatter(JSONFormatter())
     elif isinstance(handler, logging.StreamHandler) and not hasattr(handler, "ident"):
-        handler.setFormatter(logging.Formatter("%(asctime)s smtprelay %(levelname)s %(message)s"))
+        handler.setFormatter(logging.Formatter(f"%(asctime)s smtprelay{tag} %(levelname)s %(message)s"))
     else:
-        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))     # syslog stamps time and host
+        handler.setFormatter(logging.Formatter(f"%(levelname)s{tag} %(message)s"))     # syslog stamps time and host
     log.handlers[:] = [handler]
     log.setLevel(cfg.log_level.upper())
     log.propagate = False
@@ -4465,7 +4634,8 @@ def serve(relay, servers, client=None):
     for s in servers:
         threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.05}, name=f"listen {s.describe()}",
                          daemon=True).start()
-        event("listening", address=s.describe())
+        if WORKER.slot is None:         # a worker's listeners are the main process's, told by it
+            event("listening", address=s.describe())
     if client:
         relay.connection_opened()
         try:
@@ -4489,6 +4659,192 @@ def serve(relay, servers, client=None):
     if relay.stop_signal is not None:
         event("stopped")
     return 0
+
+
+# --workers N: this process binds the listeners, then forks N workers before
+# any thread starts; each is serve() above on the same sockets, and this one
+# only supervises. systemd hears from it alone: a worker's sd_notify() lines
+# come here through a pipe.
+
+class WorkerIdentity:
+    """Who this process is: slot None in the main process (and with --workers 1)."""
+
+    def __init__(self):
+        self.slot = None        # the worker's index, 0 for worker 1
+        self.reports = None     # the pipe to the main process, for sd_notify()
+
+
+WORKER = WorkerIdentity()
+US = "\x1f"                     # between a report's lines: they hold spaces, never this
+WORKER_YOUNG = 10               # seconds: a worker that dies younger is replaced after a pause
+WORKER_PAUSES = (1, 30)         # that pause: the first, then doubled up to the second
+RELOAD_SECONDS = 30             # for every worker to say it has reloaded
+
+
+class WorkerReports:
+    """The workers' sd_notify() lines, read by a thread of the main process: the
+    service is READY=1 once every worker has said so."""
+
+    def __init__(self, reader, workers, relay):
+        self.workers, self.relay = workers, relay
+        self.changed = threading.Condition()
+        self.ready = collections.Counter()      # slot -> READY=1 lines it sent
+        self.announced = False
+        threading.Thread(target=self.run, args=(reader,), name="workers' reports", daemon=True).start()
+
+    def run(self, reader):
+        """Read reports for good (the main process holds the pipe's writing end too)."""
+        with open(reader, "rb") as reports:
+            for report in reports:
+                slot, _, lines = report.decode("utf-8", "replace").rstrip("\n").partition(" ")
+                if "READY=1" not in lines.split(US):
+                    continue
+                with self.changed:
+                    self.ready[int(slot)] += 1
+                    self.changed.notify_all()
+                    if not self.announced and len(self.ready) == self.workers:
+                        self.announced = True
+                        sd_notify("READY=1", status(self.relay))
+
+    def wait_ready(self, since, slots, seconds):
+        """Wait until each of slots has said READY=1 more often than since[slot] -> those that have not."""
+        with self.changed:
+            self.changed.wait_for(lambda: all(self.ready[slot] > since[slot] for slot in slots()), seconds)
+            return [slot for slot in slots() if self.ready[slot] <= since[slot]]
+
+
+class Worker:
+    """A worker process as the main process knows it."""
+
+    def __init__(self, slot, pid, pause):
+        self.slot, self.pid, self.pause = slot, pid, pause
+        self.started = time.monotonic()
+        self.restart_at = None          # when a worker that died is replaced
+
+
+def start_worker(relay, servers, slot, reports, pause=0):
+    """Fork the worker of slot -> Worker; the child serves until its stop and exits."""
+    pid = os.fork()
+    if pid:
+        event("worker_started", worker=slot + 1, pid=pid)
+        return Worker(slot, pid, pause)
+    status = 1
+    try:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+        WORKER.slot, WORKER.reports = slot, reports
+        os.environ.pop("WATCHDOG_USEC", None)       # the main process keeps the watchdog
+        setup_logging(relay.setup.cfg)              # lines say which worker
+        relay.counts.enter(slot)
+        relay.stop_reader, relay.stop_writer = os.pipe()     # its own: a worker's stop is its own
+        if relay.metrics:
+            relay.metrics.server.socket.close()     # the main process serves the page
+        status = serve(relay, servers)
+    except BaseException:
+        event("crashed", exc_info=True, doing=f"in worker {slot + 1}", client="-")
+    finally:
+        os._exit(status)
+
+
+def exit_text(status):
+    """A waitpid() status, in words."""
+    if os.WIFSIGNALED(status):
+        return f"was killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exited with status {os.waitstatus_to_exitcode(status)}"
+
+
+def supervise(relay, servers, count):
+    """--workers N: fork the workers, then keep them: a dead one is replaced (after
+    a pause where it died young; its sessions no longer count), SIGHUP is checked
+    here once and then passed to every worker, SIGTERM and SIGINT too -> 0 once every
+    worker has stopped cleanly."""
+    for server in servers:
+        # Every worker waits for clients on the same sockets and all are woken for
+        # each: the others' accept() must find nothing, not block.
+        server.socket.setblocking(False)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+    reader, writer = os.pipe()
+    workers = {}
+    for slot in range(count):
+        workers[slot] = start_worker(relay, servers, slot, writer)
+    reports = WorkerReports(reader, count, relay)
+    if relay.metrics:
+        relay.metrics.start()
+    for server in servers:
+        event("listening", address=server.describe())
+    interval, next_watchdog = watchdog_interval(), None
+    stopping, failed = False, False
+    while workers:
+        now = time.monotonic()
+        if interval and (next_watchdog is None or now >= next_watchdog):
+            sd_notify("WATCHDOG=1", status(relay))
+            next_watchdog = now + interval
+        due = [w.restart_at for w in workers.values() if w.restart_at is not None]
+        wakes = [t for t in (next_watchdog, *due) if t is not None]
+        timeout = max(0, min(wakes) - now) if wakes else None
+        signals = HANDLED_SIGNALS | {signal.SIGCHLD}
+        info = signal.sigtimedwait(signals, timeout) if timeout is not None else signal.sigwaitinfo(signals)
+        signum = info.si_signo if info else None
+        if signum in STOP_SIGNALS:
+            if not stopping:
+                stopping = True
+                sd_notify("STOPPING=1", f"STATUS=stopping: {relay.sessions} sessions to finish")
+                event("stopping", signal=signal.Signals(signum).name)
+            for worker in list(workers.values()):
+                if worker.restart_at is not None:
+                    del workers[worker.slot]
+                else:
+                    os.kill(worker.pid, signum)
+        elif signum == signal.SIGHUP and not stopping:
+            reload_workers(relay, workers, reports)
+        while True:     # SIGCHLD, or not: reap what has ended
+            try:
+                pid, wait_status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if not pid:
+                break
+            worker = next((w for w in workers.values() if w.pid == pid), None)
+            if worker is None:
+                continue
+            relay.counts.clear(worker.slot)
+            if stopping:
+                failed = failed or wait_status != 0
+                event("worker_ended", worker=worker.slot + 1, pid=pid, how=exit_text(wait_status))
+                del workers[worker.slot]
+                continue
+            young = time.monotonic() - worker.started < WORKER_YOUNG
+            pause = min(max(worker.pause * 2, WORKER_PAUSES[0]), WORKER_PAUSES[1]) if young else 0
+            worker.pause, worker.restart_at, worker.pid = pause, time.monotonic() + pause, None
+            event("worker_died", worker=worker.slot + 1, pid=pid, how=exit_text(wait_status), pause=pause)
+        for worker in list(workers.values()):
+            if not stopping and worker.restart_at is not None and worker.restart_at <= time.monotonic():
+                workers[worker.slot] = start_worker(relay, servers, worker.slot, writer, worker.pause)
+    for server in servers:
+        server.server_close()
+    relay.setup.pool.close()
+    event("stopped")
+    return 1 if failed else 0
+
+
+def reload_workers(relay, workers, reports):
+    """SIGHUP with --workers: the configuration is checked here, and only a good one is
+    passed on: a file that does not parse changes nothing anywhere."""
+    try:
+        load_config(relay.argv)
+    except ConfigError as e:
+        event("reload_refused", reason=str(e))
+        return
+    sd_notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+    relay.reload()          # this process's own settings: its log lines, the metrics page
+    since = dict(reports.ready)
+    for worker in workers.values():
+        if worker.pid is not None:
+            os.kill(worker.pid, signal.SIGHUP)
+    live = lambda: [w.slot for w in workers.values() if w.pid is not None]     # noqa: E731
+    late = reports.wait_ready(collections.Counter(since), live, RELOAD_SECONDS)
+    if late:
+        event("workers_not_ready", workers=", ".join(str(slot + 1) for slot in late), seconds=RELOAD_SECONDS)
+    sd_notify("READY=1", status(relay))
 
 
 def inetd_connection():
@@ -4644,6 +5000,11 @@ def main(argv=None):
         block_signals()         # before any thread starts: every thread keeps them out
         relay = Relay(setup, argv)
         servers = [] if cfg.inetd else make_servers(relay)
+        workers = 1 if cfg.inetd else cfg.workers       # --inetd: one session, one process
+        if workers > 1:
+            relay.counts = SharedCounts(workers, cfg.max_clients)
+            if cfg.metrics:
+                os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_directory(cfg.user)
         if cfg.metrics:
             relay.metrics = Metrics(relay, cfg.metrics)
             event("metrics_listening", url=relay.metrics.url)
@@ -4658,7 +5019,24 @@ def main(argv=None):
             return 1
         print(f"smtprelay: {e}", file=sys.stderr)
         return 1
-    return serve(relay, servers, connection)
+    if workers == 1:
+        if relay.metrics:
+            relay.metrics.start()
+        return serve(relay, servers, connection)
+    try:
+        return supervise(relay, servers, workers)
+    finally:
+        if relay.metrics:
+            shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
+
+
+def metrics_directory(user):
+    """--workers with --metrics: where each worker's counts go (prometheus_client's
+    multiprocess mode), a new directory that the workers can write as --user."""
+    path = tempfile.mkdtemp(prefix="smtprelay-metrics-")
+    if user:
+        os.chown(path, user.pw_uid, user.pw_gid)
+    return path
 
 
 def log_config_error(error):
