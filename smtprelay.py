@@ -792,6 +792,7 @@ EVENTS = {
     "reload_partial": (logging.WARNING, "SIGHUP: these settings need a restart and stay as they were: %(settings)s"),
     "worker_started": (logging.INFO, "worker %(worker)d started (pid %(pid)d)"),
     "worker_died": (logging.ERROR, "worker %(worker)d (pid %(pid)d) %(how)s; a new one starts in %(pause)gs"),
+    "worker_not_started": (logging.ERROR, "worker %(worker)d: cannot start it: %(reason)s; trying again in %(pause)gs"),
     "worker_ended": (logging.INFO, "worker %(worker)d (pid %(pid)d) %(how)s"),
     "workers_not_ready": (logging.WARNING, "SIGHUP: workers %(workers)s did not say within %(seconds)gs that they "
                                             "reloaded"),
@@ -4724,7 +4725,13 @@ class Worker:
 
 def start_worker(relay, servers, slot, reports, pause=0):
     """Fork the worker of slot -> Worker; the child serves until its stop and exits."""
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError as e:            # the system's shortage (processes, memory): try again later
+        worker = Worker(slot, None, min(max(pause * 2, WORKER_PAUSES[0]), WORKER_PAUSES[1]))
+        worker.restart_at = time.monotonic() + worker.pause
+        event("worker_not_started", worker=slot + 1, reason=e.strerror or str(e), pause=worker.pause)
+        return worker
     if pid:
         event("worker_started", worker=slot + 1, pid=pid)
         return Worker(slot, pid, pause)
