@@ -19,7 +19,8 @@ Every option also reads from SMTPRELAY_<OPTION> and from the config file
 
 It runs as a daemon with its own listeners, on sockets systemd passes on
 (socket activation, sd_notify), or one session at a time from inetd
-(--inetd); behind haproxy it reads the PROXY protocol.
+(--inetd); behind haproxy it reads the PROXY protocol. With --workers N it
+forks N processes that serve the same listeners, limits counted across all.
 """
 
 import argparse
