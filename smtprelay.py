@@ -3930,7 +3930,8 @@ class Relay:
         return self.counts.sessions
 
     def reload(self):
-        """SIGHUP: read the configuration again, as at start, for new sessions; a bad one keeps the old."""
+        """SIGHUP: read the configuration again, as at start, for new sessions; a bad one keeps
+        the old -> whether the new one was taken."""
         old = self.setup
         try:
             cfg, _, _ = load_config(self.argv)
@@ -3940,13 +3941,14 @@ class Relay:
             setup.create_backends(cfg.user)
         except ConfigError as e:
             event("reload_refused", reason=str(e))
-            return
+            return False
         if changed:
             event("reload_partial", settings=", ".join(changed))
         setup_logging(cfg)
         self.setup = setup
         old.pool.close()            # its idle connections were made under the old settings
         event("reloaded")
+        return True
 
     def connection_opened(self):
         """Count a connection in -> False where --max-clients plus REFUSING are being served
@@ -4835,15 +4837,13 @@ def supervise(relay, servers, count):
 
 
 def reload_workers(relay, workers, reports):
-    """SIGHUP with --workers: the configuration is checked here, and only a good one is
-    passed on: a file that does not parse changes nothing anywhere."""
-    try:
-        load_config(relay.argv)
-    except ConfigError as e:
-        event("reload_refused", reason=str(e))
-        return
+    """SIGHUP with --workers: the configuration is taken here first (as every worker
+    will: the file, the certificates), and passed on only where it was: a file that
+    does not parse changes nothing anywhere."""
     sd_notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
-    relay.reload()          # this process's own settings: its log lines, the metrics page
+    if not relay.reload():
+        sd_notify("READY=1", status(relay))
+        return
     since = dict(reports.ready)
     for worker in workers.values():
         if worker.pid is not None:
