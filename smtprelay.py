@@ -4231,7 +4231,31 @@ class RelayServer(Listener):
         """relay: the Relay its sessions belong to; tls: implicit TLS (--tls-listen, or systemd's smtps
         socket); address and sock as for Listener."""
         self.relay, self.tls, self.inherited = relay, tls, sock is not None
+        self.shared = False                 # --workers: every worker waits for clients on this socket
+        self.leaving, self.left = False, threading.Event()
         super().__init__(address, SessionHandler, sock)
+
+    def serve_forever(self, poll_interval=0.5):
+        """Overridden for --workers: poll() on a socket that every worker waits on would
+        wake them all for each client, and all but one would find nothing to accept;
+        epoll's EPOLLEXCLUSIVE wakes one that waits (as nginx without accept_mutex)."""
+        if not self.shared or not hasattr(select, "EPOLLEXCLUSIVE"):
+            return super().serve_forever(poll_interval)
+        try:
+            with select.epoll() as waiting:
+                waiting.register(self.socket, select.EPOLLIN | select.EPOLLEXCLUSIVE)
+                while not self.leaving:
+                    if waiting.poll(poll_interval):
+                        self._handle_request_noblock()
+        finally:
+            self.left.set()
+
+    def shutdown(self):
+        """Overridden to end serve_forever() as above as well."""
+        if not self.shared or not hasattr(select, "EPOLLEXCLUSIVE"):
+            return super().shutdown()
+        self.leaving = True
+        self.left.wait()
 
     def get_request(self):
         """Overridden to pause where accept() finds the relay short of descriptors or memory, not spin."""
@@ -4771,6 +4795,7 @@ def supervise(relay, servers, count):
         # Every worker waits for clients on the same sockets and all are woken for
         # each: the others' accept() must find nothing, not block.
         server.socket.setblocking(False)
+        server.shared = True
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
     reader, writer = os.pipe()
     workers = {}
