@@ -8,8 +8,12 @@ and G: Python clients), and each workload goes through every target:
 
   direct                 smtp-source -> smtp-sink
   smtprelay              smtp-source -> smtprelay --backend SINK --no-xclient -> smtp-sink
+  smtprelay --workers 2  the same with --workers 2: a main process that binds the listener and
+                         forks 2 worker processes that serve it (left out, with a note, where
+                         smtprelay --help names no --workers)
   smtprelay --auth-http  smtp-source -> smtprelay --auth-http (nginx http block) --no-xclient -> smtp-sink
   aiosmtpd Proxy         smtp-source -> python -m aiosmtpd -c aiosmtpd.handlers.Proxy -> smtp-sink
+  nginx (2 workers)      the same as nginx with worker_processes 2 (its own instance)
   nginx                  smtp-source -> nginx mail proxy (auth_http to the same block, xclient off) -> smtp-sink
   line relay             with --reference: smtp-source -> a thread per client passing each line on
                          unchecked (LINE_RELAY_SCRIPT) -> smtp-sink: the least a thread per client
@@ -19,10 +23,12 @@ and G: Python clients), and each workload goes through every target:
 
 The nginx that runs the mail proxy also serves the auth_http block, which
 answers every request statically: Auth-Status OK, Auth-Server 127.0.0.1,
-Auth-Port the sink's port. nginx runs worker_processes 1; smtprelay is one
-process (a thread per session) logging at warning, with --resolve off (nginx
-has no resolver set) and --max-clients 2000 (for E; the script raises
-RLIMIT_NOFILE, which the proxies inherit); aiosmtpd is one asyncio process.
+Auth-Port the sink's port. nginx runs worker_processes 1 (nginx (2 workers):
+2); smtprelay is one process (a thread per session; --workers 2: a main
+process and 2 workers, each a thread per session, the limits shared) logging
+at warning, with --resolve off (nginx has no resolver set) and --max-clients
+2000 (for E; the script raises RLIMIT_NOFILE, which the proxies inherit);
+aiosmtpd is one asyncio process.
 The machine this was written for has 2 cores, shared by the client, the
 proxy and the sink.
 
@@ -32,10 +38,17 @@ Workloads (1 KB messages unless said otherwise):
   B  1 message per session, 20 clients                    msg/s
   C  100 messages per session, 5 clients                  msg/s
   D  10 MiB messages, 4 clients                           MiB/s
-  E  memory per idle session: added RSS (VmRSS) of the proxy (nginx: master
-     and worker) per connection, over 1000 connections held open after the
+  E  memory per idle session: added RSS (VmRSS) of the proxy (all its
+     processes: nginx's master and workers, smtprelay --workers' main process
+     and workers) per connection, over 1000 connections held open after the
      greeting; on a fresh instance of the target after 5 transactions, as a
      process that ran the other workloads reuses memory it freed   KB
+     Beside it, the fixed cost of a worker: on that fresh instance after the
+     5 transactions, before the connections, the VmRSS of one worker process
+     (nginx and smtprelay --workers: the mean over their workers; a target of
+     one process: that process), and of it the private part, USS
+     (Private_Clean + Private_Dirty in /proc/PID/smaps_rollup): VmRSS counts
+     the pages a forked worker still shares with its parent   KB
   F  one whole transaction (connect, greeting, EHLO, MAIL, RCPT, DATA, QUIT),
      one at a time, timed by a Python client: p50 and p99, and what the
      proxy adds to them (target minus direct, same repetition)    ms
@@ -53,8 +66,8 @@ Workloads (1 KB messages unless said otherwise):
      to a back-end that would still judge the relay's address): XclientSink,
      a small threaded SMTP sink in this process (PIPELINING, XCLIENT ADDR
      NAME HELO PROTO PORT LOGIN, 220 to XCLIENT, counts every message)
-  CPU  the proxy's CPU time (utime+stime from /proc/PID/stat; nginx: master
-     and worker) per 1000 sessions, measured during A      s
+  CPU  the proxy's CPU time (utime+stime from /proc/PID/stat; all its
+     processes, as E) per 1000 sessions, measured during A      s
 
 The machine has no netem, so G's distance is a delaying TCP forwarder in
 this process (DelayLine), between the proxy and the sink: it holds each
@@ -82,8 +95,9 @@ All targets run side by side for the whole run; each repetition (default 3)
 runs every workload once against every target, in an order that rotates
 from workload to workload and repetition to repetition. The table shows the
 median over repetitions and, in brackets, the median of the per-repetition
-ratios target / nginx (so above 1 is better for msg/s and MiB/s, worse for
-KB, ms and CPU).
+ratios target / nginx, the nginx of one worker process, nginx (2 workers)
+included (so above 1 is better for msg/s and MiB/s, worse for KB, ms and
+CPU).
 
 Every message smtp-source (or the F or G client) sends must be counted by
 smtp-sink (its -c counters; Gx: by XclientSink): if the sink got fewer, the
@@ -105,7 +119,9 @@ pip install aiosmtpd==1.4.6: about 10 s); if that cannot be made, its
 column is left out the same way. Its command line cannot hand Proxy its
 back-end, so a three-line subclass with from_cli does (AIOSMTPD_SHIM). The
 relay runs as `sys.executable smtprelay.py`, or with the repository's .venv
-python when sys.executable lacks its packages.
+python when sys.executable lacks its packages; the environment variable
+SMTPRELAY_BENCH_RELAY names another smtprelay.py to measure (default: the
+repository's).
 
 Figures vary from run to run by some percent; compare columns of one run.
 """
@@ -129,17 +145,19 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-RELAY = REPO / "smtprelay.py"
+RELAY = Path(os.environ.get("SMTPRELAY_BENCH_RELAY") or REPO / "smtprelay.py")   # the relay to measure
 MAIL_MODULE = "/usr/lib/nginx/modules/ngx_mail_module.so"
 AIOSMTPD_REQUIREMENT = "aiosmtpd==1.4.6"
 CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "smtprelay-bench"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MiB = 1 << 20
 
-# Target names, in table order; ratios are to the last one.
-DIRECT, RELAY_STATIC, RELAY_AUTH, AIOSMTPD, LINE_RELAY, NGINX = (
-    "direct", "smtprelay", "smtprelay --auth-http", "aiosmtpd Proxy", "line relay", "nginx")
-TARGET_ORDER = [DIRECT, RELAY_STATIC, RELAY_AUTH, AIOSMTPD, LINE_RELAY, NGINX]
+# Target names, in table order; ratios are to the last one (nginx, one worker process).
+DIRECT, RELAY_STATIC, RELAY_WORKERS, RELAY_AUTH, AIOSMTPD, LINE_RELAY, NGINX_WORKERS, NGINX = (
+    "direct", "smtprelay", "smtprelay --workers 2", "smtprelay --auth-http", "aiosmtpd Proxy", "line relay",
+    "nginx (2 workers)", "nginx")
+TARGET_ORDER = [DIRECT, RELAY_STATIC, RELAY_WORKERS, RELAY_AUTH, AIOSMTPD, LINE_RELAY, NGINX_WORKERS, NGINX]
+WORKERS = 2                 # the worker processes of smtprelay --workers and nginx (2 workers)
 
 # How much of each workload: the full run, and --quick (a smoke test, under a minute).
 FULL = dict(repetitions=3, a_messages=2000, b_messages=4000, c_rounds=4, d_size=10 * MiB,
@@ -161,6 +179,8 @@ METRICS = [
     ("C", "C: 100 msg/session, 5 clients", "msg/s", 0),
     ("D", "D: 10 MiB messages, 4 clients", "MiB/s", 1),
     ("E", "E: RSS per idle session", "KB", 1),
+    ("Wrss", "RSS of an idle worker process (one-process targets: the process)", "KB", 0),
+    ("Wuss", "USS of that idle worker (its private memory, shared with no other process)", "KB", 0),
     ("F50", "F: transaction p50", "ms", 3),
     ("F99", "F: transaction p99", "ms", 3),
     ("F50+", "F: p50 added by the proxy", "ms", 3),
@@ -211,10 +231,55 @@ def wait_accepting(port, proc, name, timeout=15):
 
 
 def children(pid):
+    """The processes pid forked, from any of its threads."""
+    found = []
     try:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
     except OSError:
         return []
+    for task in tasks:
+        try:
+            found += [int(p) for p in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return sorted(set(found))
+
+
+def descendants(pid):
+    """Children, their children, and so on (nginx: master -> workers; smtprelay --workers:
+    main -> workers)."""
+    found = []
+    for child in children(pid):
+        found += [child, *descendants(child)]
+    return found
+
+
+def start_time(pid):
+    """Field 22 of /proc/PID/stat (when the process started), or None once it is gone or a zombie."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] in "ZX" else fields[19]
+
+
+def reap_strays(stamps, name):
+    """After a process's end: wait (5 s at most) for the descendants it had (stamps: {pid:
+    start_time}) to go, kill those that stay, with a note -> how many were killed."""
+    deadline = time.monotonic() + 5
+    while True:
+        left = [pid for pid, stamp in stamps.items() if stamp is not None and start_time(pid) == stamp]
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    for pid in left:
+        try:
+            os.kill(pid, 9)
+        except OSError:
+            pass
+    if left:
+        note(f"note: {name}: {len(left)} child process(es) still there 5 s after it exited; killed")
+    return len(left)
 
 
 def rss_kb(pids):
@@ -225,6 +290,23 @@ def rss_kb(pids):
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
                     total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+def uss_kb(pids):
+    """Private_Clean + Private_Dirty (smaps_rollup) of the processes, added up, in KB: their
+    memory that no other process shares (a forked worker shares the rest with its parent);
+    None where the kernel has no smaps_rollup."""
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                    total += int(line.split()[1])
+        except FileNotFoundError:
+            return None
         except OSError:
             pass
     return total
@@ -267,8 +349,10 @@ class Processes:
         return proc
 
     def stop(self):
+        stamps = {}             # their children (workers), which should end with them
         for proc in reversed(self.procs):
             if proc.poll() is None:
+                stamps[proc] = {pid: start_time(pid) for pid in descendants(proc.pid)}
                 proc.terminate()
         for proc in reversed(self.procs):
             try:
@@ -276,6 +360,9 @@ class Processes:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        for proc, theirs in stamps.items():
+            if theirs:
+                reap_strays(theirs, " ".join(Path(str(arg)).name for arg in proc.args[:2]))
 
 
 # --- the sinks -------------------------------------------------------------------
@@ -624,9 +711,18 @@ class Target:
             lab.started.append(self)
 
     def pids(self):
+        """The processes whose memory and CPU count: the target's and its descendants
+        (nginx: master and workers; smtprelay --workers: main and workers)."""
         if self.proc is None:
             return []
-        return [self.proc.pid, *children(self.proc.pid)]    # nginx: master and worker
+        return [self.proc.pid, *descendants(self.proc.pid)]
+
+    def worker_pids(self):
+        """The processes that serve the sessions: the children where there are any (nginx's
+        and smtprelay --workers' workers), else the process itself."""
+        if self.proc is None:
+            return []
+        return children(self.proc.pid) or [self.proc.pid]
 
     def check_alive(self):
         if self.proc is not None and self.proc.poll() is not None:
@@ -634,12 +730,14 @@ class Target:
                                  + (f" (log: {self.log})" if self.log else ""))
 
     def stop(self):
+        stamps = {pid: start_time(pid) for pid in descendants(self.proc.pid)}
         self.proc.terminate()
         try:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        reap_strays(stamps, self.name)
 
     def log_lines(self):
         if not self.log or not Path(self.log).exists():
@@ -661,10 +759,20 @@ def relay_python():
     raise BenchmarkError(f"{sys.executable} lacks configargparse/requests and there is no {venv}")
 
 
+def relay_has_workers():
+    """Whether RELAY takes --workers (its --help names it)."""
+    out = subprocess.run([relay_python(), str(RELAY), "--help"], capture_output=True, text=True, timeout=60)
+    if out.returncode != 0:
+        last = out.stderr.strip().splitlines()[-1:]
+        raise BenchmarkError(f"exit status {out.returncode}{': ' + last[0] if last else ''}")
+    return "--workers" in out.stdout
+
+
 def start_smtprelay(lab, name, route_args, xclient=False):
     """smtprelay as a fair match for nginx here: no XCLIENT (nginx: xclient off; G's XCLIENT
     rows: its default --xclient, as nginx's xclient on), no name lookups (nginx has no resolver
-    set), logging only warnings; --max-clients above E's 1000."""
+    set), logging only warnings; --max-clients above E's 1000. route_args: --backend or
+    --auth-http, and anything else the target adds (--workers); fresh() gets them too."""
     port = free_port()
     log = lab.directory("smtprelay") / "stderr.log"
     proc = lab.processes.start([relay_python(), str(RELAY), "-c", "/dev/null", "--listen", f"127.0.0.1:{port}",
@@ -679,13 +787,21 @@ def start_relay_static(lab):
     return start_smtprelay(lab, RELAY_STATIC, ["--backend", f"127.0.0.1:{lab.sink.port}"])
 
 
+def start_relay_workers(lab):
+    """As start_relay_static, with --workers: a main process that binds the listener and
+    forks WORKERS processes that serve it."""
+    return start_smtprelay(lab, RELAY_WORKERS, ["--backend", f"127.0.0.1:{lab.sink.port}",
+                                                "--workers", str(WORKERS)])
+
+
 def start_relay_auth_http(lab, auth_url):
     return start_smtprelay(lab, RELAY_AUTH, ["--auth-http", auth_url])
 
 
-def nginx_config(prefix, http_port, answers, servers=()):
-    """One nginx: static auth_http answers in http {} (answers: location -> the back-end port
-    it names), and a mail proxy server for each of servers: (port, location, xclient, extra)."""
+def nginx_config(prefix, http_port, answers, servers=(), workers=1):
+    """One nginx of `workers` worker processes: static auth_http answers in http {} (answers:
+    location -> the back-end port it names), and a mail proxy server for each of servers:
+    (port, location, xclient, extra)."""
     user = "user nobody nogroup;" if os.geteuid() == 0 else ""
     load = f"load_module {MAIL_MODULE};" if servers else ""
     mail = "".join(f"""
@@ -709,7 +825,7 @@ mail {{
         }}""" for location, port in answers.items())
     return f"""{load}
 {user}
-worker_processes 1;
+worker_processes {workers};
 worker_rlimit_nofile 16384;
 daemon off;
 pid {prefix}/nginx.pid;
@@ -726,12 +842,13 @@ http {{
 """
 
 
-def launch_nginx(lab, answers, servers):
-    """nginx with nginx_config(answers, servers), listening -> (process, its directory, the http port)."""
+def launch_nginx(lab, answers, servers, workers=1):
+    """nginx with nginx_config(answers, servers, workers), listening -> (process, its directory,
+    the http port)."""
     prefix = lab.directory("nginx")
     http_port = free_port()
     conf = prefix / "nginx.conf"
-    conf.write_text(nginx_config(prefix, http_port, answers, servers))
+    conf.write_text(nginx_config(prefix, http_port, answers, servers, workers))
     proc = lab.processes.start(["nginx", "-e", str(prefix / "error.log"), "-p", str(prefix), "-c", str(conf)],
                                log=prefix / "stderr.log")
     for port in [http_port, *(server[0] for server in servers)]:
@@ -739,15 +856,16 @@ def launch_nginx(lab, answers, servers):
     return proc, prefix, http_port
 
 
-def start_nginx(lab, with_mail):
-    """nginx with the auth_http block, and the mail proxy when the module is there.
-    -> (mail Target or None, the auth URL)"""
+def start_nginx(lab, with_mail, workers=1, name=NGINX):
+    """nginx (worker_processes `workers`) with the auth_http block, and the mail proxy when
+    the module is there. -> (mail Target or None, the auth URL)"""
     mail_port = free_port() if with_mail else None
     servers = [(mail_port, "/auth", "off", "")] if with_mail else []
-    proc, prefix, http_port = launch_nginx(lab, {"/auth": lab.sink.port}, servers)
+    proc, prefix, http_port = launch_nginx(lab, {"/auth": lab.sink.port}, servers, workers)
     target = None
     if mail_port:
-        target = Target(NGINX, mail_port, proc, prefix / "error.log", fresh=lambda: start_nginx(lab, True)[0], lab=lab)
+        target = Target(name, mail_port, proc, prefix / "error.log",
+                        fresh=lambda: start_nginx(lab, True, workers, name)[0], lab=lab)
     return target, f"http://127.0.0.1:{http_port}/auth"
 
 
@@ -1119,7 +1237,10 @@ def workload_d(target, sink, scale):
 def workload_e(target, sink, scale):
     """Added RSS per idle session, on a fresh instance of the target (a process that has
     run the other workloads has freed memory to reuse, which would hide the cost): a few
-    transactions first, then N connections opened, each greeting read, all held open."""
+    transactions first, then N connections opened, each greeting read, all held open; the
+    RSS of all the target's processes (main and workers) added up. Before the connections,
+    an idle worker's memory: the mean VmRSS (Wrss) and USS (Wuss) of the target's worker
+    processes (worker_pids: its children, or where it has none the process itself)."""
     if target.fresh is None:
         return {}
     target = target.fresh()
@@ -1130,6 +1251,11 @@ def workload_e(target, sink, scale):
             one_transaction(target.port)
         sink.expect(before_mail, 5, target.name, "E")
         time.sleep(0.2)
+        workers = target.worker_pids()
+        idle = {"Wrss": rss_kb(workers) / len(workers)}
+        uss = uss_kb(workers)
+        if uss is not None:
+            idle["Wuss"] = uss / len(workers)
         before = rss_kb(target.pids())
         for _ in range(scale["e_connections"]):
             c = SMTPClient(target.port)
@@ -1144,7 +1270,7 @@ def workload_e(target, sink, scale):
         for c in clients:
             c.close()
         target.stop()
-    return {"E": (after - before) / scale["e_connections"]}
+    return {"E": (after - before) / scale["e_connections"], **idle}
 
 
 def workload_f(target, sink, scale):
@@ -1307,6 +1433,14 @@ def main(argv=None):
         skipped[NGINX] = skipped[RELAY_AUTH] = "nginx not installed (apt-get install nginx-light libnginx-mod-mail)"
     elif not with_mail:
         skipped[NGINX] = f"no {MAIL_MODULE} (apt-get install libnginx-mod-mail)"
+    if not with_mail:
+        skipped[NGINX_WORKERS] = skipped[NGINX]
+    try:
+        if not relay_has_workers():
+            skipped[RELAY_WORKERS] = f"{RELAY} has no --workers"
+    except (BenchmarkError, OSError, subprocess.SubprocessError) as e:
+        note(f"{RELAY} --help: {e}")
+        return 1
     aiosmtpd = aiosmtpd_python()
     if not aiosmtpd:
         skipped[AIOSMTPD] = f"no venv with {AIOSMTPD_REQUIREMENT} under {CACHE}"
@@ -1333,11 +1467,14 @@ def measure(args, scale, skipped, have_nginx, with_mail, aiosmtpd, processes, st
             lab = Lab(processes, tmp, sink)
             targets[DIRECT] = Target(DIRECT, sink.port)
             targets[RELAY_STATIC] = start_relay_static(lab)
+            if RELAY_WORKERS not in skipped:
+                targets[RELAY_WORKERS] = start_relay_workers(lab)
             if have_nginx:
                 nginx, auth_url = start_nginx(lab, with_mail)
                 targets[RELAY_AUTH] = start_relay_auth_http(lab, auth_url)
                 if nginx:
                     targets[NGINX] = nginx
+                    targets[NGINX_WORKERS] = start_nginx(lab, True, WORKERS, NGINX_WORKERS)[0]
             if aiosmtpd:
                 targets[AIOSMTPD] = start_aiosmtpd(lab, aiosmtpd)
             if args.reference:
@@ -1383,8 +1520,8 @@ def measure(args, scale, skipped, have_nginx, with_mail, aiosmtpd, processes, st
     print(table(summary, names, scale))
     print()
     print(f"Medians of {scale['repetitions']} repetition(s); (×) the median of the per-repetition ratios "
-          f"target / nginx. {sent} messages counted at the sink and {xsent} at G's XCLIENT sink, as many as "
-          f"were sent. {runtime:.0f} s.")
+          f"target / nginx (worker_processes 1). {sent} messages counted at the sink and {xsent} at G's "
+          f"XCLIENT sink, as many as were sent. {runtime:.0f} s.")
     print(f"G: the back-end {forwarder['delay_ms']:g} ms away each way through a delaying forwarder; direct "
           f"through it (median of 5 sessions): greeting {calibration['greeting']:.1f} ms after connect() "
           f"(expected {4 * forwarder['delay_ms']:g}: the handshake, then the greeting), EHLO "
