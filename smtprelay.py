@@ -3788,7 +3788,7 @@ class SharedCounts:
     main process clears the slot of a worker that died before a new one takes
     it: a crash leaves nothing counted for long."""
 
-    RECORD = 16         # an address: IPv6, IPv4 mapped into it, NO_ADDRESS for none
+    RECORD = 17         # a session: 1, then its address (address_key); a free record is all zeros
 
     def __init__(self, workers, capacity):
         """workers: the slots; capacity: the sessions one worker may hold (--max-clients at start)."""
@@ -3822,8 +3822,12 @@ class SharedCounts:
         """Every worker's sessions."""
         return sum(self.counts)
 
-    def sessions_from(self, key):
-        """The sessions of every worker from the address key."""
+    def sessions_from(self, ip):
+        """The sessions of every worker from ip."""
+        return self.records_of(b"\1" + address_key(ip))
+
+    def records_of(self, key):
+        """How many records hold key, each read from where a record starts."""
         found, at = 0, self.memory.find(key, self.base)
         while at >= 0:
             aligned = (at - self.base) % self.RECORD == 0
@@ -3833,11 +3837,11 @@ class SharedCounts:
 
     def admit(self, ip, most, most_per_ip):
         """As SessionCounts.admit, for every worker's sessions."""
-        key = address_key(ip)
+        key = b"\1" + address_key(ip)
         with self.locked():
             if sum(self.counts) >= most or not self.free:
                 return TOO_MANY_CONNECTIONS
-            if most_per_ip and self.sessions_from(key) >= most_per_ip:
+            if most_per_ip and self.records_of(key) >= most_per_ip:
                 return TOO_MANY_FROM_ADDRESS
             record = self.free.pop()
             at = self.base + record * self.RECORD
@@ -3870,7 +3874,7 @@ NO_ADDRESS = b"\xff" * 16       # a client without an IP address (a multicast ad
 
 
 def address_key(ip):
-    """A client's address as SharedCounts records it: 16 bytes."""
+    """A client's address as SharedCounts records it: 16 bytes, IPv4 mapped into IPv6."""
     if ip is None:
         return NO_ADDRESS
     address = ipaddress.ip_address(ip)
@@ -3937,6 +3941,10 @@ class Relay:
             cfg, _, _ = load_config(self.argv)
             changed = [option for attr, option in RESTART_SETTINGS if restart_value(cfg, attr) != restart_value(old.cfg, attr)]
             cfg = dataclasses.replace(cfg, **{attr: getattr(old.cfg, attr) for attr, _ in RESTART_SETTINGS})
+            room = getattr(self.counts, "capacity", None)      # --workers: the shared memory's, made at start
+            if room and cfg.max_clients > room:
+                changed.append(f"max-clients above {room} (its value at start, with --workers)")
+                cfg = dataclasses.replace(cfg, max_clients=room)
             setup = Setup(cfg)
             setup.create_backends(cfg.user)
         except ConfigError as e:
@@ -4710,14 +4718,15 @@ RELOAD_SECONDS = 30             # for every worker to say it has reloaded
 
 
 class WorkerReports:
-    """The workers' sd_notify() lines, read by a thread of the main process: the
-    service is READY=1 once every worker has said so."""
+    """The workers' sd_notify() lines, read by a thread of the main process, which
+    speaks for the service: READY=1 once every worker has said it, at start and
+    after a reload (a worker that dies meanwhile: once its successor has)."""
 
     def __init__(self, reader, workers, relay):
         self.workers, self.relay = workers, relay
-        self.changed = threading.Condition()
-        self.ready = collections.Counter()      # slot -> READY=1 lines it sent
-        self.announced = False
+        self.lock = threading.Lock()
+        self.awaited = set(range(workers))      # slots whose READY=1 the service waits for
+        self.deadline = None                    # for a reload's
         threading.Thread(target=self.run, args=(reader,), name="workers' reports", daemon=True).start()
 
     def run(self, reader):
@@ -4727,18 +4736,31 @@ class WorkerReports:
                 slot, _, lines = report.decode("utf-8", "replace").rstrip("\n").partition(" ")
                 if "READY=1" not in lines.split(US):
                     continue
-                with self.changed:
-                    self.ready[int(slot)] += 1
-                    self.changed.notify_all()
-                    if not self.announced and len(self.ready) == self.workers:
-                        self.announced = True
-                        sd_notify("READY=1", status(self.relay))
+                with self.lock:
+                    if int(slot) in self.awaited:
+                        self.awaited.discard(int(slot))
+                        if not self.awaited:
+                            self.deadline = None
+                            sd_notify("READY=1", status(self.relay))
 
-    def wait_ready(self, since, slots, seconds):
-        """Wait until each of slots has said READY=1 more often than since[slot] -> those that have not."""
-        with self.changed:
-            self.changed.wait_for(lambda: all(self.ready[slot] > since[slot] for slot in slots()), seconds)
-            return [slot for slot in slots() if self.ready[slot] <= since[slot]]
+    def await_reload(self, seconds):
+        """A reload was passed on: READY=1 once every worker has said it again."""
+        with self.lock:
+            self.awaited, self.deadline = set(range(self.workers)), time.monotonic() + seconds
+
+    def overdue(self):
+        """The workers a reload still waits for past its deadline -> their slots; the caller
+        says READY=1 for the service then (nothing is waited for any more)."""
+        with self.lock:
+            if not (self.awaited and self.deadline and time.monotonic() >= self.deadline):
+                return []
+            late, self.awaited, self.deadline = sorted(self.awaited), set(), None
+            return late
+
+    def cancel(self):
+        """The relay stops: no READY=1 after STOPPING=1."""
+        with self.lock:
+            self.awaited, self.deadline = set(), None
 
 
 class Worker:
@@ -4792,8 +4814,8 @@ def supervise(relay, servers, count):
     here once and then passed to every worker, SIGTERM and SIGINT too -> 0 once every
     worker has stopped cleanly."""
     for server in servers:
-        # Every worker waits for clients on the same sockets and all are woken for
-        # each: the others' accept() must find nothing, not block.
+        # Every worker waits for clients on the same sockets, and more than one may
+        # be woken for a client: the others' accept() must find nothing, not block.
         server.socket.setblocking(False)
         server.shared = True
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
@@ -4813,8 +4835,11 @@ def supervise(relay, servers, count):
         if interval and (next_watchdog is None or now >= next_watchdog):
             sd_notify("WATCHDOG=1", status(relay))
             next_watchdog = now + interval
+        if late := reports.overdue():
+            event("workers_not_ready", workers=", ".join(str(slot + 1) for slot in late), seconds=RELOAD_SECONDS)
+            sd_notify("READY=1", status(relay))
         due = [w.restart_at for w in workers.values() if w.restart_at is not None]
-        wakes = [t for t in (next_watchdog, *due) if t is not None]
+        wakes = [t for t in (next_watchdog, reports.deadline, *due) if t is not None]
         timeout = max(0, min(wakes) - now) if wakes else None
         signals = HANDLED_SIGNALS | {signal.SIGCHLD}
         info = signal.sigtimedwait(signals, timeout) if timeout is not None else signal.sigwaitinfo(signals)
@@ -4822,8 +4847,11 @@ def supervise(relay, servers, count):
         if signum in STOP_SIGNALS:
             if not stopping:
                 stopping = True
+                reports.cancel()
                 sd_notify("STOPPING=1", f"STATUS=stopping: {relay.sessions} sessions to finish")
                 event("stopping", signal=signal.Signals(signum).name)
+                for server in servers:      # ours: the listeners close as the last worker closes its copy
+                    server.server_close()
             for worker in list(workers.values()):
                 if worker.restart_at is not None:
                     del workers[worker.slot]
@@ -4864,20 +4892,16 @@ def supervise(relay, servers, count):
 def reload_workers(relay, workers, reports):
     """SIGHUP with --workers: the configuration is taken here first (as every worker
     will: the file, the certificates), and passed on only where it was: a file that
-    does not parse changes nothing anywhere."""
+    does not parse changes nothing anywhere. READY=1 follows when every worker has
+    said it again (WorkerReports)."""
     sd_notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
     if not relay.reload():
         sd_notify("READY=1", status(relay))
         return
-    since = dict(reports.ready)
+    reports.await_reload(RELOAD_SECONDS)
     for worker in workers.values():
         if worker.pid is not None:
             os.kill(worker.pid, signal.SIGHUP)
-    live = lambda: [w.slot for w in workers.values() if w.pid is not None]     # noqa: E731
-    late = reports.wait_ready(collections.Counter(since), live, RELOAD_SECONDS)
-    if late:
-        event("workers_not_ready", workers=", ".join(str(slot + 1) for slot in late), seconds=RELOAD_SECONDS)
-    sd_notify("READY=1", status(relay))
 
 
 def inetd_connection():
