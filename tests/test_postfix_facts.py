@@ -15,6 +15,9 @@ C. The PROXY protocol (smtpd_upstream_proxy_protocol = haproxy): v1 and v2
    headers, what PROXY UNKNOWN and v2 LOCAL do, whose address XCLIENT is
    offered by; what a Postfix without the setting answers to the headers, and
    what one with it does to a client that sends none.
+D. XCLIENT and the EHLO after it in one write (pipelined): taken, and logged
+   as improper pipelining (the relay waits for XCLIENT's reply instead; 3.9's
+   smtpd_forbid_unauth_pipelining would drop such a client).
 """
 import re
 import socket
@@ -370,3 +373,17 @@ def test_with_proxy_protocol_what_is_no_whole_header_in_the_first_read_gets_421_
     assert [r.text for r in client.replies_until_closed()] == [LOCAL_ERROR]
     assert time.monotonic() - began < 4
     pf.wait_for_log(rf"postfix/smtpd\[\d+\]: warning: haproxy read: {warning}$", since=since)
+
+
+# --- D. XCLIENT, then EHLO without waiting ----------------------------------------------
+
+def test_xclient_and_ehlo_in_one_write_are_answered_but_logged_as_improper_pipelining(postfix):
+    pf = postfix()
+    since = pf.mark()
+    client, relay_ehlo = greeted(pf, ehlo="relay.test")
+    assert "ADDR" in keywords(relay_ehlo)["XCLIENT"].split()
+    client.send(f"XCLIENT ADDR={CLIENT} NAME=[UNAVAILABLE]\r\nEHLO client.example\r\n".encode())
+    assert client.reply().code == 220
+    assert client.reply().code == 250
+    quit_and_wait(pf, client, since)
+    assert pf.log_matches(r"improper command pipelining after XCLIENT from ", since)
