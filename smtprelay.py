@@ -4789,6 +4789,9 @@ def start_worker(relay, servers, slot, reports, pause=0):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
         WORKER.slot, WORKER.reports = slot, reports
         os.environ.pop("WATCHDOG_USEC", None)       # the main process keeps the watchdog
+        Listener.threads = SpareThreads()           # the main process's kept threads are not here
+        if hasattr(log.handlers[0], "ident"):
+            log.handlers[0].ident = f"smtprelay[{os.getpid()}]: "      # syslog: the worker's own pid
         setup_logging(relay.setup.cfg)              # lines say which worker
         relay.counts.enter(slot)
         relay.stop_reader, relay.stop_writer = os.pipe()     # its own: a worker's stop is its own

@@ -709,13 +709,6 @@ def test_metrics_add_up_the_counters_of_every_worker_and_the_gauge_counts_both_w
 
 
 @needs_prometheus
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: a worker forked after the main process has served /metrics inherits the main process's "
-    "SpareThreads (Listener.threads, one set for every listener, the metrics server's too) with the "
-    "kept threads of its metrics requests listed as waiting; those threads do not exist in the child, "
-    "so the new worker hands its first client(s) to them: never greeted, never served, and counted in "
-    "relay.connections, so that worker's drain on SIGTERM waits --data-timeout + --timeout (660 s by "
-    "default) for them"))
 def test_a_worker_started_after_the_main_process_served_metrics_serves_its_first_client(workers_relay,
                                                                                         tmp_path):
     port = free_port()
