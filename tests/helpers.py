@@ -316,6 +316,17 @@ def can_bind(host):
         return False
 
 
+def connection_refused(address):
+    """True if a connection to `address` is refused: no listener has it open any more."""
+    try:
+        socket.create_connection(address, timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    except ConnectionResetError:
+        pass        # queued on the listener as it closed: not yet
+    return False
+
+
 def wait_accepting(proc, host, port, timeout):
     """Wait until host:port accepts a TCP connection or the process `proc` exits.
 

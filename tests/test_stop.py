@@ -32,8 +32,8 @@ import time
 
 import pytest
 
-from helpers import (SMTPClient, backend_args, begin_data, blocked_signals, codes, greeted, relay_command,
-                     send_data, send_message, wait_until)
+from helpers import (SMTPClient, backend_args, begin_data, blocked_signals, codes, connection_refused, greeted,
+                     relay_command, send_data, send_message, wait_until)
 from service_fixtures import inetd, maildir_messages, tcp_connection, write_config  # noqa: F401
 
 BODY = b"Subject: stop test\r\n\r\nHello from the stop tests.\r\n"
@@ -41,17 +41,6 @@ WAIT = 20       # seconds: the longest a reply or an exit is waited for (a loade
 SERVER_NAME = "mx.test"
 CLIENT_HELO = "client.example"
 SHUTTING_DOWN = f"421 4.3.2 {SERVER_NAME} Service shutting down, closing connection"
-
-
-def refused(address):
-    """True if a connection to `address` is refused: its listener is closed."""
-    try:
-        socket.create_connection(address, timeout=1).close()
-    except ConnectionRefusedError:
-        return True
-    except ConnectionResetError:
-        pass        # queued on the listener as it closed: not yet
-    return False
 
 
 # --- A relay with no session, an idle one, one inside a transaction -------------------
@@ -75,7 +64,7 @@ def test_a_stop_signal_mid_session_refuses_new_connections_but_lets_the_session_
     assert client.rcpt("b@example.org")[0] == 250
 
     r.proc.send_signal(sig)
-    wait_until(lambda: refused((r.host, r.port)), 5, f"{r.address} refusing connections after the signal")
+    wait_until(lambda: connection_refused((r.host, r.port)), 5, f"{r.address} refusing connections after the signal")
     assert r.proc.poll() is None, "the relay exited with a session in flight"
 
     code, text = client.data(b"Subject: in flight\r\n\r\nsent after the signal\r\n")

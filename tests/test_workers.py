@@ -56,8 +56,8 @@ from pathlib import Path
 import pytest
 
 import smtprelay
-from helpers import (SMTPClient, assert_closed, backend_args, begin_data, free_port, greeted, matching_lines,
-                     relay_command, run_relay, send_message, wait_until)
+from helpers import (SMTPClient, assert_closed, backend_args, begin_data, connection_refused, free_port, greeted,
+                     matching_lines, relay_command, run_relay, send_message, wait_until)
 import service_fixtures
 import test_service
 from service_fixtures import tcp_connection, write_config
@@ -463,17 +463,6 @@ def test_sigterm_lets_each_worker_finish_its_message_in_flight_then_exits_0(work
     assert sum(len(s.messages) for s in backend.sessions) == 2
 
 
-def refused(address):
-    """True if a connection to `address` is refused: no listener has it open any more."""
-    try:
-        socket.create_connection(address, timeout=1).close()
-    except ConnectionRefusedError:
-        return True
-    except ConnectionResetError:
-        pass
-    return False
-
-
 def test_during_the_drain_new_connections_are_refused_as_by_a_single_relay(workers_relay, held_backend):
     backend, held = held_backend()
     r = workers_relay(*backend_args(backend), "--server-name", SERVER_NAME)
@@ -485,7 +474,7 @@ def test_during_the_drain_new_connections_are_refused_as_by_a_single_relay(worke
     for tag in ("", " worker 1", " worker 2"):
         r.wait_for_log(rf"smtprelay{tag} INFO SIGTERM: stopping", WAIT)
     try:
-        wait_until(lambda: refused((r.host, r.port)), WAIT, f"{r.address} refusing connections during the drain")
+        wait_until(lambda: connection_refused((r.host, r.port)), WAIT, f"{r.address} refusing connections during the drain")
         assert r.proc.poll() is None, "the relay exited with a message in flight"
     finally:
         held.release()
