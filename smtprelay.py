@@ -795,6 +795,7 @@ EVENTS = {
     "worker_died": (logging.ERROR, "worker %(worker)d (pid %(pid)d) %(how)s; a new one starts in %(pause)gs"),
     "worker_not_started": (logging.ERROR, "worker %(worker)d: cannot start it: %(reason)s; trying again in %(pause)gs"),
     "worker_ended": (logging.INFO, "worker %(worker)d (pid %(pid)d) %(how)s"),
+    "orphaned": (logging.ERROR, "the main process (pid %(pid)d) is gone: stopping"),
     "workers_not_ready": (logging.WARNING, "SIGHUP: workers %(workers)s did not say within %(seconds)gs that they "
                                             "reloaded"),
     "config_error": (logging.ERROR, "%(reason)s"),
@@ -4642,9 +4643,16 @@ def take_signals(relay, inetd=False):
     """The signals thread: SIGTERM and SIGINT stop the relay (taken before a
     SIGHUP that is pending beside them), SIGHUP reloads it (not with --inetd:
     one session has nothing to reload); WATCHDOG=1 in between."""
-    interval = watchdog_interval()
+    interval = ORPHAN_CHECK if WORKER.slot is not None else watchdog_interval()
     while True:
         info = signal.sigtimedwait(HANDLED_SIGNALS, interval) if interval else signal.sigwaitinfo(HANDLED_SIGNALS)
+        if info is None and WORKER.slot is not None:
+            # A worker whose main process is gone (SIGKILL) has no one to replace it,
+            # reload it or stop it: it stops itself, finishing what is in flight.
+            if os.getppid() != WORKER.parent and relay.stop_signal is None:
+                event("orphaned", pid=WORKER.parent)
+                relay.begin_stop(signal.SIGTERM)
+            continue
         if info is None:
             sd_notify("WATCHDOG=1", status(relay))
             continue
@@ -4708,6 +4716,7 @@ class WorkerIdentity:
     def __init__(self):
         self.slot = None        # the worker's index, 0 for worker 1
         self.reports = None     # the pipe to the main process, for sd_notify()
+        self.parent = None      # the main process's pid
 
 
 WORKER = WorkerIdentity()
@@ -4715,6 +4724,7 @@ US = "\x1f"                     # between a report's lines: they hold spaces, ne
 WORKER_YOUNG = 10               # seconds: a worker that dies younger is replaced after a pause
 WORKER_PAUSES = (1, 30)         # that pause: the first, then doubled up to the second
 RELOAD_SECONDS = 30             # for every worker to say it has reloaded
+ORPHAN_CHECK = 1                # seconds between a worker's looks at whether its main process lives
 
 
 class WorkerReports:
@@ -4774,6 +4784,7 @@ class Worker:
 
 def start_worker(relay, servers, slot, reports, pause=0):
     """Fork the worker of slot -> Worker; the child serves until its stop and exits."""
+    parent = os.getpid()
     try:
         pid = os.fork()
     except OSError as e:            # the system's shortage (processes, memory): try again later
@@ -4787,7 +4798,7 @@ def start_worker(relay, servers, slot, reports, pause=0):
     status = 1
     try:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
-        WORKER.slot, WORKER.reports = slot, reports
+        WORKER.slot, WORKER.reports, WORKER.parent = slot, reports, parent
         os.environ.pop("WATCHDOG_USEC", None)       # the main process keeps the watchdog
         Listener.threads = SpareThreads()           # the main process's kept threads are not here
         if hasattr(log.handlers[0], "ident"):

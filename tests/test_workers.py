@@ -463,6 +463,31 @@ def test_sigterm_lets_each_worker_finish_its_message_in_flight_then_exits_0(work
     assert sum(len(s.messages) for s in backend.sessions) == 2
 
 
+def test_workers_whose_main_process_is_killed_finish_their_message_in_flight_and_exit(workers_relay,
+                                                                                      held_backend):
+    backend, held = held_backend()
+    r = workers_relay(*backend_args(backend), "--server-name", SERVER_NAME)
+    pids = worker_pids(r)
+    client = greeted_by(r, 1)
+    begin_data(client)
+    client.send(body("in flight") + b".\r\n")
+    backend.wait_for_received(1, timeout=WAIT)
+    r.proc.kill()
+    r.proc.wait(WAIT)
+    for number in (1, 2):
+        r.wait_for_log(rf"smtprelay worker {number} ERROR the main process \(pid {r.proc.pid}\) is gone: stopping$",
+                       WAIT)
+    assert ours(pids[1], r), "worker 1 exited with its message in flight"
+    held.release()
+    reply = client.reply()
+    assert reply.code == 250, reply
+    assert [x.text for x in client.replies_until_closed()] == [SHUTTING_DOWN]
+    for number in (1, 2):
+        r.wait_for_log(rf"smtprelay worker {number} INFO stopped$", WAIT)
+        wait_until(lambda: not ours(pids[number], r), WAIT, f"worker {number} gone")
+    assert [m.content for m in backend.delivered] == [body("in flight")]
+
+
 def test_during_the_drain_new_connections_are_refused_as_by_a_single_relay(workers_relay, held_backend):
     backend, held = held_backend()
     r = workers_relay(*backend_args(backend), "--server-name", SERVER_NAME)
