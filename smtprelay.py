@@ -622,6 +622,9 @@ def validate(args):
         raise ConfigError("--backend", "no back-end given (e.g. --backend 127.0.0.1:25 or --backend maildir:PATH)")
     if cfg.inetd and any(b.kind == "stdout" for b in cfg.backend):
         raise ConfigError("--backend", "stdout: cannot be used with --inetd: standard output is the client's connection")
+    if cfg.workers > 1 and not cfg.inetd and any(b.kind == "stdout" for b in cfg.backend):
+        raise ConfigError("--backend", "stdout: prints from one process: not with --workers above 1 (messages of "
+                                       "two workers would interleave)")
     if cfg.auth != ["none"] and not cfg.auth_http:
         raise ConfigError("--auth", f"{args.auth!r}: checking credentials needs an auth service (--auth-http)")
     missing_tls = "--tls-key" if cfg.tls_cert else "--tls-cert"
@@ -3793,11 +3796,17 @@ class SharedCounts:
 
     def __init__(self, workers, capacity):
         """workers: the slots; capacity: the sessions one worker may hold (--max-clients at start)."""
-        self.capacity = capacity
-        self.base = workers * 4             # the addresses start after a count per worker
-        self.memory = mmap.mmap(-1, self.base + workers * capacity * self.RECORD)   # MAP_SHARED
-        self.counts = memoryview(self.memory)[:self.base].cast("I")
-        self.lockfile = tempfile.TemporaryFile()
+        self.workers, self.capacity = workers, capacity
+        self.base = workers * 8             # the records start after a count and a high-water mark per worker
+        try:
+            self.memory = mmap.mmap(-1, self.base + workers * capacity * self.RECORD)      # MAP_SHARED
+        except OSError as e:
+            raise ConfigError("--max-clients", f"{capacity} for each of {workers} workers: {e.strerror}") from None
+        self.counts = memoryview(self.memory)[:workers * 4].cast("I")
+        self.used = memoryview(self.memory)[workers * 4:self.base].cast("I")     # records a worker ever used
+        # fcntl locks a file: one in memory, where the system has them (no writable /tmp needed).
+        self.lockfile = os.fdopen(os.memfd_create("smtprelay-counts"), "r+b", buffering=0) \
+            if hasattr(os, "memfd_create") else tempfile.TemporaryFile()
         self.thread_lock = threading.Lock()     # fcntl's lock is the process's: its threads take turns here
         self.free, self.held, self.slot = [], {}, None
 
@@ -3805,7 +3814,7 @@ class SharedCounts:
         """In the worker of that slot, after the fork: its records are its own."""
         self.slot = slot
         first = slot * self.capacity
-        self.free = list(range(first + self.capacity - 1, first - 1, -1))
+        self.free = list(range(first, first + self.capacity))     # a heap: the lowest first
         self.held = collections.defaultdict(list)      # address -> the records of its sessions here
 
     @contextlib.contextmanager
@@ -3828,12 +3837,17 @@ class SharedCounts:
         return self.records_of(b"\1" + address_key(ip))
 
     def records_of(self, key):
-        """How many records hold key, each read from where a record starts."""
-        found, at = 0, self.memory.find(key, self.base)
-        while at >= 0:
-            aligned = (at - self.base) % self.RECORD == 0
-            found += aligned
-            at = self.memory.find(key, at + (self.RECORD if aligned else 1))
+        """How many records hold key, each read from where a record starts; of each
+        worker's records only those it ever used (its most sessions at once)."""
+        found = 0
+        for slot in range(self.workers):
+            start = self.base + slot * self.capacity * self.RECORD
+            end = start + self.used[slot] * self.RECORD
+            at = self.memory.find(key, start, end)
+            while at >= 0:
+                aligned = (at - start) % self.RECORD == 0
+                found += aligned
+                at = self.memory.find(key, at + (self.RECORD if aligned else 1), end)
         return found
 
     def admit(self, ip, most, most_per_ip):
@@ -3844,10 +3858,11 @@ class SharedCounts:
                 return TOO_MANY_CONNECTIONS
             if most_per_ip and self.records_of(key) >= most_per_ip:
                 return TOO_MANY_FROM_ADDRESS
-            record = self.free.pop()
+            record = heapq.heappop(self.free)       # the lowest free one: the used records stay few
             at = self.base + record * self.RECORD
             self.memory[at:at + self.RECORD] = key
             self.counts[self.slot] += 1
+            self.used[self.slot] = max(self.used[self.slot], record - self.slot * self.capacity + 1)
             self.held[ip].append(record)
         return None
 
@@ -3860,14 +3875,14 @@ class SharedCounts:
             at = self.base + record * self.RECORD
             self.memory[at:at + self.RECORD] = bytes(self.RECORD)
             self.counts[self.slot] -= 1
-            self.free.append(record)
+            heapq.heappush(self.free, record)
 
     def clear(self, slot):
         """The worker in slot has died: none of its sessions counts any more."""
         size = self.capacity * self.RECORD
         start = self.base + slot * size
         with self.locked():
-            self.counts[slot] = 0
+            self.counts[slot] = self.used[slot] = 0
             self.memory[start:start + size] = bytes(size)
 
 
@@ -4782,8 +4797,9 @@ class Worker:
         self.restart_at = None          # when a worker that died is replaced
 
 
-def start_worker(relay, servers, slot, reports, pause=0):
-    """Fork the worker of slot -> Worker; the child serves until its stop and exits."""
+def start_worker(relay, servers, slot, reports, pause=0, reader=None):
+    """Fork the worker of slot -> Worker; the child serves until its stop and exits.
+    reader: the reports pipe's reading end, the main process's alone."""
     parent = os.getpid()
     try:
         pid = os.fork()
@@ -4805,6 +4821,9 @@ def start_worker(relay, servers, slot, reports, pause=0):
             log.handlers[0].ident = f"smtprelay[{os.getpid()}]: "      # syslog: the worker's own pid
         setup_logging(relay.setup.cfg)              # lines say which worker
         relay.counts.enter(slot)
+        for fd in (reader, relay.stop_reader, relay.stop_writer):
+            if fd is not None:
+                os.close(fd)
         relay.stop_reader, relay.stop_writer = os.pipe()     # its own: a worker's stop is its own
         if relay.metrics:
             relay.metrics.server.socket.close()     # the main process serves the page
@@ -4836,7 +4855,7 @@ def supervise(relay, servers, count):
     reader, writer = os.pipe()
     workers = {}
     for slot in range(count):
-        workers[slot] = start_worker(relay, servers, slot, writer)
+        workers[slot] = start_worker(relay, servers, slot, writer, reader=reader)
     reports = WorkerReports(reader, count, relay)
     if relay.metrics:
         relay.metrics.start()
@@ -4895,7 +4914,7 @@ def supervise(relay, servers, count):
             event("worker_died", worker=worker.slot + 1, pid=pid, how=exit_text(wait_status), pause=pause)
         for worker in list(workers.values()):
             if not stopping and worker.restart_at is not None and worker.restart_at <= time.monotonic():
-                workers[worker.slot] = start_worker(relay, servers, worker.slot, writer, worker.pause)
+                workers[worker.slot] = start_worker(relay, servers, worker.slot, writer, worker.pause, reader)
     for server in servers:
         server.server_close()
     relay.setup.pool.close()
@@ -4909,7 +4928,12 @@ def reload_workers(relay, workers, reports):
     does not parse changes nothing anywhere. READY=1 follows when every worker has
     said it again (WorkerReports)."""
     sd_notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
-    if not relay.reload():
+    try:
+        taken = relay.reload()
+    except BaseException as e:      # as take_signals(): this process alone can stop the service
+        event("reload_refused", exc_info=True, reason=f"internal error: {type(e).__name__}")
+        taken = False
+    if not taken:
         sd_notify("READY=1", status(relay))
         return
     reports.await_reload(RELOAD_SECONDS)
@@ -5047,6 +5071,7 @@ def probe_backend(backend, client):
 def main(argv=None):
     """Run smtprelay -> exit status: 0 clean stop, 1 bad configuration, 2 usage."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    metrics_dir = None
     try:
         cfg, settings, mode = load_config(argv)
         setup = Setup(cfg)
@@ -5075,7 +5100,7 @@ def main(argv=None):
         if workers > 1:
             relay.counts = SharedCounts(workers, cfg.max_clients)
             if cfg.metrics:
-                os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_directory(cfg.user)
+                os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir = metrics_directory(cfg.user)
         if cfg.metrics:
             relay.metrics = Metrics(relay, cfg.metrics)
             event("metrics_listening", url=relay.metrics.url)
@@ -5085,6 +5110,8 @@ def main(argv=None):
         elif os.geteuid() == 0 and "INVOCATION_ID" not in os.environ and not cfg.inetd:
             event("warning", text="running as root: give --user to drop privileges once the listeners are bound")
     except ConfigError as e:
+        if metrics_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
         if stderr_is_the_client():
             log_config_error(e)
             return 1
@@ -5097,16 +5124,19 @@ def main(argv=None):
     try:
         return supervise(relay, servers, workers)
     finally:
-        if relay.metrics:
-            shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
+        if metrics_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def metrics_directory(user):
     """--workers with --metrics: where each worker's counts go (prometheus_client's
     multiprocess mode), a new directory that the workers can write as --user."""
-    path = tempfile.mkdtemp(prefix="smtprelay-metrics-")
-    if user:
-        os.chown(path, user.pw_uid, user.pw_gid)
+    try:
+        path = tempfile.mkdtemp(prefix="smtprelay-metrics-")
+        if user:
+            os.chown(path, user.pw_uid, user.pw_gid)
+    except OSError as e:
+        raise ConfigError("--metrics", f"with --workers, a directory for the workers' counts: {e}") from None
     return path
 
 

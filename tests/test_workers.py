@@ -415,6 +415,21 @@ def test_sighup_with_a_file_that_does_not_parse_changes_nothing_in_any_worker(wo
     assert len(matching_lines(r, RELOADED)) == 3      # the good file only: main, worker 1, worker 2
 
 
+def test_sighup_with_a_file_that_is_not_text_is_refused_and_the_main_process_serves_on(workers_relay, tmp_path):
+    r = workers_relay("--backend", f"maildir:{tmp_path / 'Maildir'}", config="server-name = before.test\n")
+    new = r.config_path.with_name("new.conf")
+    new.write_bytes(b"max-clients = \xff\xfe50\n")
+    os.replace(new, r.config_path)
+    r.proc.send_signal(signal.SIGHUP)
+    r.wait_for_log(rf"smtprelay ERROR {KEPT_OLD}internal error: \w+$", WAIT)
+    for number in (1, 2):
+        client, first = accepted_by(r, number)
+        assert first.text == "220 before.test ESMTP", (number, first)
+        assert client.say("QUIT").code == 221
+    assert r.proc.poll() is None
+    assert r.stop() == 0, r.log_text()
+
+
 def test_max_clients_raised_by_sighup_above_its_start_value_is_named_as_needing_a_restart(workers_relay,
                                                                                               tmp_path):
     # README, Several processes: "A --max-clients raised by SIGHUP above its value at start needs a restart
@@ -802,6 +817,26 @@ def test_shared_counts_hold_a_slot_s_capacity_and_reuse_a_released_record():
         assert counts.memory[counts.base:counts.base + size] == bytes(size)
 
 
+def test_shared_counts_take_the_lowest_free_record_and_read_only_those_a_worker_used():
+    with shared_counts(2, 1000) as counts:
+        counts.enter(1)
+        for ip in ("192.0.2.1", "192.0.2.2", "192.0.2.3"):
+            assert counts.admit(ip, 100, 0) is None
+        assert list(counts.used) == [0, 3]
+        counts.release("192.0.2.2")
+        assert counts.admit("192.0.2.4", 100, 0) is None                      # record 1 again
+        start = counts.base + counts.capacity * counts.RECORD
+        assert counts.memory[start + counts.RECORD:start + 2 * counts.RECORD] == \
+            b"\1" + smtprelay.address_key("192.0.2.4")
+        assert list(counts.used) == [0, 3]
+        # A record past those used is never read, whatever it holds.
+        stray = start + 500 * counts.RECORD
+        counts.memory[stray:stray + counts.RECORD] = b"\1" + smtprelay.address_key("192.0.2.1")
+        assert counts.sessions_from("192.0.2.1") == 1
+        counts.clear(1)
+        assert list(counts.used) == [0, 0] and counts.sessions == 0
+
+
 def test_shared_counts_count_no_session_from_the_unspecified_address_in_free_records():
     # A free record is all zeros, as the 16 bytes of "::" are: it is no session from "::" (a PROXY header
     # may name that address).
@@ -892,6 +927,28 @@ def test_workers_must_be_a_whole_number_from_1_to_64_or_auto(value, error, tmp_p
     result = run_relay("--backend", f"maildir:{tmp_path / 'Maildir'}", "--workers", value, "--check-config")
     assert result.returncode == 1, result
     assert result.stderr == f"smtprelay: --workers: {error}\n"
+
+
+def test_stdout_backend_and_memory_beyond_the_machine_are_refused_with_workers(tmp_path):
+    result = run_relay("--backend", "stdout:", "--workers", "2", "--check-config")
+    assert result.returncode == 1, result
+    assert result.stderr.startswith("smtprelay: --backend: stdout: prints from one process: not with --workers above 1")
+    result = run_relay("--backend", f"maildir:{tmp_path / 'Maildir'}", "--workers", "64",
+                       "--max-clients", str(10 ** 12), listen="127.0.0.1:0")
+    assert result.returncode == 1, result
+    assert result.stderr.startswith(f"smtprelay: --max-clients: {10 ** 12} for each of 64 workers: "), result.stderr
+
+
+def test_the_metrics_directory_is_removed_when_the_relay_cannot_start(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_relay("--backend", f"maildir:{tmp_path / 'Maildir'}", "--workers", "2",
+                           "--metrics", f"127.0.0.1:{port}", listen="127.0.0.1:0", env={"TMPDIR": str(tmp_path)})
+    assert result.returncode == 1, result
+    assert result.stderr.startswith("smtprelay: --metrics: 127.0.0.1:"), result.stderr
+    assert not list(tmp_path.glob("smtprelay-metrics-*"))
 
 
 def test_inetd_with_workers_serves_its_one_session_in_its_one_process(inetd, tmp_path):
