@@ -4804,7 +4804,7 @@ def start_worker(relay, servers, slot, reports, pause=0, reader=None):
     try:
         pid = os.fork()
     except OSError as e:            # the system's shortage (processes, memory): try again later
-        worker = Worker(slot, None, min(max(pause * 2, WORKER_PAUSES[0]), WORKER_PAUSES[1]))
+        worker = Worker(slot, None, next_pause(pause))
         worker.restart_at = time.monotonic() + worker.pause
         event("worker_not_started", worker=slot + 1, reason=e.strerror or str(e), pause=worker.pause)
         return worker
@@ -4892,26 +4892,7 @@ def supervise(relay, servers, count):
                     os.kill(worker.pid, signum)
         elif signum == signal.SIGHUP and not stopping:
             reload_workers(relay, workers, reports)
-        while True:     # SIGCHLD, or not: reap what has ended
-            try:
-                pid, wait_status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if not pid:
-                break
-            worker = next((w for w in workers.values() if w.pid == pid), None)
-            if worker is None:
-                continue
-            relay.counts.clear(worker.slot)
-            if stopping:
-                failed = failed or wait_status != 0
-                event("worker_ended", worker=worker.slot + 1, pid=pid, how=exit_text(wait_status))
-                del workers[worker.slot]
-                continue
-            young = time.monotonic() - worker.started < WORKER_YOUNG
-            pause = min(max(worker.pause * 2, WORKER_PAUSES[0]), WORKER_PAUSES[1]) if young else 0
-            worker.pause, worker.restart_at, worker.pid = pause, time.monotonic() + pause, None
-            event("worker_died", worker=worker.slot + 1, pid=pid, how=exit_text(wait_status), pause=pause)
+        failed = reap_workers(relay, workers, stopping) or failed
         for worker in list(workers.values()):
             if not stopping and worker.restart_at is not None and worker.restart_at <= time.monotonic():
                 workers[worker.slot] = start_worker(relay, servers, worker.slot, writer, worker.pause, reader)
@@ -4920,6 +4901,38 @@ def supervise(relay, servers, count):
     relay.setup.pool.close()
     event("stopped")
     return 1 if failed else 0
+
+
+def reap_workers(relay, workers, stopping):
+    """Take the exit of every worker that has ended (SIGCHLD) -> whether one ended badly
+    while stopping. Its sessions stop counting; a worker that died is given its time
+    to be replaced; one that ended in a stop leaves workers."""
+    failed = False
+    while True:
+        try:
+            pid, wait_status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return failed
+        if not pid:
+            return failed
+        worker = next((w for w in workers.values() if w.pid == pid), None)
+        if worker is None:
+            continue
+        relay.counts.clear(worker.slot)
+        if stopping:
+            failed = failed or wait_status != 0
+            event("worker_ended", worker=worker.slot + 1, pid=pid, how=exit_text(wait_status))
+            del workers[worker.slot]
+            continue
+        young = time.monotonic() - worker.started < WORKER_YOUNG
+        worker.pause = next_pause(worker.pause) if young else 0
+        worker.restart_at, worker.pid = time.monotonic() + worker.pause, None
+        event("worker_died", worker=worker.slot + 1, pid=pid, how=exit_text(wait_status), pause=worker.pause)
+
+
+def next_pause(pause):
+    """The pause before a worker is started again, after one of pause seconds."""
+    return min(max(pause * 2, WORKER_PAUSES[0]), WORKER_PAUSES[1])
 
 
 def reload_workers(relay, workers, reports):
