@@ -50,7 +50,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import free_port, stop_process, stopped_on_exit, wait_for_count, wait_until
+from helpers import PolledLog, free_port, stop_process, stopped_on_exit, wait_for_count, wait_until
 
 PACKAGE_DIR = Path(__file__).resolve().parent / "haraka"     # package.json and package-lock.json
 PINNED = json.loads((PACKAGE_DIR / "package.json").read_text())["dependencies"]["Haraka"]
@@ -158,7 +158,7 @@ def proxy_v1(src_ip, src_port, dst_ip, dst_port):
     return f"PROXY {family} {src_ip} {dst_ip} {src_port} {dst_port}\r\n".encode()
 
 
-class Haraka:
+class Haraka(PolledLog):
     """One Haraka instance; see the module docstring.
 
     Attributes: host, port, address ("127.0.0.1:PORT"), root, config_dir,
@@ -177,7 +177,8 @@ class Haraka:
         self.root = Path(tempfile.mkdtemp(prefix="haraka-"))
         self.config_dir = self.root / "config"
         self.messages_dir = self.root / "messages"
-        self.log_path = self.root / "haraka.log"
+        self.log_path = self.log_file = self.root / "haraka.log"     # its stdout and stderr
+        self.log_name = "Haraka log"
         for path in (self.config_dir, self.root / "plugins", self.messages_dir):
             path.mkdir()
         (self.root / "plugins" / "record_json.js").write_text(RECORD_JSON)
@@ -276,27 +277,6 @@ class Haraka:
                 stop_process(self.proc, timeout=5)
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
-
-    # --- the log ------------------------------------------------------------
-
-    def log_text(self):
-        """Haraka's stdout and stderr so far ("" if none yet)."""
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def wait_for_log(self, pattern, timeout=5):
-        """The first re.search match of `pattern` in the log; AssertionError with its last 30 lines."""
-        rx = re.compile(pattern)
-        lines = []
-
-        def found():
-            lines[:] = self.log_text().splitlines()
-            return next((m for m in map(rx.search, lines) if m), None)
-
-        return wait_until(found, timeout, lambda: f"a Haraka log line matching {rx.pattern!r}; last lines:\n"
-                                                   + "\n".join(lines[-30:]))
 
     # --- the messages -------------------------------------------------------
 

@@ -62,6 +62,43 @@ def wait_until(condition, timeout=5, what="the condition"):
     return value
 
 
+class PolledLog:
+    """A server's log file, which signals nothing and so is polled (every 10 ms, wait_until).
+    A subclass sets log_file (a Path) and log_name (for failures, e.g. "maillog")."""
+
+    def log_text(self):
+        """The log so far ("" if none yet)."""
+        try:
+            return self.log_file.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_lines(self):
+        return self.log_text().splitlines()
+
+    def mark(self):
+        """The number of log lines so far: pass it as `since` to wait_for_log and log_matches."""
+        return len(self.log_lines())
+
+    def wait_for_log(self, pattern, timeout=5, since=0):
+        """The first re.search match of `pattern` in the log's lines from line `since` on;
+        AssertionError with the log's last 30 lines if none within `timeout` s."""
+        rx = re.compile(pattern)
+        lines = []
+
+        def found():
+            lines[:] = self.log_lines()
+            return next((m for m in map(rx.search, lines[since:]) if m), None)
+
+        return wait_until(found, timeout, lambda: f"a {self.log_name} line matching {rx.pattern!r}; last lines:\n"
+                                                   + "\n".join(lines[-30:]))
+
+    def log_matches(self, pattern, since=0):
+        """Every re.search match of `pattern` in the log's lines from `since` on, now."""
+        rx = re.compile(pattern)
+        return [m for m in map(rx.search, self.log_lines()[since:]) if m]
+
+
 def listeners_in(lines):
     """(host, port) of every `listening on HOST:PORT` log line, in order."""
     matches = [m for m in map(LISTENING.search, lines) if m]

@@ -57,7 +57,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import wait_for_count, wait_until
+from helpers import PolledLog, wait_for_count, wait_until
 
 POSTFIX = "/usr/sbin/postfix"
 POSTQUEUE = "/usr/sbin/postqueue"
@@ -147,7 +147,7 @@ class PostfixError(AssertionError):
     pass
 
 
-class Postfix:
+class Postfix(PolledLog):
     """One private Postfix instance; see the module docstring.
 
     Attributes: host, port, address ("127.0.0.1:PORT"), root (the temporary
@@ -182,7 +182,8 @@ class Postfix:
         self.config_dir = self.root / "conf"
         self.queue_dir = self.root / "queue"
         self.data_dir = self.root / "data"
-        self.maillog = self.root / "maillog"
+        self.maillog = self.log_file = self.root / "maillog"
+        self.log_name = "maillog"
         for path in (self.config_dir, self.queue_dir, self.data_dir):
             path.mkdir(mode=0o755)
         owner = pwd.getpwnam("postfix")
@@ -370,52 +371,20 @@ class Postfix:
                 self.proc.stdout.close()
             shutil.rmtree(self.root, ignore_errors=True)
 
-    # --- the log ------------------------------------------------------------
-
-    def log_text(self):
-        """The maillog so far ("" if none yet)."""
-        try:
-            return self.maillog.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def log_lines(self):
-        return self.log_text().splitlines()
-
-    def mark(self):
-        """The number of maillog lines so far: pass it as `since` to wait_for_log."""
-        return len(self.log_lines())
-
-    def wait_for_log(self, pattern, timeout=5, since=0):
-        """The first re.search match of `pattern` in maillog lines from line `since` on.
-
-        AssertionError with the maillog's last 30 lines if none within `timeout` s.
-        postlogd signals nothing, so the file is polled every 10 ms.
-        """
-        rx = re.compile(pattern)
-        lines = []
-
-        def found():
-            lines[:] = self.log_lines()
-            return next((m for m in map(rx.search, lines[since:]) if m), None)
-
-        return wait_until(found, timeout, lambda: f"a maillog line matching {rx.pattern!r}; last lines:\n"
-                                                   + "\n".join(lines[-30:]))
-
-    def log_matches(self, pattern, since=0):
-        """Every re.search match of `pattern` in maillog lines from `since` on, now."""
-        rx = re.compile(pattern)
-        return [m for m in map(rx.search, self.log_lines()[since:]) if m]
-
     # --- the queue ----------------------------------------------------------
 
     def queue(self):
-        """Every message in the private queue (postqueue -j): dicts with queue_name, queue_id,
-        sender, recipients [{address, delay_reason}], ..."""
+        """Every message in the private queue (postqueue -j), once: dicts with queue_name, queue_id,
+        sender, recipients [{address, delay_reason}], ...
+
+        postqueue reads the queue directories one after another, so a message that qmgr moves
+        meanwhile (active to deferred) can be listed twice under its one queue id: the later
+        listing is kept. A second message has a queue id of its own."""
         done = subprocess.run([POSTQUEUE, "-c", str(self.config_dir), "-j"], stdin=subprocess.DEVNULL,
                               capture_output=True, text=True, timeout=10)
         assert done.returncode == 0, f"postqueue -j exited {done.returncode}: {done.stderr}\n{self.log_text()}"
-        return [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+        messages = (json.loads(line) for line in done.stdout.splitlines() if line.strip())
+        return list({message["queue_id"]: message for message in messages}.values())
 
     def queue_ids(self):
         return {message["queue_id"] for message in self.queue()}
