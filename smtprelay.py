@@ -3832,9 +3832,14 @@ class SharedCounts:
         """Every worker's sessions."""
         return sum(self.counts)
 
+    @staticmethod
+    def record(ip):
+        """What a session from ip is recorded as: 1, then its address."""
+        return b"\1" + address_key(ip)
+
     def sessions_from(self, ip):
         """The sessions of every worker from ip."""
-        return self.records_of(b"\1" + address_key(ip))
+        return self.records_of(self.record(ip))
 
     def records_of(self, key):
         """How many records hold key, each read from where a record starts; of each
@@ -3852,7 +3857,7 @@ class SharedCounts:
 
     def admit(self, ip, most, most_per_ip):
         """As SessionCounts.admit, for every worker's sessions."""
-        key = b"\1" + address_key(ip)
+        key = self.record(ip)
         with self.locked():
             if sum(self.counts) >= most or not self.free:
                 return TOO_MANY_CONNECTIONS
@@ -4259,11 +4264,16 @@ class RelayServer(Listener):
         self.leaving, self.left = False, threading.Event()
         super().__init__(address, SessionHandler, sock)
 
+    @property
+    def exclusive(self):
+        """Whether serve_forever() waits with EPOLLEXCLUSIVE (below)."""
+        return self.shared and hasattr(select, "EPOLLEXCLUSIVE")
+
     def serve_forever(self, poll_interval=0.5):
         """Overridden for --workers: poll() on a socket that every worker waits on would
         wake them all for each client, and all but one would find nothing to accept;
         epoll's EPOLLEXCLUSIVE wakes one that waits (as nginx without accept_mutex)."""
-        if not self.shared or not hasattr(select, "EPOLLEXCLUSIVE"):
+        if not self.exclusive:
             return super().serve_forever(poll_interval)
         try:
             with select.epoll() as waiting:
@@ -4276,7 +4286,7 @@ class RelayServer(Listener):
 
     def shutdown(self):
         """Overridden to end serve_forever() as above as well."""
-        if not self.shared or not hasattr(select, "EPOLLEXCLUSIVE"):
+        if not self.exclusive:
             return super().shutdown()
         self.leaving = True
         self.left.wait()
@@ -4896,8 +4906,6 @@ def supervise(relay, servers, count):
         for worker in list(workers.values()):
             if not stopping and worker.restart_at is not None and worker.restart_at <= time.monotonic():
                 workers[worker.slot] = start_worker(relay, servers, worker.slot, writer, worker.pause, reader)
-    for server in servers:
-        server.server_close()
     relay.setup.pool.close()
     event("stopped")
     return 1 if failed else 0
