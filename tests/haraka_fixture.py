@@ -42,7 +42,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -50,7 +49,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import PolledLog, free_port, stop_process, stopped_on_exit, wait_for_count, wait_until
+from helpers import PolledLog, greets, on_a_free_port, stop_process, stopped_on_exit, wait_for_count, wait_until
 
 PACKAGE_DIR = Path(__file__).resolve().parent / "haraka"     # package.json and package-lock.json
 PINNED = json.loads((PACKAGE_DIR / "package.json").read_text())["dependencies"]["Haraka"]
@@ -189,20 +188,8 @@ class Haraka(PolledLog):
         self.proc = None
         self.start_seconds = None
         self.host = "127.0.0.1"
-        last_error = None
-        for _ in range(5):                      # the free port may be taken meanwhile
-            self.port = free_port()
-            self.address = f"{self.host}:{self.port}"
-            (self.config_dir / "smtp.ini").write_text(f"listen={self.address}\nnodes=0\n")
-            try:
-                self._start(start_timeout)
-                return
-            except HarakaError as error:
-                last_error = error
-                if "EADDRINUSE" not in str(error):
-                    break
-        self.stop()
-        raise last_error
+        on_a_free_port(self, lambda: (self.config_dir / "smtp.ini").write_text(f"listen={self.address}\nnodes=0\n"),
+                       lambda: self._start(start_timeout), HarakaError, "EADDRINUSE")
 
     def _connection_ini(self):
         """Haraka's own connection.ini with our [haproxy] section: a config file in the instance's
@@ -247,19 +234,11 @@ class Haraka(PolledLog):
         def greeted_or_exited():
             if self.proc.poll() is not None:
                 return "exited"
-            try:
-                wait = max(0.1, deadline - time.monotonic())
-                with socket.create_connection((self.host, self.port), timeout=wait) as s:
-                    if listed:
-                        src_ip, src_port = s.getsockname()[:2]
-                        s.sendall(proxy_v1(src_ip, src_port, self.host, self.port))
-                    greeting = s.makefile("rb").readline()
-                    if greeting.startswith(b"220 "):
-                        s.sendall(b"QUIT\r\n")
-                        return "greeted"
-                    last[:] = [greeting]
-            except (ConnectionRefusedError, ConnectionResetError, socket.timeout) as e:
-                last[:] = [e]
+            header = (lambda s: proxy_v1(*s.getsockname()[:2], self.host, self.port)) if listed else None
+            answer = greets(self.host, self.port, max(0.1, deadline - time.monotonic()), header)
+            if answer is True:
+                return "greeted"
+            last[:] = [answer]
             return None
 
         try:

@@ -344,6 +344,40 @@ def free_port():
         return sock.getsockname()[1]
 
 
+def on_a_free_port(server, configure, start, failure, in_use):
+    """Start a server of a test's on a free port, trying again (5 times in all) where
+    start() raises `failure` with `in_use` in its text: the port was taken meanwhile.
+    Sets server.port and server.address, calls configure() then start(); on another
+    failure, or the fifth, calls server.stop() and raises the error."""
+    for attempt in range(5):
+        server.port = free_port()
+        server.address = f"{server.host}:{server.port}"
+        configure()
+        try:
+            return start()
+        except failure as error:
+            if in_use not in str(error) or attempt == 4:
+                server.stop()
+                raise
+
+
+def greets(host, port, seconds, header=None):
+    """One connection to a server of a test's: True where it greets with 220 within
+    seconds (QUIT is sent then), else what it did instead, its first line or the error.
+    header(sock) -> bytes to send first (a PROXY header)."""
+    try:
+        with socket.create_connection((host, port), timeout=seconds) as sock:
+            if header:
+                sock.sendall(header(sock))
+            greeting = sock.makefile("rb").readline()
+            if greeting.startswith(b"220 "):
+                sock.sendall(b"QUIT\r\n")
+                return True
+            return greeting
+    except (ConnectionRefusedError, ConnectionResetError, socket.timeout) as e:
+        return e
+
+
 def can_bind(host):
     """True if this host can listen on `host` (an IPv4 or IPv6 address), port 0."""
     try:

@@ -47,7 +47,6 @@ import os
 import pwd
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -57,7 +56,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import PolledLog, wait_for_count, wait_until
+from helpers import PolledLog, greets, on_a_free_port, wait_for_count, wait_until
 
 POSTFIX = "/usr/sbin/postfix"
 POSTQUEUE = "/usr/sbin/postqueue"
@@ -135,12 +134,6 @@ local     unix  -       n       n       -       -       local
 virtual   unix  -       n       n       -       -       virtual
 postlog   unix-dgram n  -       n       -       1       postlogd
 """
-
-
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class PostfixError(AssertionError):
@@ -251,20 +244,8 @@ class Postfix(PolledLog):
         self.proc = None
         self.start_seconds = None
         self.host = "127.0.0.1"
-        last_error = None
-        for _ in range(5):                      # the free port may be taken meanwhile
-            self.port = _free_port()
-            self.address = f"{self.host}:{self.port}"
-            self._write_config()
-            try:
-                self._start(start_timeout)
-                return
-            except PostfixError as error:
-                last_error = error
-                if "Address already in use" not in str(error):
-                    break
-        self.stop()
-        raise last_error
+        on_a_free_port(self, self._write_config, lambda: self._start(start_timeout), PostfixError,
+                       "Address already in use")
 
     # --- life cycle ---------------------------------------------------------
 
@@ -318,18 +299,13 @@ class Postfix(PolledLog):
         last = []
 
         def greeted_or_exited():
-            try:
-                with socket.create_connection((self.host, self.port), timeout=max(0.1, deadline - time.monotonic())) as s:
-                    s.settimeout(max(0.1, deadline - time.monotonic()))
-                    if self.proxy_protocol:     # smtpd greets only after the header
-                        s.sendall(b"PROXY TCP4 127.0.0.1 127.0.0.1 %d %d\r\n" % (s.getsockname()[1], self.port))
-                    greeting = s.makefile("rb").readline()
-                    if greeting.startswith(b"220 "):
-                        s.sendall(b"QUIT\r\n")
-                        return "greeted"
-                    last[:] = [greeting]
-            except (ConnectionRefusedError, ConnectionResetError, socket.timeout) as e:
-                last[:] = [e]
+            # smtpd greets only after the header, with --proxy-protocol
+            header = (lambda s: b"PROXY TCP4 127.0.0.1 127.0.0.1 %d %d\r\n" % (s.getsockname()[1], self.port)) \
+                if self.proxy_protocol else None
+            answer = greets(self.host, self.port, max(0.1, deadline - time.monotonic()), header)
+            if answer is True:
+                return "greeted"
+            last[:] = [answer]
             return "exited" if self.proc.poll() is not None else None     # every Postfix process has exited
 
         try:
