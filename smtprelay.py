@@ -4407,7 +4407,8 @@ def sd_notify(*lines):
     """Tell systemd (NOTIFY_SOCKET) how the relay is: READY=1, RELOADING=1, STOPPING=1, WATCHDOG=1, STATUS=.
     A worker (--workers) tells the main process instead, which speaks for the service."""
     if WORKER.reports is not None:
-        os.write(WORKER.reports, f"{WORKER.slot} {US.join(lines)}\n".encode("utf-8", "replace"))   # one write: atomic
+        report = f"{WORKER.slot} {WORKER.reloads} {US.join(lines)}\n"
+        os.write(WORKER.reports, report.encode("utf-8", "replace"))   # one write: atomic
         return
     address = os.environ.get("NOTIFY_SOCKET")
     if not address:
@@ -4687,6 +4688,7 @@ def take_signals(relay, inetd=False):
         if signum in STOP_SIGNALS:
             relay.begin_stop(signum)
         elif not inetd and relay.stop_signal is None:
+            WORKER.reloads += 1
             sd_notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
             try:
                 relay.reload()
@@ -4742,6 +4744,7 @@ class WorkerIdentity:
         self.slot = None        # the worker's index, 0 for worker 1
         self.reports = None     # the pipe to the main process, for sd_notify()
         self.parent = None      # the main process's pid
+        self.reloads = 0        # SIGHUPs taken: a worker's READY=1 says after which
 
 
 WORKER = WorkerIdentity()
@@ -4768,11 +4771,13 @@ class WorkerReports:
         """Read reports for good (the main process holds the pipe's writing end too)."""
         with open(reader, "rb") as reports:
             for report in reports:
-                slot, _, lines = report.decode("utf-8", "replace").rstrip("\n").partition(" ")
+                slot, reloads, lines = report.decode("utf-8", "replace").rstrip("\n").split(" ", 2)
                 if "READY=1" not in lines.split(US):
                     continue
                 with self.lock:
-                    if int(slot) in self.awaited:
+                    # A worker forked before a reload says READY=1 once at its start,
+                    # and again after the SIGHUP passed on to it: only that one counts.
+                    if int(slot) in self.awaited and int(reloads) >= WORKER.reloads:
                         self.awaited.discard(int(slot))
                         if not self.awaited:
                             self.deadline = None
@@ -4957,6 +4962,7 @@ def reload_workers(relay, workers, reports):
     if not taken:
         sd_notify("READY=1", status(relay))
         return
+    WORKER.reloads += 1             # a worker forked from here on starts with the new settings
     reports.await_reload(RELOAD_SECONDS)
     for worker in workers.values():
         if worker.pid is not None:

@@ -50,6 +50,7 @@ import socket
 import struct
 import threading
 import time
+import types
 import warnings
 from pathlib import Path
 
@@ -757,6 +758,29 @@ def test_a_worker_started_after_the_main_process_served_metrics_serves_its_first
         client = SMTPClient(r.connect(timeout=3))      # a greeting comes in milliseconds
         first = client.reply()
     assert first.code == 220, first
+
+
+def test_ready_after_a_reload_waits_for_each_worker_s_answer_to_it_not_its_start_up_ready(monkeypatch):
+    # A worker forked just before a SIGHUP says READY=1 once at its start, with the old
+    # settings, and again once it has taken the SIGHUP passed on to it: only that counts.
+    notify = NotifySocket()
+    reader, writer = os.pipe()
+    try:
+        monkeypatch.setenv("NOTIFY_SOCKET", notify.address)
+        reports = smtprelay.WorkerReports(reader, 2, types.SimpleNamespace(sessions=0))
+        os.write(writer, "0 0 READY=1\x1fSTATUS=0 sessions\n1 0 READY=1\n".encode())
+        assert notify.wait_for("READY", WAIT)["READY"] == "1"
+        monkeypatch.setattr(smtprelay.WORKER, "reloads", 1)     # the main process took a SIGHUP
+        reports.await_reload(WAIT)
+        os.write(writer, b"0 0 READY=1\n1 1 READY=1\n")        # worker 1's start-up, worker 2's answer
+        wait_until(lambda: reports.awaited == {0}, WAIT, "worker 2's answer taken, worker 1's start-up not")
+        os.write(writer, b"0 1 READY=1\n")
+        assert notify.wait_for("READY", WAIT)["READY"] == "1"
+        assert [fields["READY"] for _, fields in notify.received] == ["1", "1"], notify.received
+        assert reports.deadline is None
+    finally:
+        os.close(writer)
+        notify.close()
 
 
 # --- SharedCounts, in this process -----------------------------------------------------------------
