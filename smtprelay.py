@@ -798,6 +798,7 @@ EVENTS = {
     "worker_died": (logging.ERROR, "worker %(worker)d (pid %(pid)d) %(how)s; a new one starts in %(pause)gs"),
     "worker_not_started": (logging.ERROR, "worker %(worker)d: cannot start it: %(reason)s; trying again in %(pause)gs"),
     "worker_ended": (logging.INFO, "worker %(worker)d (pid %(pid)d) %(how)s"),
+    "cannot_start": (logging.ERROR, "cannot start: %(reason)s"),
     "orphaned": (logging.ERROR, "the main process (pid %(pid)d) is gone: stopping"),
     "workers_not_ready": (logging.WARNING, "SIGHUP: workers %(workers)s did not say within %(seconds)gs that they "
                                             "reloaded"),
@@ -4167,6 +4168,25 @@ def system_backlog():
         return socket.SOMAXCONN
 
 
+class NoThread(RelayError):
+    """The system gives the relay none of its own threads (signals, listeners, the
+    workers' reports, metrics): it cannot run. A session's thread is another matter:
+    without one, that connection alone is refused."""
+
+    def __init__(self, name):
+        """name: what the thread was for."""
+        super().__init__(f"the system gives no thread for {name}: the limit on processes "
+                         f"(ulimit -u, systemd's TasksMax=) is reached")
+
+
+def start_thread(name, target, *args, **kwargs):
+    """target(*args, **kwargs) in a daemon thread of the relay's own; NoThread where the system gives none."""
+    try:
+        threading.Thread(target=target, args=args, kwargs=kwargs, name=name, daemon=True).start()
+    except RuntimeError:
+        raise NoThread(name) from None
+
+
 class Spare:
     """A thread waiting in SpareThreads: wake is held until work is handed to it."""
 
@@ -4504,8 +4524,7 @@ class Metrics:
     def start(self):
         """Serve the page, from a thread of this process (with --workers, the main process,
         once the workers are forked)."""
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.5}, name="metrics",
-                         daemon=True).start()
+        start_thread("metrics", self.server.serve_forever, poll_interval=0.5)
 
 
 METRICS_REQUESTS = 8        # served at a time; more are closed at once
@@ -4701,10 +4720,9 @@ def serve(relay, servers, client=None):
     """Serve until SIGTERM or SIGINT, then drain the sessions -> exit status 0.
     With --inetd, client is (connection, peer): its one session, which a
     stop drains as the daemon drains every session."""
-    threading.Thread(target=take_signals, args=(relay, client is not None), name="signals", daemon=True).start()
+    start_thread("signals", take_signals, relay, client is not None)
     for s in servers:
-        threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.05}, name=f"listen {s.describe()}",
-                         daemon=True).start()
+        start_thread(f"listen {s.describe()}", s.serve_forever, poll_interval=0.05)
         if WORKER.slot is None:         # a worker's listeners are the main process's, told by it
             event("listening", address=s.describe())
     if client:
@@ -4765,7 +4783,7 @@ class WorkerReports:
         self.lock = threading.Lock()
         self.awaited = set(range(workers))      # slots whose READY=1 the service waits for
         self.deadline = None                    # for a reload's
-        threading.Thread(target=self.run, args=(reader,), name="workers' reports", daemon=True).start()
+        start_thread("workers' reports", self.run, reader)
 
     def run(self, reader):
         """Read reports for good (the main process holds the pipe's writing end too)."""
@@ -4843,6 +4861,8 @@ def start_worker(relay, servers, slot, reports, pause=0, reader=None):
         if relay.metrics:
             relay.metrics.server.socket.close()     # the main process serves the page
         status = serve(relay, servers)
+    except NoThread as e:
+        event("cannot_start", reason=str(e))
     except BaseException:
         event("crashed", exc_info=True, doing=f"in worker {slot + 1}", client="-")
     finally:
@@ -5144,12 +5164,15 @@ def main(argv=None):
             return 1
         print(f"smtprelay: {e}", file=sys.stderr)
         return 1
-    if workers == 1:
+    try:
+        if workers > 1:
+            return supervise(relay, servers, workers)
         if relay.metrics:
             relay.metrics.start()
         return serve(relay, servers, connection)
-    try:
-        return supervise(relay, servers, workers)
+    except NoThread as e:
+        event("cannot_start", reason=str(e))
+        return 1
     finally:
         if metrics_dir:
             shutil.rmtree(metrics_dir, ignore_errors=True)

@@ -44,6 +44,7 @@ import fcntl
 import ipaddress
 import json
 import os
+import pwd
 import re
 import signal
 import socket
@@ -781,6 +782,38 @@ def test_ready_after_a_reload_waits_for_each_worker_s_answer_to_it_not_its_start
     finally:
         os.close(writer)
         notify.close()
+
+
+def tasks_of(uid):
+    """The processes and threads on this machine whose real user is uid (what RLIMIT_NPROC counts)."""
+    count = 0
+    for status in Path("/proc").glob("[0-9]*/task/[0-9]*/status"):
+        with contextlib.suppress(OSError):
+            real = next(line for line in status.read_text().splitlines() if line.startswith("Uid:")).split()[1]
+            count += real == str(uid)
+    return count
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="RLIMIT_NPROC binds a user other than root; --user needs root")
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_relay_the_system_gives_no_thread_exits_1_naming_the_limit_without_a_traceback(workers, tmp_path):
+    # --user nobody: the limit on processes counts nobody's, and leaves room for the relay's
+    # main process alone, or for it and worker 1: worker 2's fork fails, then the first thread.
+    nobody = pwd.getpwnam("nobody").pw_uid
+    limit = tasks_of(nobody) + workers
+    result = run_relay("--backend", f"maildir:{tmp_path / 'Maildir'}", "--user", "nobody", "--workers", str(workers),
+                       listen="127.0.0.1:0", wrapper=("prlimit", f"--nproc={limit}", "--"))
+    assert result.returncode == 1, result
+    assert "Traceback" not in result.stderr, result.stderr
+    shortage = "the limit on processes (ulimit -u, systemd's TasksMax=) is reached"
+    if workers == 1:
+        assert re.search(rf"ERROR cannot start: the system gives no thread for signals: {re.escape(shortage)}$",
+                         result.stderr, re.M), result.stderr
+    else:
+        assert re.search(r"smtprelay ERROR worker 2: cannot start it: Resource temporarily unavailable; "
+                         r"trying again in 1s$", result.stderr, re.M), result.stderr
+        assert re.search(rf"smtprelay ERROR cannot start: the system gives no thread for workers' reports: "
+                         rf"{re.escape(shortage)}$", result.stderr, re.M), result.stderr
 
 
 # --- SharedCounts, in this process -----------------------------------------------------------------
