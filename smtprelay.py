@@ -359,8 +359,13 @@ def make_server_tls(cert, key, client_ca, verify_client):
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    def pass_phrase():
+        # OpenSSL's own prompt would wait on a terminal, or fail with a traceback without one.
+        raise ConfigError("--tls-key", f"{key}: encrypted with a pass phrase, which the relay cannot ask for: "
+                                       f"decrypt it (openssl pkey -in KEY -out NEW_KEY), readable by root alone")
+
     try:
-        context.load_cert_chain(cert, key)
+        context.load_cert_chain(cert, key, password=pass_phrase)
     except ssl.SSLError as e:
         raise ConfigError("--tls-key", f"{key}: not the private key of {cert} ({e.reason or e})") from None
     if client_ca:
@@ -625,6 +630,9 @@ def validate(args):
     if cfg.workers > 1 and not cfg.inetd and any(b.kind == "stdout" for b in cfg.backend):
         raise ConfigError("--backend", "stdout: prints from one process: not with --workers above 1 (messages of "
                                        "two workers would interleave)")
+    if cfg.proxy_protocol and not cfg.real_ip_from:
+        raise ConfigError("--real-ip-from", "--proxy-protocol needs the peers whose PROXY header is trusted (the "
+                                            "load balancer's address): a header from any other peer is refused")
     if cfg.auth != ["none"] and not cfg.auth_http:
         raise ConfigError("--auth", f"{args.auth!r}: checking credentials needs an auth service (--auth-http)")
     missing_tls = "--tls-key" if cfg.tls_cert else "--tls-cert"
@@ -1550,6 +1558,9 @@ def peer_text(ip, port):
     return format_address(ip, port) if ip else "a client with no IP address"
 
 
+TEMPORARY_LOOKUP_ERRORS = {socket.EAI_AGAIN, socket.EAI_MEMORY, socket.EAI_SYSTEM}     # Postfix's TEMP_AI_ERROR
+
+
 def lookup_client_names(ip):
     """The system resolver's names for ip -> (name, reverse_name), as Postfix's smtpd has them.
 
@@ -1559,9 +1570,11 @@ def lookup_client_names(ip):
     (CR, spaces, "=" or worse, as nginx's CVE-2026-28753) counts as none.
     """
     try:
-        reverse_name = socket.gethostbyaddr(ip)[0]
-    except socket.herror as e:
-        return (TEMPUNAVAIL,) * 2 if e.errno == 2 else (UNAVAILABLE,) * 2     # 2: TRY_AGAIN
+        # getnameinfo's own error code, as Postfix's smtpd reads it: gethostbyaddr's
+        # is h_errno, which glibc leaves as the thread's previous lookup set it.
+        reverse_name = socket.getnameinfo((ip, 0), socket.NI_NAMEREQD)[0]
+    except socket.gaierror as e:
+        return (TEMPUNAVAIL if e.errno in TEMPORARY_LOOKUP_ERRORS else UNAVAILABLE,) * 2
     except OSError:
         return (TEMPUNAVAIL,) * 2
     if not is_host(reverse_name, address_ok=False):
@@ -1569,7 +1582,7 @@ def lookup_client_names(ip):
     try:
         found = {client_ip(info[4]) for info in socket.getaddrinfo(reverse_name, None, proto=socket.IPPROTO_TCP)}
     except socket.gaierror as e:
-        return (TEMPUNAVAIL if e.errno == socket.EAI_AGAIN else UNAVAILABLE), reverse_name
+        return (TEMPUNAVAIL if e.errno in TEMPORARY_LOOKUP_ERRORS else UNAVAILABLE), reverse_name
     except (OSError, UnicodeError, ValueError):
         return UNAVAILABLE, reverse_name
     return (reverse_name if ip in found else UNAVAILABLE), reverse_name
@@ -1697,6 +1710,7 @@ class Client(typing.NamedTuple):
     certificate: dict = None    # its verified certificate, as Auth-SSL-* values
     user: str = None            # the login it authenticated as
     local: tuple = None         # (ip, port) of the relay that it connected to; None without an IP address
+    proxy: tuple = None         # (ip, port, server ip, server port) from the PROXY header it came with
 
     @property
     def address(self):
@@ -3662,6 +3676,9 @@ class AuthService:
             headers["Auth-Salt"] = salt
         headers.update({"Auth-Protocol": "smtp", "Auth-Login-Attempt": str(attempt),
                         "Client-IP": client.ip or UNAVAILABLE, "Client-Host": client.looked_up()[0]})
+        if client.proxy:        # as nginx: what the PROXY header said, for scripts that read it
+            headers.update(zip(("Proxy-Protocol-Addr", "Proxy-Protocol-Port", "Proxy-Protocol-Server-Addr",
+                                "Proxy-Protocol-Server-Port"), map(str, client.proxy)))
         if method == "none":
             headers.update({"Auth-SMTP-Helo": header_value(client.helo or ""),
                             "Auth-SMTP-From": header_value(mail or ""), "Auth-SMTP-To": header_value(rcpt or "")})
@@ -4030,8 +4047,8 @@ def receive_exactly(wire, count, deadline):
 
 
 def read_proxy_header(wire, timeout):
-    """The PROXY header on the connection -> the client's (ip, port), or None where the
-    header names none (v1 UNKNOWN, v2 LOCAL, other families): then the peer
+    """The PROXY header on the connection -> (ip, port, server ip, server port): the client's
+    address and the one it connected to; or None where the header names none (v1 UNKNOWN, v2 LOCAL, other families): then the peer
     is the client. Raises ProxyHeaderError, TimeoutError past `timeout`."""
     deadline = time.monotonic() + timeout
     start = receive_exactly(wire, 5, deadline)
@@ -4048,7 +4065,8 @@ def read_proxy_header(wire, timeout):
 
 
 def parse_proxy_v1(line):
-    """A v1 line without its CRLF -> (ip, port), or None for UNKNOWN; raises ProxyHeaderError."""
+    """A v1 line without its CRLF -> (ip, port, server ip, server port), or None for UNKNOWN;
+    raises ProxyHeaderError."""
     words = line.split(" ")
     if len(words) >= 2 and words[1] == "UNKNOWN":
         return None
@@ -4062,12 +4080,12 @@ def parse_proxy_v1(line):
             raise ValueError
     except ValueError:
         raise ProxyHeaderError(f"bad v1 line {printable(line)!r}") from None
-    return str(ip), int(port)
+    return str(ip), int(port), str(to), int(destination_port)
 
 
 def parse_proxy_v2(head, wire, deadline):
-    """The v2 header after its 16 bytes head, read from wire -> (ip, port), or None where
-    it names no TCP client; raises ProxyHeaderError."""
+    """The v2 header after its 16 bytes head, read from wire -> (ip, port, server ip, server port),
+    or None where it names no TCP client; raises ProxyHeaderError."""
     if head[:12] != PROXY_V2_SIGNATURE:
         raise ProxyHeaderError("bad v2 signature")
     version, command, family = head[12] >> 4, head[12] & 0xF, head[13]
@@ -4076,13 +4094,14 @@ def parse_proxy_v2(head, wire, deadline):
     body = receive_exactly(wire, int.from_bytes(head[14:16], "big"), deadline)   # addresses, then TLVs (skipped)
     if command == 0:            # LOCAL: the proxy's own connection (a health check)
         return None
-    for code, size, v6 in ((0x11, 12, False), (0x21, 36, True)):    # TCP over IPv4, TCP over IPv6
+    for code, size in ((0x11, 12), (0x21, 36)):     # TCP over IPv4, TCP over IPv6
         if family == code:
             if len(body) < size:
                 raise ProxyHeaderError("v2 addresses cut short")
             half = (size - 4) // 2
-            ip = ipaddress.IPv6Address(body[:half]) if v6 else ipaddress.IPv4Address(body[:half])
-            return str(ip), int.from_bytes(body[size - 4:size - 2], "big")
+            source, server = (ipaddress.ip_address(body[at:at + half]) for at in (0, half))
+            return str(source), int.from_bytes(body[size - 4:size - 2], "big"), str(server), \
+                int.from_bytes(body[size - 2:size], "big")
     return None                 # UNSPEC, UDP, UNIX: the spec says use the real connection's
 
 
@@ -4096,7 +4115,7 @@ def serve_connection(relay, connection, peer, implicit_tls=False):
     if wanted("connection"):
         event("connection", peer=peer_text(ip, ip and peer[1]), client=ip)
     try:
-        via = None
+        via = real = None
         if cfg.proxy_protocol:
             if ip is None or not any(ipaddress.ip_address(ip) in net for net in cfg.real_ip_from):
                 event("refused", peer=ip or "a client with no address", client=ip,
@@ -4111,7 +4130,7 @@ def serve_connection(relay, connection, peer, implicit_tls=False):
                 event("bad_proxy_header", peer=ip, client=ip, reason=f"bad PROXY header: {e}")
                 return
             if real:
-                via, peer, ip = peer, real, client_ip(real)
+                via, peer, ip = peer, real[:2], client_ip(real)
         refusal = relay.admit(ip)
         if refusal:
             reply, reason = refusal
@@ -4129,7 +4148,7 @@ def serve_connection(relay, connection, peer, implicit_tls=False):
             # where anyone will ask for them (XCLIENT, the auth service).
             names = relay.resolver.lookup(ip, cfg.resolve_timeout) if setup.needs_names and ip else None
             local = wire.sock.getsockname()[:2] if ip else None     # a client with an IP came on a socket
-            client = Client(secrets.token_hex(4), ip, peer[1] if ip else None, names, local=local)
+            client = Client(secrets.token_hex(4), ip, peer[1] if ip else None, names, local=local, proxy=real)
             session = Session(relay, channel, client, via, implicit_tls)
             session.run()
         finally:

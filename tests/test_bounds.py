@@ -86,7 +86,7 @@ class ThreadWatch:
 # --- Name lookups: a small fixed pool ---------------------------------------------------
 
 # The system resolver as a broken DNS server makes it: every lookup of a client's address (by
-# gethostbyaddr or getnameinfo) and of a name (getaddrinfo) fails after 20 s. getaddrinfo of an
+# getnameinfo, or gethostbyaddr) and of a name (getaddrinfo) fails after 20 s. getaddrinfo of an
 # address literal (connecting to the back-end's 127.0.0.1) and of the machine's own names is untouched.
 SLOW_RESOLVER = '''\
 import ipaddress
@@ -531,17 +531,17 @@ ONE_SLOW_ZONE = '''\
 import socket
 import time
 
-_gethostbyaddr = socket.gethostbyaddr
+_getnameinfo = socket.getnameinfo
 
 
-def gethostbyaddr(host):
-    if host == "127.0.0.2":
+def getnameinfo(sockaddr, flags):
+    if sockaddr[0] == "127.0.0.2" and not flags & socket.NI_NUMERICHOST:
         time.sleep(30)
-        raise socket.herror(2, "Host name lookup failure")
-    return _gethostbyaddr(host)
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+    return _getnameinfo(sockaddr, flags)
 
 
-socket.gethostbyaddr = gethostbyaddr
+socket.getnameinfo = getnameinfo
 '''
 
 

@@ -23,9 +23,9 @@ from smtprelay import (BARE_BREAK, LINE_START, AuthService, AuthServiceError, Co
 
 # --- PROXY v1 -------------------------------------------------------------------------------
 
-def test_proxy_v1_gives_the_source_address_and_port():
-    assert parse_proxy_v1("PROXY TCP4 192.0.2.7 198.51.100.1 40001 25") == ("192.0.2.7", 40001)
-    assert parse_proxy_v1("PROXY TCP6 2001:db8::7 2001:db8::1 40001 25") == ("2001:db8::7", 40001)
+def test_proxy_v1_gives_the_source_and_destination_addresses_and_ports():
+    assert parse_proxy_v1("PROXY TCP4 192.0.2.7 198.51.100.1 40001 25") == ("192.0.2.7", 40001, "198.51.100.1", 25)
+    assert parse_proxy_v1("PROXY TCP6 2001:db8::7 2001:db8::1 40001 25") == ("2001:db8::7", 40001, "2001:db8::1", 25)
 
 
 def test_proxy_v1_unknown_names_no_client():
@@ -63,12 +63,12 @@ def read_v2(head, rest):
         return parse_proxy_v2(head, smtprelay.Wire(ours), time.monotonic() + 2)
 
 
-def test_proxy_v2_proxy_gives_the_source_address_and_port_skipping_tlvs():
+def test_proxy_v2_proxy_gives_the_source_and_destination_addresses_and_ports_skipping_tlvs():
     ipv4 = bytes([192, 0, 2, 7, 198, 51, 100, 1]) + struct.pack("!HH", 40001, 25) + b"\x04\x00\x00"  # a NOOP TLV
-    assert read_v2(*proxy_v2(1, 0x11, ipv4)) == ("192.0.2.7", 40001)
+    assert read_v2(*proxy_v2(1, 0x11, ipv4)) == ("192.0.2.7", 40001, "198.51.100.1", 25)
     ipv6 = (ipaddress.IPv6Address("2001:db8::7").packed + ipaddress.IPv6Address("2001:db8::1").packed
-            + struct.pack("!HH", 40002, 25))
-    assert read_v2(*proxy_v2(1, 0x21, ipv6)) == ("2001:db8::7", 40002)
+            + struct.pack("!HH", 40002, 587))
+    assert read_v2(*proxy_v2(1, 0x21, ipv6)) == ("2001:db8::7", 40002, "2001:db8::1", 587)
 
 
 def test_proxy_v2_local_and_unspec_name_no_client():
@@ -101,9 +101,9 @@ def test_the_proxy_header_out_names_the_client_in_v1_and_v2(ip, local):
     client = client_at(ip, 40001, local)
     v1 = smtprelay.proxy_header("v1", client)
     assert v1.endswith(b"\r\n") and len(v1) <= smtprelay.PROXY_V1_LIMIT
-    assert parse_proxy_v1(v1[:-2].decode()) == (ip, 40001)
+    assert parse_proxy_v1(v1[:-2].decode())[:2] == (ip, 40001)
     v2 = smtprelay.proxy_header("v2", client)
-    assert read_v2(v2[:16], v2[16:]) == (ip, 40001)
+    assert read_v2(v2[:16], v2[16:])[:2] == (ip, 40001)
 
 
 def test_the_proxy_header_out_for_a_client_without_an_address_names_none():

@@ -37,7 +37,7 @@ from pathlib import Path
 import pytest
 
 from auth_fixtures import always, auth_service, ok  # noqa: F401  (fixtures)
-from helpers import (LoggedProcess, SMTPClient, free_port, send_message, stop_process, wait_accepting,
+from helpers import (LoggedProcess, SMTPClient, free_port, run_relay, send_message, stop_process, wait_accepting,
                      xclient_attributes)
 from tls_fixtures import tls  # noqa: F401  (fixture)
 
@@ -253,15 +253,40 @@ def test_each_connection_has_its_own_header_and_its_own_client(mx_relay, backend
     assert addresses == {("192.0.2.24", "40009"), ("IPV6:2001:db8::24", "40010")}
 
 
-def test_auth_service_hears_the_client_of_the_header_as_client_ip(mx_relay, auth_service, backend):
+@pytest.mark.parametrize("header, client, server", [
+    (v1("TCP4", "192.0.2.25", "198.51.100.1", 40011, 25), ("192.0.2.25", "40011"), ("198.51.100.1", "25")),
+    (v2(PROXY, "2001:db8::25", "2001:db8::1", 40012, 587), ("2001:db8::25", "40012"), ("2001:db8::1", "587")),
+], ids=["v1", "v2"])
+def test_auth_service_hears_the_client_of_the_header_as_client_ip_and_the_header_as_nginx_sends_it(
+        header, client, server, mx_relay, auth_service, backend):
+    # nginx's auth_http request carries a PROXY header's four values (Proxy-Protocol-*), after
+    # Client-Host; auth scripts written for nginx read them.
     service = auth_service(always(*ok(backend)))
     r = mx_relay(*TRUSTED, "--auth-http", service.url)
-    client = proxied(r, v1("TCP4", "192.0.2.25", "198.51.100.1", 40011, 25))
-    served(client)
-    assert send_message(client, BODY).code == 250
+    smtp = proxied(r, header)
+    served(smtp)
+    assert send_message(smtp, BODY).code == 250
     [request] = service.requests
-    assert dict(request)["Client-IP"] == "192.0.2.25"
-    assert xclient_attributes(backend.sessions[0])["ADDR"] == "192.0.2.25"
+    names = [name for name, _ in request]
+    assert names[names.index("Client-Host") + 1:][:4] == [
+        "Proxy-Protocol-Addr", "Proxy-Protocol-Port", "Proxy-Protocol-Server-Addr", "Proxy-Protocol-Server-Port"]
+    headers = dict(request)
+    assert headers["Client-IP"] == client[0]
+    assert (headers["Proxy-Protocol-Addr"], headers["Proxy-Protocol-Port"]) == client
+    assert (headers["Proxy-Protocol-Server-Addr"], headers["Proxy-Protocol-Server-Port"]) == server
+    assert xclient_attributes(backend.sessions[0])["ADDR"] == ("IPV6:" if ":" in client[0] else "") + client[0]
+
+
+def test_auth_service_hears_no_proxy_protocol_headers_where_the_header_names_no_client(
+        mx_relay, auth_service, backend):
+    service = auth_service(always(*ok(backend)))
+    r = mx_relay(*TRUSTED, "--auth-http", service.url)
+    smtp = proxied(r, b"PROXY UNKNOWN\r\n")
+    served(smtp)
+    assert send_message(smtp, BODY).code == 250
+    [request] = service.requests
+    assert dict(request)["Client-IP"] == "127.0.0.1"
+    assert not [name for name, _ in request if name.startswith("Proxy-Protocol")], request
 
 
 # --- 2. What --allow-from and --max-clients-per-ip judge: the client of the header -----
@@ -303,14 +328,21 @@ def test_max_clients_per_ip_counts_the_address_in_the_header(mx_relay, backend):
 
 # --- 3. Untrusted peers, malformed and unfinished headers: closed without a byte -------
 
-@pytest.mark.parametrize("trust", [("--real-ip-from", "10.0.0.0/8"), ()], ids=["outside-real-ip-from", "none-given"])
-def test_peer_outside_real_ip_from_is_closed_without_a_byte_and_logged(trust, mx_relay, backend):
-    r = mx_relay("--proxy-protocol", *trust, "--backend", backend.address)
+def test_peer_outside_real_ip_from_is_closed_without_a_byte_and_logged(mx_relay, backend):
+    r = mx_relay("--proxy-protocol", "--real-ip-from", "10.0.0.0/8", "--backend", backend.address)
     client = proxied(r, v1("TCP4", "192.0.2.40", "198.51.100.1", 40040, 25))
     assert_closed_without_a_byte(client)
     r.wait_for_log(r" WARNING refused 127\.0\.0\.1: PROXY protocol from a peer outside --real-ip-from$")
     assert backend.connections == 0
     assert "192.0.2.40" not in r.log_text()
+
+
+def test_proxy_protocol_without_real_ip_from_is_a_configuration_error():
+    # It would refuse every client: no peer's header is trusted.
+    result = run_relay("--proxy-protocol", "--backend", "127.0.0.1:25", "--check-config")
+    assert result.returncode == 1, result
+    assert result.stderr.startswith("smtprelay: --real-ip-from: --proxy-protocol needs the peers whose PROXY "
+                                    "header is trusted"), result.stderr
 
 
 def test_trusted_and_untrusted_peers_on_one_relay(mx_relay, backend, opened):

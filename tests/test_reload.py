@@ -216,7 +216,7 @@ def test_a_changed_setting_that_needs_a_restart_is_warned_about_and_kept(setting
     r = relay(config=f"listen = 127.0.0.1:0\nbackend = [{old.address}]\n", listen=None)
     port, elsewhere = r.port, free_port()
     changed = (f"listen = 127.0.0.1:{elsewhere}\n" if setting == "listen"
-               else "listen = 127.0.0.1:0\nproxy-protocol = true\n")
+               else "listen = 127.0.0.1:0\nproxy-protocol = true\nreal-ip-from = [127.0.0.1/32]\n")
     rewrite(r, changed + f"backend = [{new.address}]\n")
     sighup(r, expect=NEED_RESTART)
     assert count(r, NEED_RESTART) == 1

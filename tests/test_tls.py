@@ -19,6 +19,7 @@ import warnings
 
 import pytest
 import trustme
+from cryptography.hazmat.primitives import serialization
 
 from auth_fixtures import always, auth_service, ok  # noqa: F401  (fixture)
 from auth_http_example import Policy, unescape      # contrib/, put on sys.path by auth_fixtures
@@ -376,6 +377,9 @@ def bad_tls_options(case, tls, tmp_path):
     other = tls.issue("other", "other.example")
     expired = tls.issue("expired", "mx.test", expired=True)
     cert, key = tls.server.cert_path, tls.server.key_path
+    encrypted = tmp_path / "encrypted.key"      # as `openssl pkey -aes256` writes it
+    encrypted.write_bytes(serialization.load_pem_private_key(key.read_bytes(), None).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.BestAvailableEncryption(b"x")))
     return {
         "cert missing": (["--tls-cert", missing, "--tls-key", key], "--tls-cert", missing, "No such file"),
         "cert is a directory": (["--tls-cert", tmp_path, "--tls-key", key], "--tls-cert", tmp_path, "directory"),
@@ -384,6 +388,8 @@ def bad_tls_options(case, tls, tmp_path):
                          expired.cert_path, "expired"),
         "key missing": (["--tls-cert", cert, "--tls-key", missing], "--tls-key", missing, "No such file"),
         "key not PEM": (["--tls-cert", cert, "--tls-key", garbage], "--tls-key", garbage, "not the private key"),
+        "key encrypted": (["--tls-cert", cert, "--tls-key", encrypted], "--tls-key", encrypted,
+                          "encrypted with a pass phrase, which the relay cannot ask for"),
         "key of another certificate": (["--tls-cert", cert, "--tls-key", other.key_path], "--tls-key",
                                        other.key_path, "not the private key"),
         "client CA not PEM": (["--tls-cert", cert, "--tls-key", key, "--tls-client-ca", garbage,
@@ -398,7 +404,7 @@ def bad_tls_options(case, tls, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["cert missing", "cert is a directory", "cert not PEM", "cert expired",
-                                  "key missing", "key not PEM", "key of another certificate",
+                                  "key missing", "key not PEM", "key encrypted", "key of another certificate",
                                   "client CA not PEM", "client CA missing", "backend CA not PEM",
                                   "backend CA missing"])
 def test_unusable_tls_file_stops_the_start_with_one_line_naming_option_and_file(case, tls, tmp_path):
