@@ -2514,6 +2514,10 @@ class BackendGone(RelayError):
         self.reply = reply
 
 
+class OutOfStep(BackendGone):
+    """A reply that cannot answer the command it was read for (RFC 5321 §4.3.2)."""
+
+
 class UnaskedReply(RelayError, smtplib.SMTPServerDisconnected):
     """The back-end said something before it was asked; reply: its 421, where that was all."""
 
@@ -2766,8 +2770,9 @@ class SMTPConnection(smtplib.SMTP):
         self.proxy_header = b""         # sent first, once connected (--backend-proxy-protocol)
         self.proxy_taken = False        # the back-end answered EHLO after it
         # Commands sent ahead in one write (RFC 2920), oldest first, whose replies
-        # are still to be read: each the (verb, args) a later command() must match.
+        # are still to be taken: each the (verb, args) a later command() must match.
         self.ahead = collections.deque()
+        self.answers = collections.deque()      # their replies, once read (read_ahead)
 
     def handshake(self, client, credentials=None, login=None):
         """Connect (a PROXY header first, with --backend-proxy-protocol) and greet,
@@ -2971,6 +2976,8 @@ class SMTPConnection(smtplib.SMTP):
                 if len(lines) >= REPLY_LINES_LIMIT or size > REPLY_BYTES_LIMIT:
                     raise smtplib.SMTPServerDisconnected(
                         f"reply over {REPLY_LINES_LIMIT} lines or {REPLY_BYTES_LIMIT} bytes")
+                if line[3:4] not in (b" ", b"-", b"\r", b"\n", b""):    # RFC 5321 §4.2: the code, then SP or "-"
+                    raise smtplib.SMTPServerDisconnected(f"malformed reply line {printable(line[:8])!r}")
                 if lines and line[:3] != code:      # RFC 5321 §4.2.1: one code for every line of a reply
                     raise smtplib.SMTPServerDisconnected(f"a reply of {printable(code)} went on with {printable(line[:3])}")
                 code = line[:3]
@@ -2999,7 +3006,13 @@ class SMTPConnection(smtplib.SMTP):
         if not 200 <= code <= 599:
             self.close()
             raise BackendGone(f"bad reply to {what}: {code} {printable(text)}")
-        text = text.decode("utf-8", "surrogateescape")
+        # RFC 5321 §4.3.2: DATA alone is answered 354 (or refused), nothing else 3xx. A reply
+        # that breaks this answers another command: the back-end is out of step.
+        if (code == 354 or code >= 400) if what == "DATA" else not 300 <= code < 400:
+            text = text.decode("utf-8", "surrogateescape")
+        else:
+            self.close()
+            raise OutOfStep(f"out of step: said {code} {printable(text)} to {what}")
         if code == 421:     # RFC 5321 §3.8: it is closing the connection
             self.close()
             raise BackendGone(f"closing, said {code} {printable(text)} to {what}", (code, text))
@@ -3010,8 +3023,13 @@ class SMTPConnection(smtplib.SMTP):
         Where it went ahead with others, only its reply is read now."""
         if self.ahead:
             if self.ahead[0] == (verb, args):
+                if not self.answers:
+                    self.read_ahead()
                 self.ahead.popleft()
-                return self.checked(verb, self.getreply)
+                answer = self.answers.popleft()
+                if isinstance(answer, BackendGone):
+                    raise answer
+                return answer
             self.drain_ahead()
         return self.checked(verb, lambda: self.docmd(verb, args))
 
@@ -3035,14 +3053,37 @@ class SMTPConnection(smtplib.SMTP):
         self.checked(commands[0][0], write)
         self.ahead.extend(commands)
 
+    def read_ahead(self):
+        """Read the replies to every command sent ahead, together, when the first is wanted
+        (the client pipelined them all and waits for all), into answers: so none is passed
+        on before every one was seen in step, one to each command and nothing more. Where
+        they were not, every command of the group fails; where the connection broke (or
+        said 421), the commands from there on fail, each in its turn, as one by one."""
+        try:
+            for verb, _ in self.ahead:
+                try:
+                    self.answers.append(self.checked(verb, self.getreply))
+                except OutOfStep:
+                    raise
+                except BackendGone as e:
+                    self.answers.extend([e] * (len(self.ahead) - len(self.answers)))
+                    return
+            self.in_step()
+        except (OutOfStep, UnaskedReply) as e:
+            self.answers = collections.deque([BackendGone(f"pipelined replies out of step: {e}")] * len(self.ahead))
+
     def drain_ahead(self):
-        """Read and drop the replies to commands sent ahead that the session did not make after
+        """Drop the replies to commands sent ahead that the session did not make after
         all (an earlier reply refused what they built on). A 354 among them leaves the
         back-end waiting for a message that will not come: BackendGone."""
+        if not self.answers:
+            self.read_ahead()
         while self.ahead:
-            verb, _ = self.ahead.popleft()
-            code, text = self.checked(verb, self.getreply)
-            if code == 354:
+            self.ahead.popleft()
+            answer = self.answers.popleft()
+            if isinstance(answer, BackendGone):
+                raise answer
+            if answer[0] == 354:
                 self.close()
                 raise BackendGone("said 354 to a DATA sent ahead, where no recipient was accepted")
 

@@ -187,6 +187,57 @@ def test_one_reply_too_many_after_mail_is_never_the_answer_to_rcpt(relay, script
     assert client.say("QUIT").code == 221
 
 
+def test_a_pipelined_group_answered_with_one_reply_too_many_passes_none_of_its_replies_on(relay, scripted_backend):
+    """The same through a pipelined group (RFC 2920): the relay sends MAIL, RCPT and DATA ahead in
+    one write and reads their replies together, before it passes any on. One too many shifts every
+    later one (the extra 250 would answer RCPT, RCPT's 250 DATA): the whole group gets 451, the
+    back-end is dropped, and no message goes."""
+    backend = scripted_backend(replies={"MAIL": f"{MAIL_REPLY}\r\n250 2.1.5 extra reply nobody asked for"})
+    r = relay("--backend", backend.address, "--resolve", "off")
+    client = greeted(r, ehlo="client.example")
+    client.send(f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<{RECIPIENT}>\r\nDATA\r\n".encode())
+    replies = [client.reply() for _ in range(3)]
+    assert [reply.code for reply in replies] == [451, 503, 503], replies
+    assert not any("extra reply" in reply.text for reply in replies), replies
+    backend.wait_for_sessions_closed(1, timeout=10)
+    assert [verbs(session)[-3:] for session in backend.sessions] == [[b"MAIL", b"RCPT", b"DATA"]]
+    assert backend.delivered == []
+    assert client.say("QUIT").code == 221
+
+
+@pytest.mark.parametrize("command, reply", [("RCPT", "354 Go ahead"), ("MAIL", "334 VXNlcm5hbWU6"),
+                                            ("DATA", "250 2.0.0 Ok")], ids=["354-to-rcpt", "334-to-mail", "250-to-data"])
+def test_a_reply_no_command_of_its_kind_can_have_is_a_broken_back_end(command, reply, relay, scripted_backend):
+    """RFC 5321 §4.3.2: DATA alone is answered 354 (or refused); no other command has a 3xx.
+    A reply outside that answers some other command: 451, never passed on, one command at a time too."""
+    backend = scripted_backend(replies={command: reply})
+    r = relay("--backend", backend.address, "--resolve", "off")
+    client = greeted(r, ehlo="client.example")
+    said = [client.say(f"MAIL FROM:<{SENDER}>")]
+    if said[-1].code == 250:
+        said.append(client.say(f"RCPT TO:<{RECIPIENT}>"))
+    if said[-1].code == 250:
+        said.append(client.say("DATA"))
+    assert said[-1].code == 451 and said[-1].text.startswith("451 4.4.2"), said
+    backend.wait_for_sessions_closed(1, timeout=10)
+    assert backend.delivered == []
+
+
+@pytest.mark.parametrize("reply", ["2500 2.0.0 Ok: queued", "250x Ok: queued", "250\t2.0.0 Ok: queued"])
+def test_a_reply_line_whose_code_runs_on_is_a_broken_back_end_never_a_250(reply, relay, scripted_backend):
+    """RFC 5321 §4.2: a reply line is three digits, then SP, "-" or its end. "2500" is no 250."""
+    backend = scripted_backend(replies={".": reply})
+    r = relay("--backend", backend.address, "--resolve", "off")
+    client = greeted(r, ehlo="client.example")
+    assert client.say(f"MAIL FROM:<{SENDER}>").code == 250
+    assert client.say(f"RCPT TO:<{RECIPIENT}>").code == 250
+    assert client.say("DATA").code == 354
+    client.send(FIRST_BODY + b".\r\n")
+    assert client.reply().code == 451
+    r.wait_for_log(r"malformed reply line")
+    assert client.say("QUIT").code == 221
+
+
 # --- XCLIENT fails closed ----------------------------------------------------------------
 
 def test_backend_without_xclient_is_down_mail_gets_451_4_4_1_and_never_reaches_it(relay, scripted_backend):
