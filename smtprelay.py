@@ -32,6 +32,7 @@ import dataclasses
 import datetime
 import errno
 import fcntl
+import functools
 import ipaddress
 import hashlib
 import heapq
@@ -980,10 +981,8 @@ def set_nodelay(sock):
     """Writes go out at once. Replies are already gathered into one write per
     burst; without this the end of data, a small write right after the
     message, waits ~40 ms for the peer's delayed ACK (Nagle)."""
-    try:
+    with contextlib.suppress(OSError):         # not a TCP socket
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except OSError:         # not a TCP socket
-        pass
 
 
 # One way to talk to a peer. Every byte the relay reads from or writes to
@@ -1250,12 +1249,10 @@ class Wire:
         that our last reply is not destroyed by the reset that unread input causes."""
         if self.sock is None:
             for fd in {self.reader, self.writer} - {None}:
-                try:
+                with contextlib.suppress(OSError):
                     os.close(fd)
-                except OSError:
-                    pass
             return
-        try:
+        with contextlib.suppress(OSError, ValueError, TimeoutError):
             if self.tls:
                 self.sock.setblocking(False)    # send our close_notify (RFC 8446 §6.1), don't wait for theirs
                 self.sock.unwrap()
@@ -1264,12 +1261,8 @@ class Wire:
                 deadline = time.monotonic() + linger
                 while self.receive(deadline):
                     pass
-        except (OSError, ValueError, TimeoutError):
-            pass
-        try:
+        with contextlib.suppress(OSError):
             self.sock.close()
-        except OSError:
-            pass
 
 
 class Channel:
@@ -1364,32 +1357,17 @@ class Channel:
             raise ClientGone("client closed the connection")
         return line[:-2] if line.endswith(b"\r\n") else line[:-1]
 
-    def spoke_within(self, seconds):
-        """Whether the client sends anything within `seconds` (before the greeting it should not)."""
-        return self.wire.readable_within(seconds)
-
-    @property
-    def on_socket(self):
-        """Whether the client is on a socket, where TLS can start (not on pipes)."""
-        return self.wire.sock is not None
-
     def start_tls(self, context):
         """Run the server side of a TLS handshake, bounded by one --timeout -> ((protocol,
         cipher), the client's verified certificate as Auth-SSL-* values or None).
         A failed handshake raises ClientGone."""
         self.flush()
-        if self.wire.sock is None:
-            raise ClientGone("TLS needs a socket, and the client is on a pipe")
         try:
             self.wire.start_tls(context, time.monotonic() + self.timeout)
         except (ssl.SSLError, OSError) as e:
             raise ClientGone(f"TLS handshake failed: {getattr(e, 'reason', None) or e}") from None
         sock = self.wire.sock
         return (sock.version(), sock.cipher()[0]), client_certificate(sock)
-
-    def close(self):
-        """Close the connection so that the last reply reaches the client."""
-        self.wire.close(linger=LINGER_SECONDS)
 
     def read_data(self, normalize):
         """Yield message data as it arrives, up to the CRLF.CRLF that ends it.
@@ -1840,7 +1818,7 @@ class Session:
 
     def greet(self):
         """Send the greeting; False if the client spoke first during --greeting-delay."""
-        if self.cfg.greeting_delay and self.channel.spoke_within(self.cfg.greeting_delay):
+        if self.cfg.greeting_delay and self.channel.wire.readable_within(self.cfg.greeting_delay):
             self.event("spoke_first")
             self.say_last(SPOKE_FIRST)
             return False
@@ -1849,11 +1827,9 @@ class Session:
 
     def say_last(self, reply):
         """A closing reply to a client that may no longer listen."""
-        try:
+        with contextlib.suppress(ClientGone, OSError):
             self.channel.reply(*reply)
             self.channel.flush()
-        except (ClientGone, OSError):
-            pass
 
     def handle_command(self):
         """Read one command line and answer it; a stop is taken here, between transactions only."""
@@ -1891,7 +1867,7 @@ class Session:
             # A bug of ours: the stream may be out of step, so close rather
             # than guess; 4xx tells the client to try again later.
             self.event("internal_error", exc_info=True)
-            self.drop_backend()
+            self.close_backend(quit=False)
             self.channel.reply(*INTERNAL_ERROR)
             self.done = True
 
@@ -1957,7 +1933,7 @@ class Session:
         mechanisms = [m.upper() for m in self.offered_mechanisms()]
         if mechanisms:
             extensions.append("AUTH " + " ".join(mechanisms))
-        if self.cfg.starttls != "off" and not self.client.tls and self.channel.on_socket:
+        if self.cfg.starttls != "off" and not self.client.tls and self.channel.wire.sock is not None:
             extensions.append("STARTTLS")
         self.channel.reply(250, "\n".join(extensions))
 
@@ -2141,19 +2117,22 @@ class Session:
         except (ClientGone, TimeoutError):
             # No terminator reaches the back-end: it keeps no message.
             self.event("message_abandoned", size=size)
-            self.drop_backend()
+            self.close_backend(quit=False)
             raise
         if failure:
             # The back-end holds part of a message and no way to end it short
             # of the terminator: close the connection, so nothing is delivered.
-            self.drop_backend()
+            self.close_backend(quit=False)
             code, text = failure
         else:
             try:
                 code, text = self.backend_call("data_end", tail)
             except SMTPError as e:
                 code, text = e.code, e.text
-        self.log_message(sender, rcpts, size, code, text, started)
+        if wanted("message"):       # the message's one line: what the client heard
+            self.event("message", sender=printable(sender), recipients=[printable(r) for r in rcpts], rcpts=len(rcpts),
+                       size=size, backend=self.backend.name if self.backend else "-",
+                       reply=printable(f"{code} {text}"), seconds=round(time.monotonic() - started, 3))
         if 200 <= code < 300:
             self.refusals = self.junk = 0
         self.reset()
@@ -2222,9 +2201,8 @@ class Session:
         return dict(method="cram-md5", user=user, password=digest.lower(), salt=salt)
 
     def auth_EXTERNAL(self, initial):
-        """RFC 4422 appendix A: the identity TLS established (the client certificate's subject)."""
-        # RFC 4422 appendix A: the client may name an authorization identity;
-        # with TLS it authenticates as its certificate's subject.
+        """RFC 4422 appendix A: the identity TLS established (the client certificate's subject); without TLS
+        configured, the authorization identity the client names."""
         identity = decode_utf8(self.first_response(initial, ""))
         if self.setup.tls_context:
             if not self.client.certificate:
@@ -2239,7 +2217,7 @@ class Session:
             self.refuse(answer)
         # The connection carries the previous answer's identity too (its AUTH,
         # its XCLIENT LOGIN): reuse it only for the very same answer.
-        if self.backend and (not self.route or self.route.identity() != answer.identity()):
+        if self.backend and self.route != answer:
             self.close_backend()
         self.route = answer
 
@@ -2271,7 +2249,7 @@ class Session:
     @syntax("STARTTLS")
     def smtp_STARTTLS(self, arg):
         """RFC 3207: TLS, after which the session starts over."""
-        if self.cfg.starttls == "off" or not self.channel.on_socket:     # off, or a client on pipes
+        if self.cfg.starttls == "off" or self.channel.wire.sock is None:     # off, or a client on pipes
             raise SMTPError(STARTTLS_NOT_AVAILABLE)
         if self.client.tls:
             raise SMTPError(TLS_ACTIVE)
@@ -2357,7 +2335,7 @@ class Session:
             code, text = getattr(self.backend, method)(*args)
         except BackendGone as e:
             self.event("backend_failed", backend=self.backend.name, command=COMMAND_NAMES[method], reason=str(e))
-            self.drop_backend()
+            self.close_backend(quit=False)
             if from_pool or kept and method == "mail" and not e.reply:
                 return self.backend_call(method, *args)
             self.reset()
@@ -2387,12 +2365,8 @@ class Session:
                 self.backend.rset()
             except BackendGone as e:
                 self.event("backend_failed", backend=self.backend.name, command="RSET", reason=str(e))
-                self.drop_backend()
+                self.close_backend(quit=False)
         self.reset()
-
-    def drop_backend(self):
-        """Close the back-end at once, with no terminator and no QUIT."""
-        self.close_backend(quit=False)
 
     def close_backend(self, quit=True):
         """Done with the back-end connection: QUIT (or back to the pool) between
@@ -2404,13 +2378,6 @@ class Session:
                 backend.release()
             else:
                 backend.close(quit)
-
-    def log_message(self, sender, rcpts, size, code, text, started):
-        """The message's one line: its envelope, size, back-end and what the client heard."""
-        if wanted("message"):
-            self.event("message", sender=printable(sender), recipients=[printable(r) for r in rcpts], rcpts=len(rcpts),
-                       size=size, backend=self.backend.name if self.backend else "-",
-                       reply=printable(f"{code} {text}"), seconds=round(time.monotonic() - started, 3))
 
 
 # --- 4. Back-ends: failover, the smtplib handshake, XCLIENT, Maildir ---------
@@ -2921,11 +2888,9 @@ class SMTPConnection(smtplib.SMTP):
     def unasked_reply(self):
         """What the back-end said unasked -> (421, text) where that is all it said (RFC 5321
         §3.8: it is closing the connection), else None."""
-        try:
+        with contextlib.suppress(OSError):
             if not self.wire.buffered:
                 self.wire.fill(time.monotonic() + self.timeout)     # readable: no wait
-        except OSError:
-            pass
         said = self.wire.take(REPLY_BYTES_LIMIT)
         if not UNASKED_CLOSING.fullmatch(said):
             return None
@@ -3170,10 +3135,8 @@ class SMTPConnection(smtplib.SMTP):
     def close(self, quit=False):
         """Close the connection; with quit, QUIT first where it is still open (its failure ignored)."""
         if quit and self.sock:
-            try:
+            with contextlib.suppress(OSError, smtplib.SMTPException):
                 self.quit()
-            except (OSError, smtplib.SMTPException):
-                pass
         super().close()
 
 
@@ -3348,10 +3311,8 @@ class MaildirDelivery(LocalDelivery):
         """As LocalDelivery's, and the file in tmp/ is removed."""
         if self.file:
             super().abort()
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(self.tmp_path)
-            except OSError:
-                pass
 
 
 class StdoutBackend(Backend):
@@ -3492,10 +3453,6 @@ class AuthAnswer:
         """The back-end named, as the log writes it; None for a refusal."""
         return format_address(*self.server) if self.server else None
 
-    def identity(self):
-        """What a back-end connection opened for this answer stands for."""
-        return (self.server, self.user, self.password)
-
 
 def escape_auth_value(text):
     """nginx's escaping of Auth-User and Auth-Pass: control characters (C0, DEL and C1),
@@ -3620,11 +3577,9 @@ class AnswerDeadline:
     def cut(self):
         """Past the deadline (the Watchdog calls this): shut the socket down, ending any read on it."""
         self.expired = True
-        try:
+        with contextlib.suppress(OSError):
             if self.sock:
                 self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
 
 
 def deadline_adapter():
@@ -3793,14 +3748,11 @@ class Setup:
                                     if cfg.backend_tls != "off" else None)
         self.auth_service = AuthService(cfg) if cfg.auth_http else None
         self.pool = BackendPool()       # idle back-end connections (--no-xclient)
-        self.backends = [self.make_backend(spec) for spec in cfg.backend]
+        kinds = {"smtp": SMTPBackend, "maildir": MaildirBackend, "stdout": StdoutBackend}
+        self.backends = [kinds[spec.kind](self, spec) for spec in cfg.backend]
         # Names are looked up only where someone will read them.
         self.needs_names = cfg.resolve == "on" and bool(
             cfg.auth_http or cfg.xclient and any(spec.kind == "smtp" for spec in cfg.backend))
-
-    def make_backend(self, spec):
-        """A BackendSpec -> the back-end it names, under these settings."""
-        return {"smtp": SMTPBackend, "maildir": MaildirBackend, "stdout": StdoutBackend}[spec.kind](self, spec)
 
     def route_backend(self, answer):
         """The back-end an auth service's answer names."""
@@ -3897,13 +3849,9 @@ class SharedCounts:
         return b"\1" + address_key(ip)
 
     def sessions_from(self, ip):
-        """The sessions of every worker from ip."""
-        return self.records_of(self.record(ip))
-
-    def records_of(self, key):
-        """How many records hold key, each read from where a record starts; of each
-        worker's records only those it ever used (its most sessions at once)."""
-        found = 0
+        """The sessions of every worker from ip: the records that hold its record(), each read from where
+        a record starts; of each worker's records only those it ever used (its most sessions at once)."""
+        key, found = self.record(ip), 0
         for slot in range(self.workers):
             start = self.base + slot * self.capacity * self.RECORD
             end = start + self.used[slot] * self.RECORD
@@ -3916,15 +3864,14 @@ class SharedCounts:
 
     def admit(self, ip, most, most_per_ip):
         """As SessionCounts.admit, for every worker's sessions."""
-        key = self.record(ip)
         with self.locked():
             if sum(self.counts) >= most or not self.free:
                 return TOO_MANY_CONNECTIONS
-            if most_per_ip and self.records_of(key) >= most_per_ip:
+            if most_per_ip and self.sessions_from(ip) >= most_per_ip:
                 return TOO_MANY_FROM_ADDRESS
             record = heapq.heappop(self.free)       # the lowest free one: the used records stay few
             at = self.base + record * self.RECORD
-            self.memory[at:at + self.RECORD] = key
+            self.memory[at:at + self.RECORD] = self.record(ip)
             self.counts[self.slot] += 1
             self.used[self.slot] = max(self.used[self.slot], record - self.slot * self.capacity + 1)
             self.held[ip].append(record)
@@ -4003,10 +3950,6 @@ class Relay:
             return ACCESS_DENIED, "not in --allow-from"
         refusal = self.counts.admit(ip, cfg.max_clients, cfg.max_clients_per_ip)
         return refusal and (refusal, "%d %s" % refusal)
-
-    def release(self, ip):
-        """The session admitted for ip has ended."""
-        self.counts.release(ip)
 
     @property
     def sessions(self):
@@ -4177,10 +4120,8 @@ def serve_connection(relay, connection, peer, implicit_tls=False):
             reply, reason = refusal
             event("refused", peer=ip or "a client with no IP address", client=ip, reason=reason,
                   reply="%d %s" % reply)
-            try:
+            with contextlib.suppress(OSError):
                 wire.send(format_reply(*reply), time.monotonic() + REFUSAL_TIMEOUT)
-            except OSError:
-                pass
             return
         session = None
         try:
@@ -4196,27 +4137,14 @@ def serve_connection(relay, connection, peer, implicit_tls=False):
             # The slot is free before the client sees the close (or the log
             # says disconnect), so a client that reconnects at once is never
             # refused for its own old session.
-            relay.release(ip)
+            relay.counts.release(ip)
             if session:
                 session.log_disconnect()
     finally:
-        if channel:
-            channel.close()
-        else:
-            if wire.sock is not None:
-                try:
-                    wire.sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-            wire.close()
-
-
-class SessionHandler(socketserver.BaseRequestHandler):
-    """A listener's connection, served as every connection is."""
-
-    def handle(self):
-        """Overridden: socketserver's hook for one connection, which serve_connection() serves."""
-        serve_connection(self.server.relay, self.request, self.client_address, self.server.tls)
+        if channel is None and wire.sock is not None:
+            with contextlib.suppress(OSError):
+                wire.sock.shutdown(socket.SHUT_RDWR)
+        wire.close(linger=LINGER_SECONDS if channel else 0)     # the session's last reply reaches the client
 
 
 def system_backlog():
@@ -4315,12 +4243,12 @@ class Listener(socketserver.ThreadingTCPServer):
         """Overridden: the connection's thread is a kept one where one waits."""
         self.threads.start(self.process_request_thread, request, client_address)
 
-    def __init__(self, address, handler, sock=None):
-        """address: (host, port), host "" for every address; handler: the request handler class;
-        sock: a listening socket inherited from systemd, used instead of binding."""
+    def __init__(self, address, sock=None):
+        """address: (host, port), host "" for every address; sock: a listening socket inherited
+        from systemd, used instead of binding. Subclasses serve a connection in finish_request()."""
         host, port = address
         self.address_family = sock.family if sock else socket.AF_INET6 if ":" in host or not host else socket.AF_INET
-        super().__init__((host or "::", port), handler, bind_and_activate=sock is None)
+        super().__init__((host or "::", port), None, bind_and_activate=sock is None)
         if sock is not None:        # inherited (systemd): already bound and listening
             self.socket.close()
             self.socket = sock
@@ -4342,7 +4270,11 @@ class RelayServer(Listener):
         self.relay, self.tls, self.inherited = relay, tls, sock is not None
         self.shared = False                 # --workers: every worker waits for clients on this socket
         self.leaving, self.left = False, threading.Event()
-        super().__init__(address, SessionHandler, sock)
+        super().__init__(address, sock)
+
+    def finish_request(self, request, client_address):
+        """Overridden: the connection is served as every connection is."""
+        serve_connection(self.relay, request, client_address, self.tls)
 
     @property
     def exclusive(self):
@@ -4400,11 +4332,9 @@ class RelayServer(Listener):
 
     def refuse_at_once(self, request):
         """421 from the listener itself, never waiting for the client, then the close."""
-        try:
+        with contextlib.suppress(OSError):
             request.setblocking(False)
             request.send(format_reply(*TOO_MANY_CONNECTIONS))
-        except OSError:
-            pass
         self.shutdown_request(request)
 
     def process_request_thread(self, request, client_address):
@@ -4541,18 +4471,15 @@ class Metrics:
             from prometheus_client import multiprocess
             multiprocess.MultiProcessCollector(page)
             registry = None
-        self.sessions = prom.Counter("smtprelay_sessions", "Client connections, refused ones too", registry=registry)
-        self.messages = prom.Counter("smtprelay_messages", "Messages by what the client heard at the end of data",
-                                     ["outcome"], registry=registry)
-        self.message_bytes = prom.Counter("smtprelay_message_bytes", "Message bytes received", registry=registry)
-        self.backend_errors = prom.Counter("smtprelay_backend_errors", "Back-ends found down or untrusted",
-                                           ["backend"], registry=registry)
-        self.auth_lookups = prom.Counter("smtprelay_auth_lookups", "Auth service lookups", ["result"],
-                                         registry=registry)
+        counter = functools.partial(prom.Counter, registry=registry)
+        self.sessions = counter("smtprelay_sessions", "Client connections, refused ones too")
+        self.messages = counter("smtprelay_messages", "Messages by what the client heard at the end of data", ["outcome"])
+        self.message_bytes = counter("smtprelay_message_bytes", "Message bytes received")
+        self.backend_errors = counter("smtprelay_backend_errors", "Back-ends found down or untrusted", ["backend"])
+        self.auth_lookups = counter("smtprelay_auth_lookups", "Auth service lookups", ["result"])
         self.auth_seconds = prom.Histogram("smtprelay_auth_lookup_seconds", "Auth service lookup time",
                                            registry=registry)
-        self.recipients = prom.Counter("smtprelay_recipients", "Recipients by what the client heard for RCPT",
-                                       ["outcome"], registry=registry)
+        self.recipients = counter("smtprelay_recipients", "Recipients by what the client heard for RCPT", ["outcome"])
         for counter, labels in ((self.messages, ("delivered", "deferred", "refused")),
                                 (self.auth_lookups, ("ok", "refused", "error")),
                                 (self.recipients, ("accepted", "deferred", "refused"))):
@@ -4599,7 +4526,7 @@ class MetricsServer(Listener):
         """address: (host, port) to serve on; metrics: the Metrics whose page it serves."""
         self.metrics = metrics
         self.slots = threading.BoundedSemaphore(METRICS_REQUESTS)
-        super().__init__(address, None)
+        super().__init__(address)
 
     def process_request(self, request, client_address):
         """A thread for the request while a slot is free; else it is closed at once."""
@@ -4668,13 +4595,11 @@ class JSONFormatter(logging.Formatter):
 
 def raise_open_files_limit():
     """A session holds two descriptors; the soft limit (often 1024) would refuse a flood before --max-clients."""
-    try:
+    with contextlib.suppress(ImportError, ValueError, OSError):
         import resource
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft != hard:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    except (ImportError, ValueError, OSError):
-        pass
 
 
 def stderr_is_the_client():
@@ -4915,8 +4840,7 @@ def start_worker(relay, servers, slot, reports, pause=0, reader=None):
         setup_logging(relay.setup.cfg)              # lines say which worker
         relay.counts.enter(slot)
         for fd in (reader, relay.stop_reader, relay.stop_writer):
-            if fd is not None:
-                os.close(fd)
+            os.close(fd)
         relay.stop_reader, relay.stop_writer = os.pipe()     # its own: a worker's stop is its own
         if relay.metrics:
             relay.metrics.server.socket.close()     # the main process serves the page
@@ -4948,9 +4872,7 @@ def supervise(relay, servers, count):
         server.shared = True
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
     reader, writer = os.pipe()
-    workers = {}
-    for slot in range(count):
-        workers[slot] = start_worker(relay, servers, slot, writer, reader=reader)
+    workers = {slot: start_worker(relay, servers, slot, writer, reader=reader) for slot in range(count)}
     reports = WorkerReports(reader, count, relay)
     if relay.metrics:
         relay.metrics.start()
@@ -5253,14 +5175,12 @@ def metrics_directory(user):
 def log_config_error(error):
     """Under inetd a bad configuration is told to syslog, and the client hears 421, not the error."""
     logging.raiseExceptions = False
-    try:
+    with contextlib.suppress(ConfigError, OSError):
         handler = log_handler("stderr")
         handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
         log.handlers[:] = [handler]
         event("config_error", reason=str(error))
         os.write(1, format_reply(*MISCONFIGURED))
-    except (ConfigError, OSError):
-        pass
 
 
 if __name__ == "__main__":

@@ -223,21 +223,6 @@ def test_a_reply_no_command_of_its_kind_can_have_is_a_broken_back_end(command, r
     assert backend.delivered == []
 
 
-@pytest.mark.parametrize("reply", ["2500 2.0.0 Ok: queued", "250x Ok: queued", "250\t2.0.0 Ok: queued"])
-def test_a_reply_line_whose_code_runs_on_is_a_broken_back_end_never_a_250(reply, relay, scripted_backend):
-    """RFC 5321 §4.2: a reply line is three digits, then SP, "-" or its end. "2500" is no 250."""
-    backend = scripted_backend(replies={".": reply})
-    r = relay("--backend", backend.address, "--resolve", "off")
-    client = greeted(r, ehlo="client.example")
-    assert client.say(f"MAIL FROM:<{SENDER}>").code == 250
-    assert client.say(f"RCPT TO:<{RECIPIENT}>").code == 250
-    assert client.say("DATA").code == 354
-    client.send(FIRST_BODY + b".\r\n")
-    assert client.reply().code == 451
-    r.wait_for_log(r"malformed reply line")
-    assert client.say("QUIT").code == 221
-
-
 # --- XCLIENT fails closed ----------------------------------------------------------------
 
 def test_backend_without_xclient_is_down_mail_gets_451_4_4_1_and_never_reaches_it(relay, scripted_backend):
@@ -484,11 +469,18 @@ def test_a_lone_back_end_found_down_takes_the_very_next_session_once_it_is_back(
     assert client.say("QUIT").code == 221
 
 
-def test_a_reply_whose_lines_change_code_is_a_broken_back_end_never_a_250(relay, scripted_backend):
-    """RFC 5321 §4.2.1: every line of a multiline reply carries the same code. A reply to
-    the end of data that starts 554 and ends 250 is no answer: the client hears 451 (the
-    README's "Replies in step"), not the 250 of its last line."""
-    backend = scripted_backend(replies={".": "554-5.7.1 Rejected\r\n250 2.0.0 Ok: queued as MIXED"})
+@pytest.mark.parametrize("reply, logged", [
+    ("554-5.7.1 Rejected\r\n250 2.0.0 Ok: queued as MIXED", "a reply of 554 went on with 250"),
+    ("2500 2.0.0 Ok: queued", "malformed reply line"),
+    ("250x Ok: queued", "malformed reply line"),
+    ("250\t2.0.0 Ok: queued", "malformed reply line"),
+], ids=["lines-change-code", "code-runs-on", "code-then-letter", "code-then-tab"])
+def test_a_reply_that_is_not_one_well_formed_reply_is_a_broken_back_end_never_a_250(
+        reply, logged, relay, scripted_backend):
+    """RFC 5321 §4.2: a reply line is three digits, then SP, "-" or its end ("2500" is no 250);
+    §4.2.1: every line of a multiline reply carries the same code (one that starts 554 and ends
+    250 is no answer). The client hears 451 (the README's "Replies in step"), never the 250."""
+    backend = scripted_backend(replies={".": reply})
     r = relay("--backend", backend.address, "--resolve", "off")
     client = greeted(r, ehlo="client.example")
     assert client.say(f"MAIL FROM:<{SENDER}>").code == 250
@@ -497,4 +489,5 @@ def test_a_reply_whose_lines_change_code_is_a_broken_back_end_never_a_250(relay,
     client.send(FIRST_BODY + b".\r\n")
     reply = client.reply()
     assert reply.code == 451, f"the message got {reply}"
+    r.wait_for_log(re.escape(logged))
     assert client.say("QUIT").code == 221
