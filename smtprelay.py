@@ -775,6 +775,7 @@ UNKNOWN_MECHANISM = Reply(504, "5.5.4 Unrecognized authentication type")
 AUTH_REQUIRED = Reply(530, "5.7.0 Authentication required")
 STARTTLS_FIRST = Reply(530, "5.7.0 Must issue a STARTTLS command first")
 NO_CLIENT_CERTIFICATE = Reply(535, "5.7.0 No client certificate")
+NOT_THAT_IDENTITY = Reply(535, "5.7.0 The client certificate names another identity")
 ENCRYPTION_REQUIRED = Reply(538, "5.7.11 Encryption required for requested authentication mechanism")
 SENDER_NOT_ALLOWED = Reply(550, "5.7.1 Sender address rejected: not allowed")
 RECIPIENT_NOT_ALLOWED = Reply(550, "5.7.1 Recipient address rejected: not allowed")
@@ -908,6 +909,22 @@ class ClientGone(RelayError):
 
 class Stopping(RelayError):
     """The relay is stopping and the session is between transactions: it gets 421."""
+
+
+ENHANCED_STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(?: |$)")
+
+
+def with_status(code, text):
+    """A reply passed on from a back-end or the auth service, each line with an enhanced
+    status code: EHLO offers ENHANCEDSTATUSCODES, and RFC 2034 §3 then wants one on every
+    reply line but 354's. A line without one gets its class's X.0.0 (RFC 3463)."""
+    if code == 354:
+        return text
+    return "\n".join(line if ENHANCED_STATUS.match(line) else f"{code // 100}.0.0 {line}".rstrip()
+                     for line in text.split("\n"))
+
+
+BEFORE_TLS = {"NOOP", "EHLO", "STARTTLS", "QUIT"}     # RFC 3207 §4: where TLS is required, 530 to the rest
 
 
 def format_reply(code, text):
@@ -1789,13 +1806,11 @@ class Session:
 
     @property
     def tls_required(self):
-        """MAIL and AUTH wait for TLS: --starttls only, or client certificates required."""
+        """Commands wait for TLS: --starttls only, or client certificates required."""
         return not self.client.tls and (self.cfg.starttls == "only" or self.cfg.tls_verify_client == "on")
 
-    def check_tls_and_ehlo(self):
-        """MAIL and AUTH: raises 530 until TLS where it is required, 503 until EHLO after STARTTLS."""
-        if self.tls_required:
-            raise SMTPError(STARTTLS_FIRST)
+    def check_ehlo(self):
+        """MAIL and AUTH: raises 503 until EHLO after STARTTLS (where TLS is required, dispatch() said 530)."""
         if self.ehlo_required:
             raise SMTPError(EHLO_AFTER_STARTTLS)
 
@@ -1896,6 +1911,8 @@ class Session:
         handler = getattr(self, "smtp_" + verb.upper(), None) if verb.isascii() and verb.isalpha() else None
         if handler is None:
             raise SMTPError(UNRECOGNIZED)
+        if self.tls_required and verb.upper() not in BEFORE_TLS:
+            raise SMTPError(STARTTLS_FIRST)
         self.verb = verb.upper()
         handler(arg.strip(" "))
 
@@ -1948,7 +1965,7 @@ class Session:
         the auth service's first lookup, as nginx's smtp_auth none)."""
         if self.mail_from is not None:
             raise SMTPError(NESTED_MAIL)
-        self.check_tls_and_ehlo()
+        self.check_ehlo()
         if self.client.user is None and self.cfg.auth_required:
             raise SMTPError(AUTH_REQUIRED)
         if arg[:5].upper() != "FROM:":
@@ -2151,7 +2168,7 @@ class Session:
         mechanism, _, initial = arg.partition(" ")
         if not mechanism:
             raise self.syntax_error()
-        self.check_tls_and_ehlo()
+        self.check_ehlo()
         if mechanism.lower() not in mechanisms:
             raise SMTPError(UNKNOWN_MECHANISM)
         if mechanism.lower() not in self.offered_mechanisms():
@@ -2201,13 +2218,16 @@ class Session:
         return dict(method="cram-md5", user=user, password=digest.lower(), salt=salt)
 
     def auth_EXTERNAL(self, initial):
-        """RFC 4422 appendix A: the identity TLS established (the client certificate's subject); without TLS
-        configured, the authorization identity the client names."""
+        """RFC 4422 appendix A: the identity TLS established (the client certificate's subject), which
+        the client may name or leave empty; without TLS configured, the identity the client names."""
         identity = decode_utf8(self.first_response(initial, ""))
         if self.setup.tls_context:
             if not self.client.certificate:
                 raise SMTPError(NO_CLIENT_CERTIFICATE, counted=True)
-            identity = self.client.certificate["Auth-SSL-Subject"]
+            subject = self.client.certificate["Auth-SSL-Subject"]
+            if identity and identity != subject:    # RFC 4422 appendix A: to act as another, it fails
+                raise SMTPError(NOT_THAT_IDENTITY, counted=True)
+            identity = subject
         return dict(method="external", user=identity, password="")
 
     def route_transaction(self, rcpt_line):
@@ -2244,7 +2264,8 @@ class Session:
         code, enhanced = answer.error_code or (535, "5.7.0")
         if code == 421:
             self.done = True        # RFC 5321 §3.8: 421 closes the session
-        raise SMTPError((code, f"{enhanced} {answer.text}" if enhanced else answer.text), counted=counted)
+        raise SMTPError((code, with_status(code, f"{enhanced} {answer.text}" if enhanced else answer.text)),
+                        counted=counted)
 
     @syntax("STARTTLS")
     def smtp_STARTTLS(self, arg):
@@ -2341,12 +2362,12 @@ class Session:
             self.reset()
             if e.reply:
                 self.done = True
-                return e.reply
+                return e.reply[0], with_status(*e.reply)
             raise SMTPError(BACKEND_LOST) from None
-        if code >= 400 and method != "data_end":       # the end of data has its own line, log_message
+        if code >= 400 and method != "data_end":       # the end of data has its own line, the message's
             self.event("backend_refused", backend=self.backend.name, command=COMMAND_NAMES[method],
                        reply=printable(f"{code} {text}"))
-        return code, text
+        return code, with_status(code, text)
 
     def connection_use(self):
         """What a back-end connection opened now carries beside the client -> (the

@@ -866,12 +866,13 @@ def test_a_later_message_with_another_answer_gets_a_new_backend_connection_not_t
     assert [m.mail_from for m in second.messages] == [b"MAIL FROM:<mallory@example.org>"]
 
 
-def test_auth_error_code_without_an_enhanced_code_is_sent_with_one_space(start, backend):
+def test_auth_error_code_without_an_enhanced_code_is_sent_with_its_class_s_one(start, backend):
+    # EHLO offers ENHANCEDSTATUSCODES: RFC 2034 §3 wants one on the line (RFC 3463's X.0.0).
     relay, service = start(always(("Auth-Status", "Go away"), ("Auth-Error-Code", "550")))
     client = greeted(relay)
     assert client.say("EHLO client.example").code == 250
     assert client.say("MAIL FROM:<a@example.org>").code == 250
-    assert client.say("RCPT TO:<b@example.net>").text == "550 Go away"
+    assert client.say("RCPT TO:<b@example.net>").text == "550 5.0.0 Go away"
 
 
 def test_auth_without_a_mechanism_is_a_syntax_error_and_a_long_initial_response_fits(start, backend):

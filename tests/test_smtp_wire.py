@@ -272,7 +272,7 @@ def test_quoted_local_part_holding_a_closing_bracket_is_accepted_and_passed_on(r
 
 
 @pytest.mark.parametrize("verb", ["RCPT", "."])
-def test_backend_reply_line_without_text_reaches_the_client_without_a_trailing_space(
+def test_backend_reply_line_without_text_reaches_the_client_with_a_status_code_and_no_trailing_space(
         relay, scripted_backend, verb):
     backend = scripted_backend(replies={verb: "250"})
     r = relay(*backend_args(backend), kill=True)
@@ -283,7 +283,18 @@ def test_backend_reply_line_without_text_reaches_the_client_without_a_trailing_s
         assert client.reply().code == 250
         assert client.say("DATA").code == 354
         client.send(BODY + b".\r\n")
-    assert client.line() == "250"
+    assert client.line() == "250 2.0.0"
+
+
+def test_backend_replies_without_enhanced_status_codes_get_their_class_s_on_every_line(relay, scripted_backend):
+    # EHLO offers ENHANCEDSTATUSCODES: RFC 2034 §3 wants a code on every reply line but 354's.
+    backend = scripted_backend(replies={"MAIL": "250 Sender ok", "RCPT": "250-Recipient ok\r\n250 2.1.5 Ok",
+                                        "DATA": "354 Go ahead"})
+    r = relay(*backend_args(backend), kill=True)
+    client = greeted(r, ehlo=CLIENT_HELO)
+    assert client.say("MAIL FROM:<a@example.org>").text == "250 2.0.0 Sender ok"
+    assert client.say("RCPT TO:<b@example.net>").lines == ["2.0.0 Recipient ok", "2.1.5 Ok"]
+    assert client.say("DATA").text == "354 Go ahead"
 
 
 # --- Errors ------------------------------------------------------------------------

@@ -208,8 +208,11 @@ def test_starttls_only_hides_auth_and_refuses_mail_and_auth_until_tls(tls_relay,
     assert client.say("MAIL FROM:<a@example.org>").text == STARTTLS_FIRST
     assert client.say(plain("alice", USERS["alice"])).text == STARTTLS_FIRST
     assert client.say("AUTH LOGIN").text == STARTTLS_FIRST
-    assert client.say("RCPT TO:<b@example.net>").code == 503
+    # RFC 3207 §4: every command but NOOP, EHLO, STARTTLS and QUIT gets 530 before TLS.
+    for command in ("RCPT TO:<b@example.net>", "DATA", "RSET", "VRFY postmaster", "HELP", "HELO client.example"):
+        assert client.say(command).text == STARTTLS_FIRST, command
     assert client.say("NOOP").code == 250
+    assert client.say("EHLO client.example").code == 250
     assert service.requests == [] and backend.connections == 0
     upgrade(client, tls.client_context(), opened)
     reply = client.say("EHLO client.example")
@@ -663,13 +666,18 @@ def test_auth_external_authenticates_as_the_certificate_subject(tls_relay, auth_
     assert len(backend.delivered) == 1
 
 
-def test_auth_external_with_a_chosen_identity_still_authenticates_as_the_subject(tls_relay, auth_service, backend,
-                                                                                 tls, opened):
+def test_auth_external_as_another_identity_than_the_certificate_s_fails_and_as_its_own_succeeds(
+        tls_relay, auth_service, backend, tls, opened):
+    # RFC 4422 appendix A: an authorization identity the certificate does not establish fails
+    # the exchange; it is never quietly replaced by the certificate's subject.
     service = auth_service(Policy([backend.address], {tls.client.subject: "unused"}))
     relay = client_cert_relay(tls_relay, tls, "on", "--auth-http", service.url, "--auth", "external")
     client = upgrade(greeted(relay), tls.client_context(tls.client), opened)
     assert client.say("EHLO client.example").code == 250
-    assert client.say(f"AUTH EXTERNAL {b64('postmaster@example.org')}").code == 235
+    assert client.say(f"AUTH EXTERNAL {b64('postmaster@example.org')}").text == \
+        "535 5.7.0 The client certificate names another identity"
+    assert service.requests == []
+    assert client.say(f"AUTH EXTERNAL {b64(tls.client.subject)}").code == 235
     [request] = service.requests
     assert unescape(dict(request)["Auth-User"]) == tls.client.subject
 
