@@ -3230,7 +3230,7 @@ class LocalDelivery:
 
     def mail(self, address, params):
         """A new transaction: the sender kept, no recipients yet -> 250 2.1.0."""
-        self.sender, self.recipients = address, []
+        self.sender, self.recipients, self.utf8 = address, [], "SMTPUTF8" in params
         return SENDER_OK
 
     def rcpt(self, address):
@@ -3260,6 +3260,14 @@ class LocalDelivery:
             self.file = None
 
 
+def received_protocol(client, utf8):
+    """The "with" of a Received: line: SMTP, or ESMTP with S for TLS and A for a login
+    (RFC 3848), UTF8SMTP for a message sent with SMTPUTF8 (RFC 6531 §3.7.3)."""
+    if not client.esmtp:
+        return "SMTP"
+    return ("UTF8SMTP" if utf8 else "ESMTP") + ("S" if client.tls else "") + ("A" if client.user else "")
+
+
 class MaildirDelivery(LocalDelivery):
     """One session's deliveries into a Maildir, streamed to disk."""
 
@@ -3279,7 +3287,7 @@ class MaildirDelivery(LocalDelivery):
                   folded("X-Envelope-To", [f"<{printable(r)}>" for r in self.recipients]),
                   f"Received: from {printable(c.helo or 'unknown')} "
                   f"({f'[{c.ip}]' if c.ip else 'no IP address'})\n"
-                  f"\tby {self.cfg.server_name} (smtprelay) with {'ESMTP' if c.esmtp else 'SMTP'}"
+                  f"\tby {self.cfg.server_name} (smtprelay) with {received_protocol(c, self.utf8)}"
                   f" id {self.filename}; {timestamp()}", ""]
         self.at_line_start = self.at_message_start = True
         return self.write("\n".join(header).encode("utf-8")) or START_DATA

@@ -164,6 +164,25 @@ def test_a_message_starting_with_whitespace_does_not_fold_into_the_relays_receiv
     assert content.endswith(b"\n\n" + body_lf), content.decode()
 
 
+@pytest.mark.parametrize("hello, mail, protocol", [
+    ("HELO client.example", f"MAIL FROM:<{SENDER}>", "SMTP"),
+    ("EHLO client.example", f"MAIL FROM:<{SENDER}>", "ESMTP"),
+    ("EHLO client.example", f"MAIL FROM:<{SENDER}> SMTPUTF8", "UTF8SMTP"),
+])
+def test_the_maildir_received_line_names_the_protocol_as_rfc_3848_and_6531_do(hello, mail, protocol, relay, tmp_path):
+    # With TLS and a login, S and A follow (ESMTPSA); those need a TLS listener and an auth service.
+    path = tmp_path / "md"
+    r = relay("--backend", f"maildir:{path}")
+    client = greeted(r)
+    assert client.say(hello).code == 250
+    assert client.say(mail).code == 250
+    assert client.say(f"RCPT TO:<{RECIPIENT}>").code == 250
+    assert client.say("DATA").code == 354
+    client.send(b"Subject: protocol\r\n\r\nHello.\r\n.\r\n")
+    message = email.message_from_bytes(stored(path, client.reply()), policy=email.policy.compat32)
+    assert re.search(rf"\(smtprelay\) with {protocol} id ", message["Received"]), message["Received"]
+
+
 def test_10000_recipients_in_a_maildir_file_with_no_header_line_over_998_octets(relay, tmp_path):
     """RFC 5322 §2.1.1: a line is at most 998 octets. The maildir: back-end's header block
     (Return-Path, X-Envelope-To, Received; README) for a message to 10,000 recipients

@@ -222,6 +222,16 @@ def test_starttls_only_hides_auth_and_refuses_mail_and_auth_until_tls(tls_relay,
     assert len(backend.delivered) == 1
 
 
+def test_a_message_over_starttls_is_received_with_esmtps_in_the_maildir(tls_relay, tls, opened, tmp_path):
+    # RFC 3848: the Received: line's protocol says TLS was used (S).
+    relay = tls_relay("--backend", f"maildir:{tmp_path / 'md'}", "--starttls", "on")
+    client = upgrade(greeted(relay), tls.client_context(), opened)
+    assert client.say("EHLO client.example").code == 250
+    assert send_message(client, BODY).code == 250
+    [stored] = (tmp_path / "md" / "new").iterdir()
+    assert " (smtprelay) with ESMTPS id " in stored.read_text(), stored.read_text()
+
+
 def test_starttls_only_refuses_mail_in_clear_also_without_auth(tls_relay, backend, tls, opened):
     relay = tls_relay("--backend", backend.address, "--starttls", "only")
     client = greeted(relay)
