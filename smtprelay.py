@@ -361,7 +361,7 @@ def make_server_tls(cert, key, client_ca, verify_client):
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     def pass_phrase():
-        # OpenSSL's own prompt would wait on a terminal, or fail with a traceback without one.
+        """Asked for an encrypted key: OpenSSL's own prompt would wait on a terminal, or fail without one."""
         raise ConfigError("--tls-key", f"{key}: encrypted with a pass phrase, which the relay cannot ask for: "
                                        f"decrypt it (openssl pkey -in KEY -out NEW_KEY), readable by root alone")
 
