@@ -506,7 +506,8 @@ SETTINGS = [
             "service (default on)", "on", "{on,off}"),
     Setting("--resolve-timeout", "the longest a name lookup may delay a session; then [TEMPUNAVAIL] (default 5)", "5",
             "SECONDS", read_seconds()),
-    Setting("--starttls", "offer STARTTLS; only: MAIL and AUTH need TLS first (default off)", "off", "{off,on,only}"),
+    Setting("--starttls", "offer STARTTLS; only: every command but NOOP, EHLO, STARTTLS and QUIT needs TLS first "
+            "(default off)", "off", "{off,on,only}"),
     Setting("--tls-cert", "server certificate (chain), PEM", metavar="FILE"),
     Setting("--tls-key", "its private key, PEM", metavar="FILE"),
     Setting("--tls-client-ca", "CAs that client certificates are verified against", metavar="FILE"),
@@ -1911,9 +1912,9 @@ class Session:
         handler = getattr(self, "smtp_" + verb.upper(), None) if verb.isascii() and verb.isalpha() else None
         if handler is None:
             raise SMTPError(UNRECOGNIZED)
-        if self.tls_required and verb.upper() not in BEFORE_TLS:
+        self.verb = verb.upper()        # set first: the reply counts toward --max-refusals by it
+        if self.tls_required and self.verb not in BEFORE_TLS:
             raise SMTPError(STARTTLS_FIRST)
-        self.verb = verb.upper()
         handler(arg.strip(" "))
 
     def syntax_error(self):
@@ -3156,7 +3157,8 @@ class SMTPConnection(smtplib.SMTP):
     def close(self, quit=False):
         """Close the connection; with quit, QUIT first where it is still open (its failure ignored)."""
         if quit and self.sock:
-            with contextlib.suppress(OSError, smtplib.SMTPException):
+            with contextlib.suppress(OSError, smtplib.SMTPException, BackendGone):
+                self.drain_ahead()      # a DATA sent ahead that said 354: no QUIT into its message
                 self.quit()
         super().close()
 
@@ -4721,12 +4723,12 @@ def take_signals(relay, inetd=False):
         if signum in STOP_SIGNALS:
             relay.begin_stop(signum)
         elif not inetd and relay.stop_signal is None:
-            WORKER.reloads += 1
             sd_notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
             try:
                 relay.reload()
             except BaseException as e:      # SystemExit too: this thread must live on, it alone can stop the relay
                 event("reload_refused", exc_info=True, reason=f"internal error: {type(e).__name__}")
+            WORKER.reloads += 1         # after the reload: a READY=1 with it says the SIGHUP was taken
             sd_notify("READY=1", status(relay))
 
 

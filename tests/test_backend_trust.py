@@ -205,6 +205,23 @@ def test_a_pipelined_group_answered_with_one_reply_too_many_passes_none_of_its_r
     assert client.say("QUIT").code == 221
 
 
+def test_a_354_to_a_data_sent_ahead_and_not_made_closes_the_back_end_with_no_quit_into_its_message(
+        relay, scripted_backend):
+    """The client pipelines MAIL, RCPT and DATA; the back-end refuses the RCPT yet says 354 to the
+    DATA sent ahead, and now reads a message. The session answers DATA itself (554: no recipients),
+    and at its end the connection is closed: a QUIT would be message data there, and its reply
+    would never come (the session's thread and slot held for --proxy-timeout)."""
+    backend = scripted_backend(replies={"RCPT": "550 5.1.1 No such user"})
+    r = relay("--backend", backend.address, "--resolve", "off", "--proxy-timeout", "30")
+    client = greeted(r, ehlo="client.example")
+    client.send(f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<{RECIPIENT}>\r\nDATA\r\n".encode())
+    assert [client.reply().code for _ in range(3)] == [250, 550, 554]
+    assert client.say("QUIT").code == 221
+    [session] = backend.wait_for_sessions_closed(1, timeout=10)     # at once, not after 30 s
+    assert [message.raw for message in session.messages] == [b""]
+    assert backend.delivered == []
+
+
 @pytest.mark.parametrize("command, reply", [("RCPT", "354 Go ahead"), ("MAIL", "334 VXNlcm5hbWU6"),
                                             ("DATA", "250 2.0.0 Ok")], ids=["354-to-rcpt", "334-to-mail", "250-to-data"])
 def test_a_reply_no_command_of_its_kind_can_have_is_a_broken_back_end(command, reply, relay, scripted_backend):

@@ -232,6 +232,17 @@ def test_a_message_over_starttls_is_received_with_esmtps_in_the_maildir(tls_rela
     assert " (smtprelay) with ESMTPS id " in stored.read_text(), stored.read_text()
 
 
+def test_commands_refused_before_tls_count_toward_max_refusals(tls_relay, backend):
+    # The 530s of --starttls only are refusals (MAIL) and junk (RSET, HELP): a client that
+    # never starts TLS cannot go on asking for ever.
+    relay = tls_relay("--backend", backend.address, "--starttls", "only", "--max-refusals", "3")
+    client = greeted(relay)
+    assert client.say("EHLO client.example").code == 250
+    for _ in range(3):
+        assert client.say("MAIL FROM:<a@example.org>").text == STARTTLS_FIRST
+    assert client.say("NOOP").text == "421 4.7.0 Error: too many refusals, closing connection"
+
+
 def test_starttls_only_refuses_mail_in_clear_also_without_auth(tls_relay, backend, tls, opened):
     relay = tls_relay("--backend", backend.address, "--starttls", "only")
     client = greeted(relay)
