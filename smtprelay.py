@@ -919,7 +919,7 @@ def with_status(code, text):
     """A reply passed on from a back-end or the auth service, each line with an enhanced
     status code: EHLO offers ENHANCEDSTATUSCODES, and RFC 2034 §3 then wants one on every
     reply line but 354's. A line without one gets its class's X.0.0 (RFC 3463)."""
-    if code == 354:
+    if code == 354 or "\n" not in text and ENHANCED_STATUS.match(text):     # most replies: one line, with one
         return text
     return "\n".join(line if ENHANCED_STATUS.match(line) else f"{code // 100}.0.0 {line}".rstrip()
                      for line in text.split("\n"))
