@@ -4063,8 +4063,9 @@ def receive_exactly(wire, count, deadline):
 
 def read_proxy_header(wire, timeout):
     """The PROXY header on the connection -> (ip, port, server ip, server port): the client's
-    address and the one it connected to; or None where the header names none (v1 UNKNOWN, v2 LOCAL, other families): then the peer
-    is the client. Raises ProxyHeaderError, TimeoutError past `timeout`."""
+    address and the one it connected to; or None where the header names none (v1 UNKNOWN,
+    v2 LOCAL, other families): then the peer is the client. Raises ProxyHeaderError,
+    TimeoutError past `timeout`."""
     deadline = time.monotonic() + timeout
     start = receive_exactly(wire, 5, deadline)
     if start == PROXY_V2_SIGNATURE[:5]:
@@ -4846,7 +4847,7 @@ class Worker:
         self.restart_at = None          # when a worker that died is replaced
 
 
-def start_worker(relay, servers, slot, reports, pause=0, reader=None):
+def start_worker(relay, servers, slot, reports, pause, reader):
     """Fork the worker of slot -> Worker; the child serves until its stop and exits.
     reader: the reports pipe's reading end, the main process's alone."""
     parent = os.getpid()
@@ -4903,7 +4904,7 @@ def supervise(relay, servers, count):
         server.shared = True
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
     reader, writer = os.pipe()
-    workers = {slot: start_worker(relay, servers, slot, writer, reader=reader) for slot in range(count)}
+    workers = {slot: start_worker(relay, servers, slot, writer, 0, reader) for slot in range(count)}
     reports = WorkerReports(reader, count, relay)
     if relay.metrics:
         relay.metrics.start()
