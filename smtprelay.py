@@ -562,7 +562,7 @@ SETTINGS = [
     Setting("--user", "after binding the listeners, drop root privileges to USER and its groups", metavar="USER",
             read=lambda option, text: parse_user(text)),
     Setting("--workers", "processes serving the listeners, each a thread per client, limits counted across "
-            "all; auto: one per CPU (default 1)", "1", "N", lambda option, text: parse_workers(option, text)),
+            "all; auto: one per CPU (default 1)", "1", "N", parse_workers),
     Setting("--metrics", "serve Prometheus metrics on http://ADDR/metrics (pip install 'smtprelay[metrics]')",
             metavar="ADDR", read=parse_address),
 ]
@@ -3007,16 +3007,10 @@ class SMTPConnection(smtplib.SMTP):
 
     def command(self, verb, args=""):
         """One command -> the back-end's (code, text); raises BackendGone as checked() does.
-        Where it went ahead with others, only its reply is read now."""
+        Where it went ahead with others, its reply is the one read for it (next_answer)."""
         if self.ahead:
             if self.ahead[0] == (verb, args):
-                if not self.answers:
-                    self.read_ahead()
-                self.ahead.popleft()
-                answer = self.answers.popleft()
-                if isinstance(answer, BackendGone):
-                    raise answer
-                return answer
+                return self.next_answer()
             self.drain_ahead()
         return self.checked(verb, lambda: self.docmd(verb, args))
 
@@ -3026,8 +3020,8 @@ class SMTPConnection(smtplib.SMTP):
         return not self.ahead and self.has_extn("pipelining")
 
     def send_ahead(self, commands):
-        """RFC 2920: commands [(verb, args)] in one write, their replies left to read, each
-        when command() is called for it."""
+        """RFC 2920: commands [(verb, args)] in one write, their replies left to read
+        (read_ahead), each taken when command() is called for it."""
         if self.debug:
             for verb, args in commands:
                 event("backend_command", session=self.sid, line=printable(f"{verb} {args}".strip()))
@@ -3059,18 +3053,23 @@ class SMTPConnection(smtplib.SMTP):
         except (OutOfStep, UnaskedReply) as e:
             self.answers = collections.deque([BackendGone(f"pipelined replies out of step: {e}")] * len(self.ahead))
 
+    def next_answer(self):
+        """The reply to the oldest command sent ahead (every one read at the first asked);
+        raises the BackendGone that stands in its place."""
+        if not self.answers:
+            self.read_ahead()
+        self.ahead.popleft()
+        answer = self.answers.popleft()
+        if isinstance(answer, BackendGone):
+            raise answer
+        return answer
+
     def drain_ahead(self):
         """Drop the replies to commands sent ahead that the session did not make after
         all (an earlier reply refused what they built on). A 354 among them leaves the
         back-end waiting for a message that will not come: BackendGone."""
-        if not self.answers:
-            self.read_ahead()
         while self.ahead:
-            self.ahead.popleft()
-            answer = self.answers.popleft()
-            if isinstance(answer, BackendGone):
-                raise answer
-            if answer[0] == 354:
+            if self.next_answer()[0] == 354:
                 self.close()
                 raise BackendGone("said 354 to a DATA sent ahead, where no recipient was accepted")
 
@@ -3896,7 +3895,7 @@ class SharedCounts:
     def admit(self, ip, most, most_per_ip):
         """As SessionCounts.admit, for every worker's sessions."""
         with self.locked():
-            if sum(self.counts) >= most or not self.free:
+            if self.sessions >= most or not self.free:
                 return TOO_MANY_CONNECTIONS
             if most_per_ip and self.sessions_from(ip) >= most_per_ip:
                 return TOO_MANY_FROM_ADDRESS
@@ -4724,13 +4723,21 @@ def take_signals(relay, inetd=False):
         if signum in STOP_SIGNALS:
             relay.begin_stop(signum)
         elif not inetd and relay.stop_signal is None:
-            sd_notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
-            try:
-                relay.reload()
-            except BaseException as e:      # SystemExit too: this thread must live on, it alone can stop the relay
-                event("reload_refused", exc_info=True, reason=f"internal error: {type(e).__name__}")
+            take_reload(relay)
             WORKER.reloads += 1         # after the reload: a READY=1 with it says the SIGHUP was taken
             sd_notify("READY=1", status(relay))
+
+
+def take_reload(relay):
+    """SIGHUP: RELOADING=1, and the configuration read again -> whether it was taken.
+    Whatever the reload raises is refused (SystemExit too): the thread or process that
+    takes the signals must live on, it alone can stop the relay."""
+    sd_notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+    try:
+        return relay.reload()
+    except BaseException as e:
+        event("reload_refused", exc_info=True, reason=f"internal error: {type(e).__name__}")
+        return False
 
 
 def serve(relay, servers, client=None):
@@ -4911,7 +4918,7 @@ def supervise(relay, servers, count):
     for server in servers:
         event("listening", address=server.describe())
     interval, next_watchdog = watchdog_interval(), None
-    stopping, failed = False, False
+    failed = False
     while workers:
         now = time.monotonic()
         if interval and (next_watchdog is None or now >= next_watchdog):
@@ -4927,11 +4934,9 @@ def supervise(relay, servers, count):
         info = signal.sigtimedwait(signals, timeout) if timeout is not None else signal.sigwaitinfo(signals)
         signum = info.si_signo if info else None
         if signum in STOP_SIGNALS:
-            if not stopping:
-                stopping = True
+            if not relay.stopping.is_set():
                 reports.cancel()
-                sd_notify("STOPPING=1", f"STATUS=stopping: {relay.sessions} sessions to finish")
-                event("stopping", signal=signal.Signals(signum).name)
+                relay.begin_stop(signum)
                 for server in servers:      # ours: the listeners close as the last worker closes its copy
                     server.server_close()
             for worker in list(workers.values()):
@@ -4939,11 +4944,11 @@ def supervise(relay, servers, count):
                     del workers[worker.slot]
                 else:
                     os.kill(worker.pid, signum)
-        elif signum == signal.SIGHUP and not stopping:
+        elif signum == signal.SIGHUP and not relay.stopping.is_set():
             reload_workers(relay, workers, reports)
-        failed = reap_workers(relay, workers, stopping) or failed
+        failed = reap_workers(relay, workers, relay.stopping.is_set()) or failed
         for worker in list(workers.values()):
-            if not stopping and worker.restart_at is not None and worker.restart_at <= time.monotonic():
+            if not relay.stopping.is_set() and worker.restart_at is not None and worker.restart_at <= time.monotonic():
                 workers[worker.slot] = start_worker(relay, servers, worker.slot, writer, worker.pause, reader)
     relay.setup.pool.close()
     event("stopped")
@@ -4987,13 +4992,7 @@ def reload_workers(relay, workers, reports):
     will: the file, the certificates), and passed on only where it was: a file that
     does not parse changes nothing anywhere. READY=1 follows when every worker has
     said it again (WorkerReports)."""
-    sd_notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
-    try:
-        taken = relay.reload()
-    except BaseException as e:      # as take_signals(): this process alone can stop the service
-        event("reload_refused", exc_info=True, reason=f"internal error: {type(e).__name__}")
-        taken = False
-    if not taken:
+    if not take_reload(relay):
         sd_notify("READY=1", status(relay))
         return
     WORKER.reloads += 1             # a worker forked from here on starts with the new settings
